@@ -1,0 +1,110 @@
+"""One attention op, many backends: chosen by enum, checked for capability, with a logged fallback.
+
+Model code calls ``attention(q, k, v, backend=...)`` and never names a kernel. Each backend declares what it
+can run (platform, dtype, head dim, lengths); asking for one that cannot run this call falls back to the
+pure-jnp reference with a warning, never an error deep inside a kernel. New backends (splash on TPU, Pallas
+on GPU, sliding-tile) register themselves with ``register_backend`` and need no model change.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from fastvideo_jax.attention.cudnn import cudnn_attention
+from fastvideo_jax.attention.reference import reference_attention
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AttentionBackend", "attention", "register_backend", "resolve_backend", "default_backend"]
+
+
+class AttentionBackend(enum.Enum):
+    REFERENCE = "reference"
+    CUDNN = "cudnn"
+
+    @classmethod
+    def parse(cls, value: "AttentionBackend | str | None") -> "AttentionBackend | None":
+        if value is None or isinstance(value, cls):
+            return value
+        try:
+            return cls(value.lower())
+        except ValueError:
+            raise ValueError(f"unknown attention backend {value!r}; backends: {[b.value for b in cls]}") from None
+
+
+# A capability check returns None when the backend can run the call, else the reason it cannot.
+Check = Callable[[jax.Array, jax.Array, jax.Array, "jax.Array | None"], "str | None"]
+
+
+@dataclass(frozen=True)
+class _Backend:
+    fn: Callable[..., jax.Array]
+    check: Check
+
+
+_BACKENDS: dict[AttentionBackend, _Backend] = {}
+
+
+def register_backend(backend: AttentionBackend, fn: Callable[..., jax.Array], check: Check) -> None:
+    _BACKENDS[backend] = _Backend(fn, check)
+
+
+def _platform() -> str:
+    return jax.devices()[0].platform
+
+
+def _check_cudnn(q, k, v, kv_mask) -> str | None:
+    if _platform() != "gpu":
+        return f"needs a GPU (platform is {_platform()})"
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"needs bf16/fp16 inputs (got {q.dtype})"
+    if q.shape[-1] > 256 or q.shape[-1] % 8:
+        return f"head dim {q.shape[-1]} unsupported (multiple of 8, at most 256)"
+    return None
+
+
+register_backend(AttentionBackend.REFERENCE, reference_attention, lambda q, k, v, m: None)
+register_backend(AttentionBackend.CUDNN, cudnn_attention, _check_cudnn)
+
+
+def default_backend() -> AttentionBackend:
+    """The platform's best dense backend."""
+    return AttentionBackend.CUDNN if _platform() == "gpu" else AttentionBackend.REFERENCE
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logger.warning(message)
+
+
+def resolve_backend(requested, q, k, v, kv_mask=None) -> AttentionBackend:
+    """The backend that will run this call: the requested one if capable, else the reference (logged)."""
+    backend = AttentionBackend.parse(requested) or default_backend()
+    entry = _BACKENDS.get(backend)
+    reason = "not available in this build" if entry is None else entry.check(q, k, v, kv_mask)
+    if reason is None:
+        return backend
+    _warn_once(f"attention backend {backend.value} cannot run this call ({reason}); falling back to reference")
+    return AttentionBackend.REFERENCE
+
+
+def attention(
+    q: jax.Array,  # (B, Lq, N, E)
+    k: jax.Array,  # (B, Lk, N, E)
+    v: jax.Array,  # (B, Lk, N, E)
+    kv_mask: jax.Array | None = None,  # (B, Lk) bool
+    *,
+    backend: AttentionBackend | str | None = None,
+    scale: float | None = None,
+) -> jax.Array:  # (B, Lq, N, E)
+    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"attention expects q (B,Lq,N,E), k/v (B,Lk,N,E); got {q.shape}, {k.shape}, {v.shape}")
+    chosen = resolve_backend(backend, q, k, v, kv_mask)
+    return _BACKENDS[chosen].fn(q, k, v, kv_mask=kv_mask, scale=scale)

@@ -1,0 +1,142 @@
+"""Wan2.1 / Wan2.2 DiT configuration: checkpoint fields, name mappings and presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import MappingProxyType
+
+from fastvideo_jax.configs.models.base import derived, internal
+from fastvideo_jax.configs.models.dits.base import DiTArchConfig, DiTConfig, NameMapping
+
+_B = r"^blocks\.(\d+)\."
+
+# Diffusers name -> FastVideo / our module name (first match wins; unmatched names map to themselves).
+WAN_PARAM_NAMES_MAPPING: NameMapping = (
+    (r"^patch_embedding\.(.*)$", r"patch_embedding.proj.\1"),
+    (r"^condition_embedder\.text_embedder\.linear_1\.(.*)$", r"condition_embedder.text_embedder.fc_in.\1"),
+    (r"^condition_embedder\.text_embedder\.linear_2\.(.*)$", r"condition_embedder.text_embedder.fc_out.\1"),
+    (r"^condition_embedder\.time_embedder\.linear_1\.(.*)$", r"condition_embedder.time_embedder.mlp.fc_in.\1"),
+    (r"^condition_embedder\.time_embedder\.linear_2\.(.*)$", r"condition_embedder.time_embedder.mlp.fc_out.\1"),
+    (r"^condition_embedder\.time_proj\.(.*)$", r"condition_embedder.time_modulation.linear.\1"),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.(.*)$", r"condition_embedder.image_embedder.ff.fc_in.\1"),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.(.*)$", r"condition_embedder.image_embedder.ff.fc_out.\1"),
+    (_B + r"attn1\.to_q\.(.*)$", r"blocks.\1.to_q.\2"),
+    (_B + r"attn1\.to_k\.(.*)$", r"blocks.\1.to_k.\2"),
+    (_B + r"attn1\.to_v\.(.*)$", r"blocks.\1.to_v.\2"),
+    (_B + r"attn1\.to_out\.0\.(.*)$", r"blocks.\1.to_out.\2"),
+    (_B + r"attn1\.norm_q\.(.*)$", r"blocks.\1.norm_q.\2"),
+    (_B + r"attn1\.norm_k\.(.*)$", r"blocks.\1.norm_k.\2"),
+    (_B + r"attn2\.to_out\.0\.(.*)$", r"blocks.\1.attn2.to_out.\2"),
+    (_B + r"ffn\.net\.0\.proj\.(.*)$", r"blocks.\1.ffn.fc_in.\2"),
+    (_B + r"ffn\.net\.2\.(.*)$", r"blocks.\1.ffn.fc_out.\2"),
+    (_B + r"norm2\.(.*)$", r"blocks.\1.self_attn_residual_norm.norm.\2"),
+)
+
+# Our module name -> Diffusers name, for export.
+WAN_REVERSE_PARAM_NAMES_MAPPING: NameMapping = (
+    (r"^patch_embedding\.proj\.(.*)$", r"patch_embedding.\1"),
+    (r"^condition_embedder\.text_embedder\.fc_in\.(.*)$", r"condition_embedder.text_embedder.linear_1.\1"),
+    (r"^condition_embedder\.text_embedder\.fc_out\.(.*)$", r"condition_embedder.text_embedder.linear_2.\1"),
+    (r"^condition_embedder\.time_embedder\.mlp\.fc_in\.(.*)$", r"condition_embedder.time_embedder.linear_1.\1"),
+    (r"^condition_embedder\.time_embedder\.mlp\.fc_out\.(.*)$", r"condition_embedder.time_embedder.linear_2.\1"),
+    (r"^condition_embedder\.time_modulation\.linear\.(.*)$", r"condition_embedder.time_proj.\1"),
+    (r"^condition_embedder\.image_embedder\.ff\.fc_in\.(.*)$", r"condition_embedder.image_embedder.ff.net.0.proj.\1"),
+    (r"^condition_embedder\.image_embedder\.ff\.fc_out\.(.*)$", r"condition_embedder.image_embedder.ff.net.2.\1"),
+    (_B + r"(to_q|to_k|to_v|norm_q|norm_k)\.(.*)$", r"blocks.\1.attn1.\2.\3"),
+    (_B + r"to_out\.(.*)$", r"blocks.\1.attn1.to_out.0.\2"),
+    (_B + r"attn2\.to_out\.(.*)$", r"blocks.\1.attn2.to_out.0.\2"),
+    (_B + r"ffn\.fc_in\.(.*)$", r"blocks.\1.ffn.net.0.proj.\2"),
+    (_B + r"ffn\.fc_out\.(.*)$", r"blocks.\1.ffn.net.2.\2"),
+    (_B + r"self_attn_residual_norm\.norm\.(.*)$", r"blocks.\1.norm2.\2"),
+)
+
+# Original Wan (non-Diffusers) LoRA names -> Diffusers names; applied before WAN_PARAM_NAMES_MAPPING.
+WAN_LORA_PARAM_NAMES_MAPPING: NameMapping = (
+    (_B + r"self_attn\.(q|k|v)\.(.*)$", r"blocks.\1.attn1.to_\2.\3"),
+    (_B + r"self_attn\.o\.(.*)$", r"blocks.\1.attn1.to_out.0.\2"),
+    (_B + r"cross_attn\.(q|k|v)\.(.*)$", r"blocks.\1.attn2.to_\2.\3"),
+    (_B + r"cross_attn\.o\.(.*)$", r"blocks.\1.attn2.to_out.0.\2"),
+    (_B + r"ffn\.0\.(.*)$", r"blocks.\1.ffn.net.0.proj.\2"),
+    (_B + r"ffn\.2\.(.*)$", r"blocks.\1.ffn.net.2.\2"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class WanVideoArchConfig(DiTArchConfig):
+    """``WanTransformer3DModel`` config.json fields. Defaults are the 14B shape, as in FastVideo."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    qk_norm: str | None = "rms_norm_across_heads"
+    eps: float = 1e-6
+    image_dim: int | None = None
+    added_kv_proj_dim: int | None = None
+    rope_max_seq_len: int = 1024
+    pos_embed_seq_len: int | None = None
+
+    param_names_mapping: NameMapping = internal(WAN_PARAM_NAMES_MAPPING)
+    reverse_param_names_mapping: NameMapping = internal(WAN_REVERSE_PARAM_NAMES_MAPPING)
+    lora_param_names_mapping: NameMapping = internal(WAN_LORA_PARAM_NAMES_MAPPING)
+    scanned_prefixes: tuple[str, ...] = internal(("blocks",))
+    exclude_lora_layers: tuple[str, ...] = internal(("embedder",))
+    # Checkpoint tensors that diffusers drops on load; we consume and drop them too, by name.
+    ignored_param_patterns: tuple[str, ...] = internal((r".*\.norm_added_q\..*",))
+
+    hidden_size: int = derived(0)
+    num_channels_latents: int = derived(0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        object.__setattr__(self, "hidden_size", self.num_attention_heads * self.attention_head_dim)
+        object.__setattr__(self, "out_channels", self.out_channels or self.in_channels)
+        object.__setattr__(self, "num_channels_latents", self.out_channels)
+        if self.qk_norm not in (None, "rms_norm_across_heads"):
+            raise ValueError(f"WanVideoArchConfig: qk_norm={self.qk_norm!r} is not supported (rms_norm_across_heads)")
+        if len(self.patch_size) != 3:
+            raise ValueError(f"WanVideoArchConfig: patch_size must have 3 entries, got {self.patch_size}")
+        if self.attention_head_dim % 2:
+            raise ValueError(f"WanVideoArchConfig: attention_head_dim must be even, got {self.attention_head_dim}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WanVideoConfig(DiTConfig):
+    arch_config: WanVideoArchConfig = dataclasses.field(default_factory=WanVideoArchConfig)
+    prefix: str = "Wan"
+
+
+# Presets as data: config.json contents. ``tiny`` builds in milliseconds (tests, CLI smoke runs, notebooks).
+WAN_PRESETS = MappingProxyType(
+    {
+        "tiny": dict(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+            text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        ),
+        "wan2.1-t2v-1.3b": dict(
+            num_attention_heads=12, attention_head_dim=128, text_dim=4096, ffn_dim=8960, num_layers=30,
+        ),
+        "wan2.1-t2v-14b": dict(
+            num_attention_heads=40, attention_head_dim=128, text_dim=4096, ffn_dim=13824, num_layers=40,
+        ),
+        "wan2.1-i2v-14b": dict(
+            num_attention_heads=40, attention_head_dim=128, in_channels=36, text_dim=4096, ffn_dim=13824,
+            num_layers=40, image_dim=1280, added_kv_proj_dim=5120,
+        ),
+    }
+)
+
+
+def wan_preset(name: str) -> WanVideoArchConfig:
+    """The ArchConfig of a preset by name; an unknown name lists the presets."""
+    if name not in WAN_PRESETS:
+        raise KeyError(f"unknown Wan preset {name!r}; presets: {sorted(WAN_PRESETS)}")
+    return WanVideoArchConfig().update_model_arch(WAN_PRESETS[name])

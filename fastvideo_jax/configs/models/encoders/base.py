@@ -1,0 +1,32 @@
+"""Encoder config bases (text and image encoders in Transformers format)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fastvideo_jax.configs.models.base import ArchConfig, ModelConfig, internal
+from fastvideo_jax.configs.models.dits.base import NameMapping
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderArchConfig(ArchConfig):
+    architectures: tuple[str, ...] = ()
+    param_names_mapping: NameMapping = internal(())
+    reverse_param_names_mapping: NameMapping = internal(())
+    scanned_prefixes: tuple[str, ...] = internal(())
+    ignored_param_patterns: tuple[str, ...] = internal(())
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderArchConfig(EncoderArchConfig):
+    vocab_size: int = 0
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    # Length prompts are padded / truncated to (Wan: 512).
+    text_len: int = internal(512)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig(ModelConfig):
+    arch_config: EncoderArchConfig = dataclasses.field(default_factory=EncoderArchConfig)
+    precision: str = "fp32"

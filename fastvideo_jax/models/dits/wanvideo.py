@@ -1,0 +1,249 @@
+"""Wan2.1 DiT (``WanTransformer3DModel``) in Flax NNX.
+
+Module attributes follow FastVideo's names (see ``WAN_PARAM_NAMES_MAPPING``), so a Diffusers checkpoint loads
+through the regex mapping and the standard tensor transforms. Blocks are built stacked (``nnx.vmap``) and run
+with ``nnx.scan``, so compile time does not grow with depth. Precision follows the original: parameters in the
+configured dtype, with the time embedder, the modulation tables and the affine norms kept in fp32; RoPE
+tables are computed in float64 and applied in fp32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from fastvideo_jax.attention import attention
+from fastvideo_jax.configs.models.dits.wanvideo import WanVideoArchConfig, WanVideoConfig
+from fastvideo_jax.dtypes import to_dtype
+from fastvideo_jax.models.layers.embeddings import apply_rope, rope_3d_tables, timestep_embedding
+from fastvideo_jax.models.layers.linear import Linear, PatchEmbed3D, make_param
+from fastvideo_jax.models.layers.norms import LayerNorm, RMSNorm
+
+F32 = jnp.float32
+
+
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+class MLP(nnx.Module):
+    """fc_in -> activation -> fc_out."""
+
+    def __init__(self, d_in, d_hidden, d_out, act, *, axes_in, axes_out, param_dtype, rngs):
+        self.fc_in = Linear(d_in, d_hidden, axes=axes_in, param_dtype=param_dtype, rngs=rngs)
+        self.fc_out = Linear(d_hidden, d_out, axes=axes_out, param_dtype=param_dtype, rngs=rngs)
+        self.act = act
+
+    def __call__(self, x):
+        return self.fc_out(self.act(self.fc_in(x)))
+
+
+class _TimeEmbedder(nnx.Module):
+    def __init__(self, freq_dim, dim, *, rngs):
+        self.mlp = MLP(freq_dim, dim, dim, jax.nn.silu, axes_in=(None, "mlp"), axes_out=("mlp", "embed"),
+                       param_dtype=F32, rngs=rngs)
+
+
+class _TimeModulation(nnx.Module):
+    def __init__(self, dim, *, param_dtype, rngs):
+        self.linear = Linear(dim, 6 * dim, axes=("embed", "modulation"), param_dtype=param_dtype, rngs=rngs)
+
+
+class WanImageEmbedding(nnx.Module):
+    def __init__(self, in_features, dim, pos_embed_seq_len, *, param_dtype, rngs):
+        self.norm1 = LayerNorm(in_features, 1e-5, param_dtype=F32, rngs=rngs)
+        self.ff = MLP(in_features, in_features, dim, _gelu_exact, axes_in=(None, "mlp"), axes_out=("mlp", "embed"),
+                      param_dtype=param_dtype, rngs=rngs)
+        self.norm2 = LayerNorm(dim, 1e-5, param_dtype=F32, rngs=rngs)
+        self.pos_embed = None
+        if pos_embed_seq_len is not None:
+            self.pos_embed = make_param(rngs, nnx.initializers.zeros, (1, pos_embed_seq_len, in_features),
+                                        param_dtype, (None, None, None))
+
+    def __call__(self, x):  # (B, Li, image_dim) -> (B, Li', D)
+        if self.pos_embed is not None:
+            B, L, C = x.shape
+            x = x.reshape(-1, 2 * L, C) + self.pos_embed[...]
+        return self.norm2(self.ff(self.norm1(x)))
+
+
+class WanConditionEmbedder(nnx.Module):
+    def __init__(self, cfg: WanVideoArchConfig, param_dtype, rngs):
+        dim = cfg.hidden_size
+        self.freq_dim = cfg.freq_dim
+        self.time_embedder = _TimeEmbedder(cfg.freq_dim, dim, rngs=rngs)
+        self.time_modulation = _TimeModulation(dim, param_dtype=param_dtype, rngs=rngs)
+        self.text_embedder = MLP(cfg.text_dim, dim, dim, _gelu_tanh, axes_in=(None, "mlp"), axes_out=("mlp", "embed"),
+                                 param_dtype=param_dtype, rngs=rngs)
+        self.image_embedder = None
+        if cfg.image_dim is not None:
+            self.image_embedder = WanImageEmbedding(cfg.image_dim, dim, cfg.pos_embed_seq_len,
+                                                    param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, timestep, text, image):
+        t = timestep_embedding(timestep, self.freq_dim)
+        temb = self.time_embedder.mlp(t).astype(text.dtype)  # (B, D), in the text input's dtype as the original
+        temb_proj = self.time_modulation.linear(jax.nn.silu(temb))  # (B, 6D)
+        context = self.text_embedder(text)
+        image_context = None if image is None else self.image_embedder(image)
+        return temb, temb_proj, context, image_context
+
+
+class WanCrossAttention(nnx.Module):
+    def __init__(self, cfg: WanVideoArchConfig, param_dtype, rngs):
+        dim, eps = cfg.hidden_size, cfg.eps
+        self.num_heads = cfg.num_attention_heads
+        self.to_q = Linear(dim, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs)
+        self.to_k = Linear(dim, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs)
+        self.to_v = Linear(dim, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs)
+        self.to_out = Linear(dim, dim, axes=("heads", "embed"), param_dtype=param_dtype, rngs=rngs)
+        self.norm_q = RMSNorm(dim, eps, param_dtype=param_dtype, axis_name="heads", rngs=rngs)
+        self.norm_k = RMSNorm(dim, eps, param_dtype=param_dtype, axis_name="heads", rngs=rngs)
+        self.add_k_proj = self.add_v_proj = self.norm_added_k = None
+        if cfg.added_kv_proj_dim is not None:
+            kv = cfg.added_kv_proj_dim
+            self.add_k_proj = Linear(kv, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs)
+            self.add_v_proj = Linear(kv, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs)
+            self.norm_added_k = RMSNorm(dim, eps, param_dtype=param_dtype, axis_name="heads", rngs=rngs)
+
+    def _heads(self, x):
+        return rearrange(x, "b l (n e) -> b l n e", n=self.num_heads)
+
+    def __call__(self, x, context, image_context, backend):  # x (B, L, D), context (B, Lt, D)
+        q = self._heads(self.norm_q(self.to_q(x)))
+        k = self._heads(self.norm_k(self.to_k(context)))
+        v = self._heads(self.to_v(context))
+        out = attention(q, k, v, backend=backend)
+        if image_context is not None:
+            k_img = self._heads(self.norm_added_k(self.add_k_proj(image_context)))
+            v_img = self._heads(self.add_v_proj(image_context))
+            out = out + attention(q, k_img, v_img, backend=backend)
+        return self.to_out(rearrange(out, "b l n e -> b l (n e)"))
+
+
+class _ResidualNorm(nnx.Module):
+    def __init__(self, dim, eps, *, rngs):
+        self.norm = LayerNorm(dim, eps, param_dtype=F32, rngs=rngs)
+
+
+class WanTransformerBlock(nnx.Module):
+    """adaLN-modulated self-attention (q/k RMS norm across heads, 3D RoPE), cross-attention and FFN."""
+
+    def __init__(self, cfg: WanVideoArchConfig, param_dtype, attention_backend, rngs):
+        dim, eps = cfg.hidden_size, cfg.eps
+        self.num_heads = cfg.num_attention_heads
+        self.attention_backend = attention_backend
+        self.to_q = Linear(dim, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs)
+        self.to_k = Linear(dim, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs)
+        self.to_v = Linear(dim, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs)
+        self.to_out = Linear(dim, dim, axes=("heads", "embed"), param_dtype=param_dtype, rngs=rngs)
+        self.norm_q = RMSNorm(dim, eps, param_dtype=param_dtype, axis_name="heads", rngs=rngs)
+        self.norm_k = RMSNorm(dim, eps, param_dtype=param_dtype, axis_name="heads", rngs=rngs)
+        self.attn2 = WanCrossAttention(cfg, param_dtype, rngs)
+        self.self_attn_residual_norm = _ResidualNorm(dim, eps, rngs=rngs) if cfg.cross_attn_norm else None
+        self.ffn = MLP(dim, cfg.ffn_dim, dim, _gelu_tanh, axes_in=("embed", "mlp"), axes_out=("mlp", "embed"),
+                       param_dtype=param_dtype, rngs=rngs)
+        self.norm = LayerNorm(dim, eps, affine=False, rngs=rngs)  # norm1 and norm3: no parameters
+        self.scale_shift_table = make_param(
+            rngs, nnx.initializers.normal(dim**-0.5), (1, 6, dim), F32, (None, None, "embed")
+        )
+
+    def _self_attention(self, x, cos, sin):
+        def heads(t):
+            return rearrange(t, "b l (n e) -> b l n e", n=self.num_heads)
+
+        q = apply_rope(heads(self.norm_q(self.to_q(x))), cos, sin)
+        k = apply_rope(heads(self.norm_k(self.to_k(x))), cos, sin)
+        v = heads(self.to_v(x))
+        out = attention(q, k, v, backend=self.attention_backend)
+        return self.to_out(rearrange(out, "b l n e -> b l (n e)"))
+
+    def __call__(self, x, context, image_context, temb_proj, cos, sin):  # x (B, L, D), temb_proj (B, 6, D)
+        mod = self.scale_shift_table[...] + temb_proj.astype(F32)
+        shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, i : i + 1] for i in range(6))
+        dtype = x.dtype
+        h = (self.norm(x.astype(F32)) * (1 + scale) + shift).astype(dtype)
+        x = (x.astype(F32) + self._self_attention(h, cos, sin) * gate).astype(dtype)
+        h = x if self.self_attn_residual_norm is None else self.self_attn_residual_norm.norm(x.astype(F32)).astype(dtype)
+        x = x + self.attn2(h, context, image_context, self.attention_backend)
+        h = (self.norm(x.astype(F32)) * (1 + c_scale) + c_shift).astype(dtype)
+        return (x.astype(F32) + self.ffn(h).astype(F32) * c_gate).astype(dtype)
+
+
+class WanTransformer3DModel(nnx.Module):
+    """Wan2.1 text/image-to-video DiT. ``__call__`` takes and returns PyTorch-layout latents (B, C, F, H, W)."""
+
+    config_class = WanVideoConfig
+
+    def __init__(self, config: WanVideoConfig, *, rngs: nnx.Rngs):
+        cfg = config.arch_config
+        self.config = config
+        dtype = to_dtype(config.precision)
+        dim = cfg.hidden_size
+        self.patch_embedding = _PatchEmbedding(cfg, dtype, rngs)
+        self.condition_embedder = WanConditionEmbedder(cfg, dtype, rngs)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs):
+            return WanTransformerBlock(cfg, dtype, config.attention_backend, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.norm_out = LayerNorm(dim, cfg.eps, affine=False, rngs=rngs)
+        out = cfg.out_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
+        self.proj_out = Linear(dim, out, axes=("embed", None), param_dtype=dtype, rngs=rngs)
+        self.scale_shift_table = make_param(
+            rngs, nnx.initializers.normal(dim**-0.5), (1, 2, dim), F32, (None, None, "embed")
+        )
+
+    def __call__(
+        self,
+        hidden_states: jax.Array,  # (B, C, F, H, W)
+        timestep: jax.Array,  # (B,)
+        encoder_hidden_states: jax.Array,  # (B, Lt, text_dim)
+        encoder_hidden_states_image: jax.Array | None = None,  # (B, Li, image_dim)
+    ) -> jax.Array:  # (B, C_out, F, H, W)
+        cfg = self.config.arch_config
+        B, C, F, H, W = hidden_states.shape
+        pt, ph, pw = cfg.patch_size
+        if C != cfg.in_channels or F % pt or H % ph or W % pw:
+            raise ValueError(
+                f"WanTransformer3DModel: latents {hidden_states.shape} need {cfg.in_channels} channels and "
+                f"F, H, W divisible by patch {cfg.patch_size}"
+            )
+        if (encoder_hidden_states_image is None) != (self.condition_embedder.image_embedder is None):
+            raise ValueError("encoder_hidden_states_image must be given exactly when the model has image_dim set")
+        grid = (F // pt, H // ph, W // pw)
+        cos, sin = rope_3d_tables(cfg.attention_head_dim, grid, cfg.rope_max_seq_len)
+        x = rearrange(self.patch_embedding.proj(hidden_states), "b f h w d -> b (f h w) d")
+        temb, temb_proj, context, image_context = self.condition_embedder(
+            jnp.broadcast_to(timestep, (B,)), encoder_hidden_states, encoder_hidden_states_image
+        )
+        temb_proj = rearrange(temb_proj, "b (six d) -> b six d", six=6)
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None, None, None), out_axes=nnx.Carry)
+        def run_blocks(x, block, context, image_context, temb_proj, cos, sin):
+            return block(x, context, image_context, temb_proj, cos, sin)
+
+        x = run_blocks(x, self.blocks, context, image_context, temb_proj, cos, sin)
+        shift, scale = jnp.split(self.scale_shift_table[...] + temb.astype(F32)[:, None, :], 2, axis=1)
+        x = (self.norm_out(x.astype(F32)) * (1 + scale) + shift).astype(x.dtype)
+        x = self.proj_out(x)
+        return rearrange(
+            x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
+            f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw,
+        )
+
+
+class _PatchEmbedding(nnx.Module):
+    def __init__(self, cfg: WanVideoArchConfig, dtype, rngs):
+        self.proj = PatchEmbed3D(cfg.in_channels, cfg.hidden_size, cfg.patch_size, param_dtype=dtype, rngs=rngs)
+
+
+EntryClass = WanTransformer3DModel

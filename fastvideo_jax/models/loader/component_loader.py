@@ -1,0 +1,181 @@
+"""Component loaders: a checkpoint directory -> a ready Flax NNX model, weights placed on a mesh.
+
+The path is the same for every component kind::
+
+    config.json -> registry (``_class_name`` / ``architectures``) -> ModelConfig with the ArchConfig updated
+    -> abstract model (``nnx.eval_shape``, no memory) -> strict conversion plan from safetensors headers
+    -> each parameter built on the host in its target dtype and placed with a ``NamedSharding`` from its
+    logical axes -> ``nnx.merge``.
+
+A Flax model class names its ModelConfig in ``config_class``; its ArchConfig provides ``param_names_mapping``,
+``scanned_prefixes`` and (optionally) ``ignored_param_patterns``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from converters import LeafSpec, NameMapper, build_plan, export_params
+from fastvideo_jax.configs.models.base import ModelConfig
+from fastvideo_jax.models.loader.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from fastvideo_jax.models.registry import ModelRegistry, class_names_from_config
+from fastvideo_jax.parallel.mesh import make_mesh
+from fastvideo_jax.parallel.rules import DIT_RULES, TEXT_ENCODER_RULES, VAE_RULES, Rules, named_sharding
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "read_config",
+    "build_abstract",
+    "leaf_specs",
+    "load_component",
+    "TransformerLoader",
+    "VAELoader",
+    "TextEncoderLoader",
+    "TokenizerLoader",
+    "export_component",
+]
+
+
+def read_config(component_dir: str | Path, filename: str = "config.json") -> dict[str, Any]:
+    path = Path(component_dir) / filename
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (a component directory needs its {filename})")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return config
+
+
+def build_abstract(model_cls: type, model_config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph definition and abstract (shape/dtype only) state of a model, allocating nothing."""
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: model_cls(model_config, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract)
+
+
+def _axes(variable: nnx.Variable) -> tuple | None:
+    meta = variable.get_metadata()
+    return meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding")
+
+
+def leaf_specs(state: nnx.State) -> dict[tuple, LeafSpec]:
+    """Shape, dtype and stacking of every parameter; a non-Param variable is refused."""
+    specs = {}
+    for path, var in nnx.to_flat_state(state):
+        if not isinstance(var, nnx.Param):
+            raise TypeError(f"{'.'.join(map(str, path))}: only nnx.Param state is loadable, found {type(var).__name__}")
+        axes = _axes(var)
+        value = var.get_value() if hasattr(var, "get_value") else var.value
+        specs[path] = LeafSpec(tuple(value.shape), np.dtype(value.dtype), bool(axes) and axes[0] == "layers")
+    return specs
+
+
+def _place(state: nnx.State, arrays: Mapping[tuple, np.ndarray], rules: Rules, mesh: Mesh) -> nnx.State:
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        host = arrays[path]
+        sharding = named_sharding(_axes(var), host.shape, rules, mesh)
+        flat.append((path, var.replace(jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx]))))
+    return nnx.from_flat_state(flat)
+
+
+def load_component(
+    component_dir: str | Path,
+    *,
+    expected_kind: Mapping[str, Any] | None = None,
+    mesh: Mesh | None = None,
+    rules: Rules = DIT_RULES,
+    **config_overrides: Any,
+) -> nnx.Module:
+    """Load one component directory through the registry. ``config_overrides`` go to ``update_model_config``."""
+    component_dir = Path(component_dir)
+    raw = read_config(component_dir)
+    names = class_names_from_config(raw, str(component_dir / "config.json"))
+    if expected_kind is not None and not any(n in expected_kind for n in names):
+        raise CheckpointError(
+            f"{component_dir}: class {names} is not a component of this kind (expected one of {sorted(expected_kind)})"
+        )
+    model_cls, _ = ModelRegistry.resolve_model_cls(names)
+    model_config = model_cls.config_class().update_model_arch(raw)
+    if config_overrides:
+        model_config = model_config.update_model_config(**config_overrides)
+    graphdef, abstract = build_abstract(model_cls, model_config)
+    arch = model_config.arch_config
+    checkpoint = SafetensorsCheckpoint.from_dir(component_dir)
+    plan = build_plan(
+        {k: info.shape for k, info in checkpoint.items()},
+        leaf_specs(abstract),
+        NameMapper(arch.param_names_mapping),
+        scanned_prefixes=arch.scanned_prefixes,
+        ignored_patterns=getattr(arch, "ignored_param_patterns", ()),
+        source_name=str(component_dir),
+    )
+    if plan.ignored:
+        logger.info("%s: dropped %d tensors by ignore pattern: %s", component_dir, len(plan.ignored), plan.ignored[:5])
+    mesh = mesh or make_mesh()
+    arrays = {path: plan.leaf_array(path, checkpoint.array) for path in plan.leaves}
+    return nnx.merge(graphdef, _place(abstract, arrays, rules, mesh))
+
+
+def export_component(model: nnx.Module) -> dict[str, np.ndarray]:
+    """A loaded model's parameters under checkpoint names, PyTorch layout (through the reverse mapping)."""
+    arch = model.config.arch_config
+    params = {path: np.asarray(jax.device_get(var[...])) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return export_params(params, NameMapper(arch.reverse_param_names_mapping), arch.scanned_prefixes)
+
+
+class TransformerLoader:
+    """Loads a DiT from a Diffusers ``transformer/`` directory (resolved by ``_class_name``)."""
+
+    def load(self, component_dir: str | Path, *, mesh: Mesh | None = None, rules: Rules = DIT_RULES, **overrides):
+        from fastvideo_jax.models import registry
+
+        kinds = {**registry._TEXT_TO_VIDEO_DIT_MODELS, **registry._IMAGE_TO_VIDEO_DIT_MODELS}
+        return load_component(component_dir, expected_kind=kinds, mesh=mesh, rules=rules, **overrides)
+
+
+class VAELoader:
+    """Loads a VAE from a Diffusers ``vae/`` directory (resolved by ``_class_name``)."""
+
+    def load(self, component_dir: str | Path, *, mesh: Mesh | None = None, rules: Rules = VAE_RULES, **overrides):
+        from fastvideo_jax.models import registry
+
+        return load_component(component_dir, expected_kind=registry._VAE_MODELS, mesh=mesh, rules=rules, **overrides)
+
+
+class TextEncoderLoader:
+    """Loads a text encoder from a Transformers ``text_encoder/`` directory (resolved by ``architectures``)."""
+
+    def load(
+        self, component_dir: str | Path, *, mesh: Mesh | None = None, rules: Rules = TEXT_ENCODER_RULES, **overrides
+    ):
+        from fastvideo_jax.models import registry
+
+        return load_component(
+            component_dir, expected_kind=registry._TEXT_ENCODER_MODELS, mesh=mesh, rules=rules, **overrides
+        )
+
+
+class TokenizerLoader:
+    """A Transformers tokenizer from a ``tokenizer/`` directory (``AutoTokenizer``; nothing is downloaded)."""
+
+    def load(self, component_dir: str | Path, **kwargs):
+        from transformers import AutoTokenizer
+
+        component_dir = Path(component_dir)
+        if not component_dir.is_dir():
+            raise CheckpointError(f"{component_dir}: tokenizer directory missing")
+        return AutoTokenizer.from_pretrained(str(component_dir), local_files_only=True, **kwargs)
