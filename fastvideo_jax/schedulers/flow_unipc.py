@@ -60,9 +60,10 @@ class UniPCTables(NamedTuple):
     """Immutable schedule and per-step update coefficients (a pytree of arrays).
 
     Coefficient rows are ``[a0, a1, c, d_1, ..., d_J]`` for the update
-    ``(a0 + a1) * x - c * m0 - sum_j d_j * (m_j - m0)`` (see ``_combine``); ``pred_coef[i, p - 1]`` is the order-``p``
-    predictor of step ``i`` (``m_j`` = j-th older history entry), ``corr_coef[i, q - 1]`` the
-    order-``q`` corrector (last ``d`` multiplies the freshly converted model output).
+    ``(a0 + a1) * x - c * m0 - sum_j d_j * (m_j - m0)`` (see ``_combine``).
+    ``pred_coef[i, p - 1]`` is the order-``p`` predictor of step ``i`` (``m_j`` = j-th older
+    history entry); ``corr_coef[i, q - 1]`` the order-``q`` corrector (its last ``d``
+    multiplies the freshly converted model output).
     """
 
     timesteps: jax.Array  # (n,) int32 (diffusers: int64)

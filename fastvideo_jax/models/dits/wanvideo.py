@@ -61,10 +61,12 @@ class WanImageEmbedding(nnx.Module):
         self.ff = MLP(in_features, in_features, dim, _gelu_exact, axes_in=(None, "mlp"), axes_out=("mlp", "embed"),
                       param_dtype=param_dtype, rngs=rngs)
         self.norm2 = LayerNorm(dim, 1e-5, param_dtype=F32, rngs=rngs)
-        self.pos_embed = None
-        if pos_embed_seq_len is not None:
-            self.pos_embed = make_param(rngs, nnx.initializers.zeros, (1, pos_embed_seq_len, in_features),
-                                        param_dtype, (None, None, None))
+        self.pos_embed = (
+            None
+            if pos_embed_seq_len is None
+            else make_param(rngs, nnx.initializers.zeros, (1, pos_embed_seq_len, in_features), param_dtype,
+                            (None, None, None))
+        )
 
     def __call__(self, x):  # (B, Li, image_dim) -> (B, Li', D)
         if self.pos_embed is not None:
@@ -81,10 +83,11 @@ class WanConditionEmbedder(nnx.Module):
         self.time_modulation = _TimeModulation(dim, param_dtype=param_dtype, rngs=rngs)
         self.text_embedder = MLP(cfg.text_dim, dim, dim, _gelu_tanh, axes_in=(None, "mlp"), axes_out=("mlp", "embed"),
                                  param_dtype=param_dtype, rngs=rngs)
-        self.image_embedder = None
-        if cfg.image_dim is not None:
-            self.image_embedder = WanImageEmbedding(cfg.image_dim, dim, cfg.pos_embed_seq_len,
-                                                    param_dtype=param_dtype, rngs=rngs)
+        self.image_embedder = (
+            None
+            if cfg.image_dim is None
+            else WanImageEmbedding(cfg.image_dim, dim, cfg.pos_embed_seq_len, param_dtype=param_dtype, rngs=rngs)
+        )
 
     def __call__(self, timestep, text, image):
         t = timestep_embedding(timestep, self.freq_dim)
@@ -105,12 +108,13 @@ class WanCrossAttention(nnx.Module):
         self.to_out = Linear(dim, dim, axes=("heads", "embed"), param_dtype=param_dtype, rngs=rngs)
         self.norm_q = RMSNorm(dim, eps, param_dtype=param_dtype, axis_name="heads", rngs=rngs)
         self.norm_k = RMSNorm(dim, eps, param_dtype=param_dtype, axis_name="heads", rngs=rngs)
-        self.add_k_proj = self.add_v_proj = self.norm_added_k = None
-        if cfg.added_kv_proj_dim is not None:
-            kv = cfg.added_kv_proj_dim
-            self.add_k_proj = Linear(kv, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs)
-            self.add_v_proj = Linear(kv, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs)
-            self.norm_added_k = RMSNorm(dim, eps, param_dtype=param_dtype, axis_name="heads", rngs=rngs)
+        kv = cfg.added_kv_proj_dim
+        has_image = kv is not None
+        self.add_k_proj = Linear(kv, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs) if has_image else None
+        self.add_v_proj = Linear(kv, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs) if has_image else None
+        self.norm_added_k = (
+            RMSNorm(dim, eps, param_dtype=param_dtype, axis_name="heads", rngs=rngs) if has_image else None
+        )
 
     def _heads(self, x):
         return rearrange(x, "b l (n e) -> b l n e", n=self.num_heads)

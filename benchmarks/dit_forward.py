@@ -1,0 +1,145 @@
+"""DiT forward: ours (JAX) vs diffusers (PyTorch) on the same random weights, in one run.
+
+    python benchmarks/dit_forward.py --preset tiny                 # CPU smoke run
+    python benchmarks/dit_forward.py --preset wan2.1-1.3b-480p     # one GPU (bf16)
+
+Builds a random diffusers WanTransformer3DModel, saves it with save_pretrained, loads it through our
+TransformerLoader, runs both on the same inputs and prints per-forward times, our first-call compile time,
+peak device memory of each and the ratios. Also reports the max-abs difference between the two outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PRESETS = {
+    # arch config (diffusers kwargs), latent shape (B, C, F, H, W), text tokens
+    "tiny": (dict(num_attention_heads=2, attention_head_dim=12, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2,
+                  rope_max_seq_len=32), (1, 16, 3, 16, 16), 16),
+    "wan2.1-1.3b-480p": (dict(num_attention_heads=12, attention_head_dim=128, text_dim=4096, freq_dim=256,
+                              ffn_dim=8960, num_layers=30), (1, 16, 21, 60, 104), 512),
+    "wan2.1-14b-720p": (dict(num_attention_heads=40, attention_head_dim=128, text_dim=4096, freq_dim=256,
+                             ffn_dim=13824, num_layers=40), (1, 16, 21, 90, 160), 512),
+}
+
+
+def _time(fn, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def run_torch(model_dir, dtype_name, x, t, ctx, iters, compile_model):
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    model = WanTransformer3DModel.from_pretrained(model_dir, torch_dtype=dtype).to(dev).eval()
+    if compile_model:
+        model = torch.compile(model)
+    xs, ts, cs = (torch.from_numpy(a).to(dev) for a in (x, t, ctx))
+    xs, cs = xs.to(dtype), cs.to(dtype)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def step():
+        with torch.no_grad():
+            out = model(xs, ts, cs, return_dict=False)[0]
+        sync()
+        return out
+
+    t0 = time.perf_counter()
+    out = step()
+    first = time.perf_counter() - t0
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sec = _time(step, iters)
+    peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
+    result = out.float().cpu().numpy()
+    del model
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return sec, first, peak, result
+
+
+def run_jax(model_dir, dtype_name, x, t, ctx, iters, backend):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fastvideo_jax.models.loader.component_loader import TransformerLoader
+
+    model = TransformerLoader().load(model_dir, precision=dtype_name, attention_backend=backend)
+    graphdef, state = nnx.split(model)
+    act = jnp.bfloat16 if dtype_name == "bf16" else jnp.float32
+
+    @jax.jit
+    def forward(state, x, t, ctx):
+        return nnx.merge(graphdef, state)(x, t, ctx)
+
+    xs, ts, cs = jnp.asarray(x, act), jnp.asarray(t), jnp.asarray(ctx, act)
+    t0 = time.perf_counter()
+    compiled = forward.lower(state, xs, ts, cs).compile()
+    compile_s = time.perf_counter() - t0
+    out = compiled(state, xs, ts, cs).block_until_ready()
+    sec = _time(lambda: compiled(state, xs, ts, cs).block_until_ready(), iters)
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return sec, compile_s, stats.get("peak_bytes_in_use"), np.asarray(out.astype(jnp.float32))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--backend", default=None, help="attention backend for ours (default: platform's best)")
+    p.add_argument("--torch-compile", action="store_true", help="also time diffusers under torch.compile")
+    args = p.parse_args(argv)
+
+    import jax
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    on_gpu = jax.devices()[0].platform == "gpu"
+    dtype = args.dtype or ("bf16" if on_gpu else "fp32")
+    arch, shape, text_len = PRESETS[args.preset]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    t = np.array([500.0] * shape[0], np.float32)
+    ctx = rng.standard_normal((shape[0], text_len, arch["text_dim"]), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        ref = WanTransformer3DModel(**arch)
+        n_params = sum(p.numel() for p in ref.parameters())
+        ref.to({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]).save_pretrained(d)
+        del ref
+        print(f"preset {args.preset}: {n_params / 1e6:.1f} M params, latents {shape}, {text_len} text tokens, {dtype}, "
+              f"device {jax.devices()[0].device_kind}")
+        tj, compile_s, peak_j, out_j = run_jax(d, dtype, x, t, ctx, args.iters, args.backend)
+        tt, _, peak_t, out_t = run_torch(d, dtype, x, t, ctx, args.iters, False)
+        rows = [("diffusers eager", tt, peak_t)]
+        if args.torch_compile:
+            tc, first_c, peak_c, _ = run_torch(d, dtype, x, t, ctx, args.iters, True)
+            rows.append((f"diffusers compiled (first call {first_c:.1f} s)", tc, peak_c))
+    gib = lambda b: "n/a" if b is None else f"{b / 2**30:.2f} GiB"  # noqa: E731
+    print(f"ours (jax)         : {tj * 1e3:9.2f} ms/forward, compile {compile_s:.1f} s, peak {gib(peak_j)}")
+    for name, sec, peak in rows:
+        print(f"{name:19s}: {sec * 1e3:9.2f} ms/forward, peak {gib(peak)}  -> speedup {sec / tj:.2f}x")
+    print(f"max |ours - diffusers| = {np.abs(out_j - out_t).max():.3e} (output max {np.abs(out_t).max():.2f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""PyTorch oracles for parity tests: tiny reference models with noised parameters, saved to disk.
+
+Test-only: imports torch and diffusers. Noise goes into every parameter because many layers are zero- or
+one-initialised (adaLN gates, output projections, norm scales) and would hide bugs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TINY_WAN = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+    text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+)
+TINY_WAN_I2V = dict(TINY_WAN, in_channels=36, image_dim=4, added_kv_proj_dim=24)
+
+
+def add_noise(module: torch.nn.Module, scale: float = 0.1, seed: int = 1) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * scale)
+    return module
+
+
+def tiny_wan_dit(directory: Path, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A noised tiny diffusers WanTransformer3DModel, saved with save_pretrained into ``directory``."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = add_noise(WanTransformer3DModel(**{**TINY_WAN, **overrides}).eval(), seed=seed + 1)
+    model.save_pretrained(directory)
+    return model
+
+
+def torch_out(model, *args, **kwargs) -> np.ndarray:
+    with torch.no_grad():
+        out = model(*args, return_dict=False, **kwargs)[0]
+    return out.float().numpy()
+
+
+def errors(ours, ref) -> tuple[float, float]:
+    """(max-abs error, max-abs error relative to max |ref|)."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    err = float(np.abs(ours - ref).max())
+    return err, err / max(float(np.abs(ref).max()), 1e-30)
