@@ -23,7 +23,15 @@ import numpy as np
 from converters.mapping import NameMapper
 from converters.transforms import WEIGHT_LEAVES, flax_shape, from_flax, to_flax, torch_leaf_name
 
-__all__ = ["ConversionError", "LeafSpec", "LeafPlan", "ConversionPlan", "build_plan", "export_params"]
+__all__ = [
+    "ConversionError",
+    "LeafSpec",
+    "LeafPlan",
+    "ConversionPlan",
+    "assemble_row",
+    "build_plan",
+    "export_params",
+]
 
 Path = tuple  # an NNX state path, e.g. ("blocks", "to_q", "kernel")
 
@@ -71,7 +79,7 @@ class ConversionPlan:
         plan = self.leaves[path]
         out = np.empty(plan.spec.shape, dtype=plan.spec.dtype)
         for layer, sources in plan.rows.items():
-            row = _assemble(sources, plan.leaf, read)
+            row = assemble_row(sources, plan.leaf, read)
             if layer is None:
                 out[...] = row
             else:
@@ -82,7 +90,8 @@ class ConversionPlan:
         return {path: self.leaf_array(path, read) for path in self.leaves}
 
 
-def _assemble(sources: list[_Source], leaf: str, read: Callable[[str], np.ndarray]) -> np.ndarray:
+def assemble_row(sources: list[_Source], leaf: str, read: Callable[[str], np.ndarray]) -> np.ndarray:
+    """One row (a layer, or the whole of an unstacked parameter) in Flax layout: read, merged, transformed."""
     if len(sources) == 1 and sources[0].part is None:
         return to_flax(read(sources[0].key), leaf)
     parts = sorted(sources, key=lambda s: s.part)

@@ -34,7 +34,7 @@ _VAE_MODELS = {
     "AutoencoderKLWan": ("vaes", "wanvae", "AutoencoderKLWan"),
 }
 _SCHEDULERS = {
-    "FlowMatchEulerDiscreteScheduler": ("schedulers", "flow_match_euler", "FlowMatchEulerDiscreteScheduler"),
+    "FlowMatchEulerDiscreteScheduler": ("schedulers", "flow_match_euler", "FlowMatchEulerScheduler"),
     "UniPCMultistepScheduler": ("schedulers", "flow_unipc", "FlowUniPCMultistepScheduler"),
     "FlowUniPCMultistepScheduler": ("schedulers", "flow_unipc", "FlowUniPCMultistepScheduler"),
 }

@@ -22,13 +22,16 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from converters import LeafSpec, NameMapper, build_plan, export_params
 from fastvideo_jax.configs.models.base import ModelConfig
+from fastvideo_jax.models.loader import orbax_io
+from fastvideo_jax.models.loader.placement import place_leaf
 from fastvideo_jax.models.loader.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from fastvideo_jax.models.registry import ModelRegistry, class_names_from_config
 from fastvideo_jax.parallel.mesh import make_mesh
+from fastvideo_jax.utils.nnx_vars import var_axes, var_value
 from fastvideo_jax.parallel.rules import DIT_RULES, TEXT_ENCODER_RULES, VAE_RULES, Rules, named_sharding
 
 logger = logging.getLogger(__name__)
@@ -66,30 +69,28 @@ def build_abstract(model_cls: type, model_config: ModelConfig) -> tuple[nnx.Grap
     return nnx.split(abstract)
 
 
-def _axes(variable: nnx.Variable) -> tuple | None:
-    meta = variable.get_metadata()
-    return meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding")
-
-
 def leaf_specs(state: nnx.State) -> dict[tuple, LeafSpec]:
     """Shape, dtype and stacking of every parameter; a non-Param variable is refused."""
     specs = {}
     for path, var in nnx.to_flat_state(state):
         if not isinstance(var, nnx.Param):
             raise TypeError(f"{'.'.join(map(str, path))}: only nnx.Param state is loadable, found {type(var).__name__}")
-        axes = _axes(var)
-        value = var.get_value() if hasattr(var, "get_value") else var.value
+        axes = var_axes(var)
+        value = var_value(var)
         specs[path] = LeafSpec(tuple(value.shape), np.dtype(value.dtype), bool(axes) and axes[0] == "layers")
     return specs
 
 
-def _place(state: nnx.State, arrays: Mapping[tuple, np.ndarray], rules: Rules, mesh: Mesh) -> nnx.State:
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        host = arrays[path]
-        sharding = named_sharding(_axes(var), host.shape, rules, mesh)
-        flat.append((path, var.replace(jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx]))))
-    return nnx.from_flat_state(flat)
+def state_shardings(state: nnx.State, rules: Rules, mesh: Mesh) -> dict[tuple, NamedSharding]:
+    """The ``NamedSharding`` of every parameter, from its logical axes and the rules table."""
+    return {
+        path: named_sharding(var_axes(var), tuple(var_value(var).shape), rules, mesh)
+        for path, var in nnx.to_flat_state(state)
+    }
+
+
+def _fill(state: nnx.State, arrays: Mapping[tuple, jax.Array]) -> nnx.State:
+    return nnx.from_flat_state([(path, var.replace(arrays[path])) for path, var in nnx.to_flat_state(state)])
 
 
 def load_component(
@@ -109,10 +110,22 @@ def load_component(
             f"{component_dir}: class {names} is not a component of this kind (expected one of {sorted(expected_kind)})"
         )
     model_cls, _ = ModelRegistry.resolve_model_cls(names)
+    converted = orbax_io.is_converted(component_dir)
+    if converted and "precision" not in config_overrides:
+        config_overrides = {**config_overrides, "precision": orbax_io.read_marker(component_dir)["precision"]}
     model_config = model_cls.config_class().update_model_arch(raw)
     if config_overrides:
         model_config = model_config.update_model_config(**config_overrides)
     graphdef, abstract = build_abstract(model_cls, model_config)
+    shardings = state_shardings(abstract, rules, mesh or make_mesh())
+    if converted:
+        arrays = orbax_io.restore_params(component_dir, abstract, shardings)
+    else:
+        arrays = _from_safetensors(component_dir, model_config, abstract, shardings)
+    return nnx.merge(graphdef, _fill(abstract, arrays))
+
+
+def _from_safetensors(component_dir: Path, model_config: ModelConfig, abstract: nnx.State, shardings) -> dict:
     arch = model_config.arch_config
     checkpoint = SafetensorsCheckpoint.from_dir(component_dir)
     plan = build_plan(
@@ -125,9 +138,7 @@ def load_component(
     )
     if plan.ignored:
         logger.info("%s: dropped %d tensors by ignore pattern: %s", component_dir, len(plan.ignored), plan.ignored[:5])
-    mesh = mesh or make_mesh()
-    arrays = {path: plan.leaf_array(path, checkpoint.array) for path in plan.leaves}
-    return nnx.merge(graphdef, _place(abstract, arrays, rules, mesh))
+    return {path: place_leaf(plan, path, shardings[path], checkpoint.read) for path in plan.leaves}
 
 
 def export_component(model: nnx.Module) -> dict[str, np.ndarray]:

@@ -83,6 +83,16 @@ class SafetensorsFile:
         raw = self._data()[info.start : info.end]
         return raw.view(info.dtype).reshape(info.shape)
 
+    def read(self, key: str) -> np.ndarray:
+        """The tensor read into private memory (freed with the array; no file pages stay mapped)."""
+        info = self.tensors[key]
+        with open(self.path, "rb") as f:
+            f.seek(info.start)
+            data = f.read(info.end - info.start)
+        if len(data) != info.end - info.start:
+            raise CheckpointError(f"{self.path}: tensor {key!r} is cut short (file changed while reading?)")
+        return np.frombuffer(data, dtype=info.dtype).reshape(info.shape)
+
 
 def _read_header(path: Path) -> tuple[dict[str, str], dict[str, TensorInfo]]:
     if not path.is_file():
@@ -155,7 +165,12 @@ class SafetensorsCheckpoint(Mapping[str, TensorInfo]):
         return len(self._where)
 
     def array(self, key: str) -> np.ndarray:
+        """A memory-mapped view of one tensor."""
         return self._where[key].get(key)
+
+    def read(self, key: str) -> np.ndarray:
+        """One tensor read into private memory."""
+        return self._where[key].read(key)
 
     @property
     def nbytes(self) -> int:
