@@ -1,10 +1,11 @@
 """Placing converted parameters on a mesh without a full host copy of the checkpoint.
 
-For each parameter, every device's shard is built on the host straight in the target dtype: source tensors
-are read one at a time (one layer row of a scanned parameter at a time), transformed as views, and only the
-slice each shard needs is copied (the dtype cast happens in that same copy). Shards go to their devices and
-the host buffers are dropped before the next parameter, so peak host memory stays near the size of one
-parameter on top of what the devices hold.
+Each device shard of a parameter is built on the host straight in the target dtype: source tensors are read
+one at a time (one layer row of a scanned parameter at a time), transformed as views, and only the slice the
+shard needs is copied (the dtype cast happens in that same copy). The shard goes to its device(s) and its host
+buffer is dropped before the next shard is built, so peak host memory is one shard plus one source tensor on
+top of what the devices hold. (With several shards per parameter a source tensor is read once per shard:
+more reads, far less memory.)
 """
 
 from __future__ import annotations
@@ -44,16 +45,20 @@ def place_leaf(
     """Build one parameter's shards from the checkpoint and assemble the global array on the mesh."""
     leaf: LeafPlan = plan.leaves[path]
     shape = leaf.spec.shape
-    groups = shard_slices(shape, sharding)
-    buffers = {key: np.empty([b - a for a, b in key], dtype=leaf.spec.dtype) for key in groups}
-    for layer, sources in leaf.rows.items():
-        row = assemble_row(sources, leaf.leaf, read)  # one source tensor (or merged parts) at a time
-        for key, buf in buffers.items():
-            sl = _as_slices(key)
-            if layer is None:
-                buf[...] = row[sl]
-            elif sl[0].start <= layer < sl[0].stop:
-                buf[layer - sl[0].start] = row[sl[1:]]
-        del row
-    arrays = [jax.device_put(buffers[key], device) for key, devices in groups.items() for device in devices]
+    arrays = []
+    for key, devices in shard_slices(shape, sharding).items():
+        host = _build_shard(leaf, _as_slices(key), read)
+        arrays.extend(jax.device_put(host, device) for device in devices)
+        del host  # the device holds its copy; keep at most one shard on the host
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def _build_shard(leaf: LeafPlan, sl: tuple[slice, ...], read: Callable[[str], np.ndarray]) -> np.ndarray:
+    """One shard in the target dtype, filled one source row at a time (cast in the same copy)."""
+    buf = np.empty([s.stop - s.start for s in sl], dtype=leaf.spec.dtype)
+    for layer, sources in leaf.rows.items():
+        if layer is None:
+            buf[...] = assemble_row(sources, leaf.leaf, read)[sl]
+        elif sl[0].start <= layer < sl[0].stop:
+            buf[layer - sl[0].start] = assemble_row(sources, leaf.leaf, read)[sl[1:]]
+    return buf

@@ -1,0 +1,93 @@
+"""Prompt encoding as Wan's pipelines do it: clean, tokenize to a fixed length, encode, trim, zero-pad.
+
+``encode_prompts`` follows Diffusers' ``WanPipeline._get_t5_prompt_embeds`` (and FastVideo's
+``t5_postprocess_text``): every prompt is padded/truncated to ``text_len`` tokens (with ``</s>``), run through
+the encoder with its attention mask, and each row keeps its first ``n`` hidden states, ``n`` being the prompt's
+true token count, with zeros after them.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = ["prompt_clean", "tokenize_prompts", "trim_and_pad", "encode_prompts"]
+
+
+def prompt_clean(text: str) -> str:
+    """Diffusers' Wan prompt cleaning: ftfy (when installed), HTML unescape twice, whitespace collapsed."""
+    try:
+        import ftfy
+    except ImportError:
+        ftfy = None
+    if ftfy is not None:
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[str], text_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and attention mask, both (B, text_len): padded to text_len, truncated, with special tokens."""
+    out = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=text_len,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="np",
+    )
+    return np.asarray(out["input_ids"]), np.asarray(out["attention_mask"])
+
+
+def trim_and_pad(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Keep each row's first ``sum(mask)`` positions of (B, L, D), zero the rest (Diffusers' trim + zero-pad)."""
+    seq_lens = jnp.sum(attention_mask > 0, axis=1)  # (B,)
+    keep = jnp.arange(hidden.shape[1])[None, :] < seq_lens[:, None]  # (B, L)
+    return jnp.where(keep[..., None], hidden, jnp.zeros((), hidden.dtype))
+
+
+@nnx.jit
+def _encode(encoder: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    return trim_and_pad(encoder(input_ids, attention_mask), attention_mask)
+
+
+def encode_prompts(
+    tokenizer,
+    encoder: nnx.Module,
+    prompts: str | Sequence[str],
+    text_len: int = 512,
+    *,
+    clean: bool = True,
+    dtype=None,
+) -> tuple[jax.Array, jax.Array]:
+    """Prompt embeddings (B, text_len, D), zero after each prompt's tokens, and the token mask (B, text_len).
+
+    ``clean`` applies Diffusers' prompt cleaning first (FastVideo does not clean); ``dtype`` casts the
+    embeddings (Diffusers casts to the transformer's dtype before trimming).
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("encode_prompts: no prompts given")
+    if clean:
+        prompts = [prompt_clean(p) for p in prompts]
+    ids, mask = tokenize_prompts(tokenizer, prompts, text_len)
+    if ids.shape[1] != text_len:
+        raise ValueError(f"encode_prompts: tokenizer returned {ids.shape[1]} tokens per prompt, expected {text_len}")
+    vocab = encoder.config.arch_config.vocab_size
+    if int(ids.max()) >= vocab or int(ids.min()) < 0:
+        raise ValueError(
+            f"encode_prompts: token id {int(ids.max())} is outside the encoder's vocabulary of {vocab} "
+            "(tokenizer and encoder do not belong together?)"
+        )
+    mask = jnp.asarray(mask, jnp.int32)
+    embeds = _encode(encoder, jnp.asarray(ids, jnp.int32), mask)
+    if dtype is not None:
+        embeds = embeds.astype(dtype)
+    return embeds, mask
