@@ -35,21 +35,27 @@ def write_checkpoint(directory: Path, preset: str) -> None:
     write_random_dit(directory, preset, precision="bf16")
 
 
+def _hwm_bytes() -> int:
+    """Peak RSS of this process image (VmHWM; unlike ru_maxrss it is not inherited from the parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def child(path: str, mesh: str) -> None:
     """Runs in a subprocess: load once and print a JSON line."""
-    import resource
-
     import jax
 
     from fastvideo_jax.models.loader.component_loader import TransformerLoader
     from fastvideo_jax.parallel.mesh import MeshConfig, make_mesh
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = _hwm_bytes()
     t0 = time.perf_counter()
     model = TransformerLoader().load(path, precision="bf16", mesh=make_mesh(MeshConfig(**MESHES[mesh])))
     jax.block_until_ready(jax.tree.leaves(model))
     sec = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _hwm_bytes()
     print(json.dumps({"seconds": sec, "peak": peak, "base": base}))
 
 
