@@ -1,4 +1,41 @@
 from fastvideo_jax.attention.api import AttentionBackend, attention, default_backend, register_backend, resolve_backend
+from fastvideo_jax.attention.pallas_gpu import (
+    MosaicConfig,
+    TritonConfig,
+    block_sparse_attention,
+    mosaic_config_scope,
+    triton_config_scope,
+)
 from fastvideo_jax.attention.reference import reference_attention
+from fastvideo_jax.attention.sliding_tile import (
+    FULL_WINDOW,
+    resolve_sta_backend,
+    sliding_tile_attention,
+    sta_reference_dense,
+)
+from fastvideo_jax.attention.sliding_tile_mask import MaskStrategy, TileGeometry, load_mask_strategy
+from fastvideo_jax.attention.splash_tpu import SplashConfig
+from fastvideo_jax.attention.splash_tpu import config_scope as splash_config_scope
 
-__all__ = ["AttentionBackend", "attention", "default_backend", "reference_attention", "register_backend", "resolve_backend"]
+__all__ = [
+    "AttentionBackend",
+    "FULL_WINDOW",
+    "MaskStrategy",
+    "MosaicConfig",
+    "SplashConfig",
+    "TileGeometry",
+    "TritonConfig",
+    "attention",
+    "block_sparse_attention",
+    "default_backend",
+    "load_mask_strategy",
+    "mosaic_config_scope",
+    "reference_attention",
+    "register_backend",
+    "resolve_backend",
+    "resolve_sta_backend",
+    "sliding_tile_attention",
+    "splash_config_scope",
+    "sta_reference_dense",
+    "triton_config_scope",
+]

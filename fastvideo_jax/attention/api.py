@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from fastvideo_jax.attention import pallas_gpu, splash_tpu
 from fastvideo_jax.attention.cudnn import cudnn_attention
 from fastvideo_jax.attention.reference import reference_attention
 
@@ -28,6 +29,12 @@ __all__ = ["AttentionBackend", "attention", "register_backend", "resolve_backend
 class AttentionBackend(enum.Enum):
     REFERENCE = "reference"
     CUDNN = "cudnn"
+    SPLASH_TPU = "splash_tpu"  # TPU splash (Pallas Mosaic TPU); interpret mode via splash_tpu.config_scope
+    PALLAS_GPU_TRITON = "pallas_gpu_triton"  # Pallas flash kernel lowered through Triton (any CUDA GPU)
+    PALLAS_GPU_MOSAIC = "pallas_gpu_mosaic"  # Pallas Mosaic-GPU FlashAttention-3 (Hopper sm90)
+    # Not a dense kernel: selects sliding_tile_attention(q, k, v, grid=..., window=...) on the platform's best
+    # block-sparse implementation. Passed to the dense attention() it falls back to the reference (logged).
+    SLIDING_TILE = "sliding_tile"
 
     @classmethod
     def parse(cls, value: "AttentionBackend | str | None") -> "AttentionBackend | None":
@@ -70,13 +77,26 @@ def _check_cudnn(q, k, v, kv_mask) -> str | None:
     return None
 
 
+def _check_sliding_tile(q, k, v, kv_mask) -> str | None:
+    return "sliding-tile attention needs the token grid and windows: call sliding_tile_attention(...)"
+
+
 register_backend(AttentionBackend.REFERENCE, reference_attention, lambda q, k, v, m: None)
 register_backend(AttentionBackend.CUDNN, cudnn_attention, _check_cudnn)
+register_backend(AttentionBackend.SPLASH_TPU, splash_tpu.splash_attention, splash_tpu.check_splash)
+register_backend(AttentionBackend.PALLAS_GPU_TRITON, pallas_gpu.triton_attention, pallas_gpu.check_triton)
+register_backend(AttentionBackend.PALLAS_GPU_MOSAIC, pallas_gpu.mosaic_attention, pallas_gpu.check_mosaic)
+register_backend(AttentionBackend.SLIDING_TILE, reference_attention, _check_sliding_tile)
 
 
 def default_backend() -> AttentionBackend:
-    """The platform's best dense backend."""
-    return AttentionBackend.CUDNN if _platform() == "gpu" else AttentionBackend.REFERENCE
+    """The platform's best dense backend: cuDNN on GPU, splash on TPU, the reference elsewhere."""
+    platform = _platform()
+    if platform == "gpu":
+        return AttentionBackend.CUDNN
+    if platform == "tpu":
+        return AttentionBackend.SPLASH_TPU
+    return AttentionBackend.REFERENCE
 
 
 @functools.lru_cache(maxsize=None)

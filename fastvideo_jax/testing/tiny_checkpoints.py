@@ -1,6 +1,6 @@
 """Random-weight checkpoints in Diffusers layout, written by our own models (no torch needed).
 
-A model is built from a preset with random initialisation, its parameters exported through the reverse name
+A model is built from a preset with random parameters (numpy draws by parameter kind), its parameters exported through the reverse name
 mapping, and saved as ``config.json`` + safetensors, exactly what ``save_pretrained`` of the PyTorch class
 writes. The weights are random: such a checkpoint exercises every code path but generates noise.
 """
@@ -13,10 +13,42 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from fastvideo_jax.models.loader.component_loader import export_component
+from fastvideo_jax.models.loader.component_loader import build_abstract, export_component
+from fastvideo_jax.utils.nnx_vars import var_axes, var_value
 from fastvideo_jax.models.loader.safetensors_io import save_safetensors
+
+
+def _random_leaf(rng: np.random.Generator, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Plausible random values by parameter kind (Flax layout: a kernel's last axis is its output)."""
+    if name in ("scale", "gamma"):
+        value = 1.0 + 0.1 * rng.standard_normal(shape)
+    elif name == "kernel":
+        fan_in = max(int(np.prod(shape[:-1])), 1)
+        value = rng.uniform(-1.0, 1.0, shape) / np.sqrt(fan_in)
+    elif name == "bias":
+        value = 0.02 * rng.standard_normal(shape)
+    else:  # embeddings, modulation tables, position embeddings
+        value = rng.standard_normal(shape) / np.sqrt(max(shape[-1], 1))
+    return value.astype(dtype)
+
+
+def random_state(abstract: nnx.State, seed: int = 0) -> nnx.State:
+    """Random values for an abstract state, drawn with numpy (no per-shape XLA compilations)."""
+    rng = np.random.default_rng(seed)
+    flat = []
+    for path, var in nnx.to_flat_state(abstract):
+        value = var_value(var)
+        stacked = (var_axes(var) or (None,))[0] == "layers"
+        name = str(path[-1])
+        arr = _random_leaf(rng, name, tuple(value.shape[1:] if stacked else value.shape), np.dtype(value.dtype))
+        if stacked:
+            arr = np.stack([_random_leaf(rng, name, arr.shape, arr.dtype) for _ in range(value.shape[0])])
+        flat.append((path, var.replace(jnp.asarray(arr))))
+    return nnx.from_flat_state(flat)
 
 
 def write_random_component(
@@ -33,14 +65,14 @@ def write_random_component(
     """Build ``model_cls`` from config.json fields ``arch`` with random weights and save it to ``directory``."""
     directory = Path(directory)
     config = model_cls.config_class().update_model_arch(dict(arch)).update_model_config(precision=precision)
-    with nnx.use_eager_sharding(False):
-        model = model_cls(config, rngs=nnx.Rngs(seed))
+    graphdef, abstract = build_abstract(model_cls, config)
+    model = nnx.merge(graphdef, random_state(abstract, seed))
     tensors = export_component(model)
     del model
     directory.mkdir(parents=True, exist_ok=True)
     save_safetensors(directory / weights_name, tensors, metadata={"format": "pt"})
     key = "architectures" if weights_name == "model.safetensors" else "_class_name"
-    body = {key: [class_name] if key == "architectures" else class_name, **config.arch_config.to_dict(),
+    body = {**config.arch_config.to_dict(), key: [class_name] if key == "architectures" else class_name,
             **(extra_config or {})}
     (directory / "config.json").write_text(json.dumps(body, indent=2))
     return directory

@@ -1,0 +1,138 @@
+"""Wan2.1 text-to-video: text encoding -> latent preparation -> denoising (CFG) -> VAE decode -> uint8 frames.
+
+The DiT is split into (graph, state) once. One denoising step (batched cond + uncond forward, guidance, and
+the scheduler update) is a single jitted pure function, compiled once per latent/text shape: the number of
+steps (scheduler tables are padded to a fixed length), the guidance scale and the seed are runtime values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from fastvideo_jax.configs.pipelines.base import PipelineConfig
+from fastvideo_jax.configs.sample import SamplingParam
+from fastvideo_jax.dtypes import to_dtype
+from fastvideo_jax.models.encoders.text import encode_prompts
+
+# Scheduler tables are padded to this many steps so a new step count does not recompile the step.
+MAX_STEPS = 1000
+
+
+def pad_tables(tables: Any, num_steps: int, length: int = MAX_STEPS) -> Any:
+    """Every table leaf (leading axis ``num_steps`` or ``num_steps + 1``) padded by edge values to ``length``."""
+    if not 1 <= num_steps <= length:
+        raise ValueError(f"num_inference_steps must be in [1, {length}], got {num_steps}")
+
+    def pad(a):
+        a = jnp.asarray(a)
+        return jnp.pad(a, [(0, length - num_steps)] + [(0, 0)] * (a.ndim - 1), mode="edge")
+
+    return jax.tree.map(pad, tables)
+
+
+def _denoise_step(graphdef, scheduler, use_cfg, dit_state, latents, sched_state, tables, context, guidance):
+    """latents (B, C, F, H, W) fp32; context (2B or B, Lt, D): [cond; uncond] when ``use_cfg``."""
+    model = nnx.merge(graphdef, dit_state)
+    batch = latents.shape[0]
+    t = scheduler.timestep(tables, sched_state)
+    x = jnp.concatenate([latents, latents]) if use_cfg else latents
+    pred = model(x.astype(context.dtype), jnp.broadcast_to(t, (x.shape[0],)), context).astype(jnp.float32)
+    if use_cfg:
+        cond, uncond = pred[:batch], pred[batch:]
+        pred = uncond + guidance * (cond - uncond)
+    return scheduler.step(tables, sched_state, pred, latents)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _initial_latents(shape: tuple[int, ...], seed: jax.Array) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+@dataclasses.dataclass
+class WanT2VPipeline:
+    tokenizer: Any
+    text_encoder: nnx.Module
+    transformer: nnx.Module
+    vae: nnx.Module
+    scheduler: Any
+    config: PipelineConfig
+
+    def __post_init__(self) -> None:
+        if self.config.flow_shift is not None:
+            self.scheduler = dataclasses.replace(self.scheduler, shift=float(self.config.flow_shift))
+        self._dit_graph, self._dit_state = nnx.split(self.transformer)
+        self._steps = {
+            use_cfg: jax.jit(functools.partial(_denoise_step, self._dit_graph, self.scheduler, use_cfg))
+            for use_cfg in (False, True)
+        }
+
+    @property
+    def dit_dtype(self):
+        return to_dtype(self.transformer.config.precision)
+
+    # ---- stages -------------------------------------------------------------------------------------------
+    def encode_text(self, prompts: list[str], negative: list[str] | None) -> jax.Array:
+        """(B or 2B, text_len, D) in the DiT dtype: cond rows, then uncond rows when ``negative`` is given."""
+        texts = prompts + (negative or [])
+        embeds, _ = encode_prompts(self.tokenizer, self.text_encoder, texts, self.config.text_len,
+                                   clean=self.config.clean_prompts, dtype=self.dit_dtype)
+        return embeds
+
+    def latent_shape(self, batch: int, num_frames: int, height: int, width: int) -> tuple[int, ...]:
+        vae = self.vae.config.arch_config
+        t, s = vae.temporal_compression_ratio, vae.spatial_compression_ratio
+        channels = self.transformer.config.arch_config.in_channels
+        return (batch, channels, (num_frames - 1) // t + 1, height // s, width // s)
+
+    def prepare_latents(self, shape: tuple[int, ...], seed: int, latents: Any | None = None) -> jax.Array:
+        if latents is not None:
+            latents = jnp.asarray(latents, jnp.float32)
+            if latents.shape != shape:
+                raise ValueError(f"latents have shape {latents.shape}; this request needs {shape}")
+            return latents
+        return _initial_latents(shape, jnp.asarray(seed, jnp.uint32))
+
+    def denoise(self, latents: jax.Array, context: jax.Array, num_steps: int, guidance: float,
+                progress: bool = True) -> jax.Array:
+        use_cfg = context.shape[0] == 2 * latents.shape[0]
+        tables = pad_tables(self.scheduler.set_timesteps(num_steps), num_steps)
+        state = self.scheduler.init_state(tables, latents.shape)
+        step = self._steps[use_cfg]
+        g = jnp.asarray(guidance, jnp.float32)
+        for _ in tqdm(range(num_steps), desc="denoising", unit="step", disable=not progress):
+            latents, state = step(self._dit_state, latents, state, tables, context, g)
+        return latents
+
+    def decode(self, latents: jax.Array) -> np.ndarray:
+        """Latents -> uint8 frames (B, F, H, W, 3)."""
+        vae_dtype = to_dtype(self.vae.config.precision)
+        video = self.vae.decode(self.vae.denormalize_latents(latents.astype(jnp.float32)).astype(vae_dtype))
+        return np.asarray(_to_uint8(video))
+
+    # ---- whole request ------------------------------------------------------------------------------------
+    def __call__(self, param: SamplingParam, latents: Any | None = None, progress: bool = True) -> dict[str, Any]:
+        param.validate(self.vae.config.arch_config.spatial_compression_ratio,
+                       self.transformer.config.arch_config.patch_size[1],
+                       self.vae.config.arch_config.temporal_compression_ratio)
+        batch = param.num_videos_per_prompt
+        prompts = [param.prompt] * batch
+        use_cfg = param.guidance_scale > 1.0
+        context = self.encode_text(prompts, [param.negative_prompt or ""] * batch if use_cfg else None)
+        shape = self.latent_shape(batch, param.num_frames, param.height, param.width)
+        z = self.prepare_latents(shape, param.seed, latents)
+        z = self.denoise(z, context, param.num_inference_steps, param.guidance_scale, progress)
+        return {"latents": z, "frames": self.decode(z)}
+
+
+@jax.jit
+def _to_uint8(video: jax.Array) -> jax.Array:  # (B, 3, F, H, W) in [-1, 1] -> (B, F, H, W, 3) uint8
+    x = jnp.clip(video.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+    return jnp.round(jnp.transpose(x, (0, 2, 3, 4, 1)) * 255).astype(jnp.uint8)

@@ -1,0 +1,85 @@
+"""The ``tiny-wan`` demo pipeline: a complete Diffusers-layout Wan2.1 T2V checkpoint with random weights.
+
+Written by our own models (no torch): DiT, UMT5 text encoder, VAE, a tokenizer trained in code, and a UniPC
+scheduler config. It runs the whole generation path on a CPU in seconds. Its weights are random, so its
+videos are noise; use it to check an installation, not to judge quality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+TINY_WAN_ID = "tiny-wan"
+_VERSION = "v1"
+
+UNIPC_FLOW_CONFIG = {
+    "_class_name": "UniPCMultistepScheduler",
+    "num_train_timesteps": 1000,
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+    "solver_order": 2,
+    "solver_type": "bh2",
+    "predict_x0": True,
+    "lower_order_final": True,
+}
+
+
+def write_tiny_wan_pipeline(root: str | Path, seed: int = 0) -> Path:
+    """Write the tiny pipeline into ``root`` (created)."""
+    from fastvideo_jax.configs.models.dits.wanvideo import WAN_PRESETS
+    from fastvideo_jax.configs.models.encoders.t5 import T5_PRESETS
+    from fastvideo_jax.configs.models.vaes.wanvae import WAN_VAE_PRESETS
+    from fastvideo_jax.models.dits.wanvideo import WanTransformer3DModel
+    from fastvideo_jax.models.encoders.t5 import UMT5EncoderModel
+    from fastvideo_jax.models.vaes.wanvae import AutoencoderKLWan
+    from fastvideo_jax.testing.tiny_checkpoints import write_random_component
+    from fastvideo_jax.testing.tokenizer import write_t5_tokenizer
+
+    root = Path(root)
+    write_random_component(root / "transformer", WanTransformer3DModel, "WanTransformer3DModel",
+                           {**WAN_PRESETS["tiny"], "text_dim": T5_PRESETS["tiny"]["d_model"]}, seed=seed)
+    write_random_component(root / "text_encoder", UMT5EncoderModel, "UMT5EncoderModel", T5_PRESETS["tiny"],
+                           weights_name="model.safetensors", seed=seed + 1, extra_config={"model_type": "umt5"})
+    write_random_component(root / "vae", AutoencoderKLWan, "AutoencoderKLWan", WAN_VAE_PRESETS["tiny"], seed=seed + 2)
+    write_t5_tokenizer(root / "tokenizer")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(UNIPC_FLOW_CONFIG, indent=2))
+    index = {
+        "_class_name": "WanPipeline",
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    return root
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("FASTVIDEO_JAX_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return Path(base) / "fastvideo_jax"
+
+
+def ensure_tiny_wan() -> Path:
+    """The tiny pipeline's directory, written once (atomically) into the cache on first use."""
+    target = cache_dir() / f"{TINY_WAN_ID}-{_VERSION}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write_tiny_wan_pipeline(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; theirs is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
