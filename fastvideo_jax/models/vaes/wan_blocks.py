@@ -155,7 +155,7 @@ class AttentionBlock(nnx.Module):
         self.proj = PointwiseConv(dim, dim, rank=4, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, cache: FeatCache | None = None) -> jax.Array:  # (B, F, H, W, C)
-        B, F, H, W, C = x.shape
+        B, _, H = x.shape[:3]
         qkv = rearrange(self.to_qkv(self.norm(x)), "b f h w (three c) -> three (b f) (h w) 1 c", three=3)
         out = attention(qkv[0], qkv[1], qkv[2])
         out = rearrange(out, "(b f) (h w) 1 c -> b f h w c", b=B, h=H)
@@ -198,14 +198,14 @@ class Resample(nnx.Module):
             x = self._time_downsample(x, cache)
         return x
 
-    def _time_upsample(self, x: jax.Array, cache: FeatCache) -> jax.Array:  # (B, F, ...) -> (B, 2F, ...)
+    def _time_upsample(self, x: jax.Array, cache: FeatCache) -> jax.Array:  # (B, F, ...) -> (B, 2F, ...), F at first
         if cache.first:
             cache.put(jnp.zeros((x.shape[0], CACHE_T, *x.shape[2:]), x.dtype))
             return x
         y = self.time_conv.cached(x, cache)
         return rearrange(y, "b f h w (two c) -> b (f two) h w c", two=2)
 
-    def _time_downsample(self, x: jax.Array, cache: FeatCache) -> jax.Array:  # (B, F, ...) -> (B, F/2, ...)
+    def _time_downsample(self, x: jax.Array, cache: FeatCache) -> jax.Array:  # (B, F, ...) -> (B, F/2, ...), F at first
         past = cache.take()
         cache.put(x[:, -1:])
         if past is None:

@@ -48,7 +48,7 @@ class Encoder3d(nnx.Module):
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             for _ in range(cfg.num_res_blocks):
                 layers.append(ResidualBlock(in_dim, out_dim, dtype=dtype, rngs=rngs))
-                if scale in cfg.attn_scales:
+                if scale in cfg.attn_scales:  # built as diffusers does; Wan checkpoints have attn_scales=[]
                     layers.append(AttentionBlock(out_dim, dtype=dtype, rngs=rngs))
                 in_dim = out_dim
             if i != len(cfg.dim_mult) - 1:

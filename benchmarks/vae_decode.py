@@ -1,0 +1,161 @@
+"""Wan VAE decode: ours (JAX) vs diffusers (PyTorch) on the same random weights, in one run.
+
+    python benchmarks/vae_decode.py                                # tiny, CPU, fp32
+    python benchmarks/vae_decode.py --preset wan-480p-81f          # real Wan2.1 VAE, 1x16x21x60x104 latents, GPU
+
+A child process builds a random diffusers ``AutoencoderKLWan`` (torch.manual_seed(0)) and saves it with
+save_pretrained; one child per framework then loads it (ours through ``VAELoader``), decodes the same latents
+``1 + iters`` times and reports the fastest timed call, our first-call compile time, and peak memory: device
+peak on GPU (``memory_stats()['peak_bytes_in_use']`` / ``torch.cuda.max_memory_allocated``), else the child
+process's RSS peak (``resource.getrusage``; the parent imports neither framework, so nothing is inherited).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+PRESETS = {
+    # diffusers AutoencoderKLWan kwargs (the vae preset of our config), latents (B, C, T, h, w)
+    "tiny": ("tiny", (1, 16, 5, 8, 12)),
+    "wan-480p-81f": ("wan2.1", (1, 16, 21, 60, 104)),
+}
+
+
+def _rss_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _timed(fn, iters: int) -> tuple[float, float, object]:
+    """(first call seconds, fastest of ``iters`` further calls, last output)."""
+    t0 = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return first, best, out
+
+
+def child_build(workdir: Path, preset: str, shape) -> None:
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from fastvideo_jax.configs.models.vaes.wanvae import WAN_VAE_PRESETS
+
+    torch.manual_seed(0)
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in WAN_VAE_PRESETS[PRESETS[preset][0]].items()}
+    model = AutoencoderKLWan(**kwargs).eval()
+    model.save_pretrained(workdir / "vae")
+    np.save(workdir / "latents.npy", np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    print(json.dumps({"params": sum(p.numel() for p in model.parameters())}))
+
+
+def child_jax(workdir: Path, dtype: str, iters: int, tiled: bool) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from fastvideo_jax.models.loader.component_loader import VAELoader
+
+    vae = VAELoader().load(workdir / "vae", precision=dtype, load_encoder=False)
+    z = jnp.asarray(np.load(workdir / "latents.npy"))
+    first, best, out = _timed(lambda: vae.decode(z, tiled=tiled).block_until_ready(), iters)
+    on_gpu = jax.devices()[0].platform == "gpu"
+    peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use") if on_gpu else _rss_peak_bytes()
+    np.save(workdir / "out_jax.npy", np.asarray(out.astype(jnp.float32)))
+    print(json.dumps({"first": first, "sec": best, "peak": peak, "device": jax.devices()[0].device_kind,
+                      "peak_kind": "device peak" if on_gpu else "process RSS peak"}))
+
+
+def child_torch(workdir: Path, dtype: str, iters: int, tiled: bool) -> None:
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tdtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    vae = AutoencoderKLWan.from_pretrained(workdir / "vae", torch_dtype=tdtype).to(dev).eval()
+    if tiled:
+        vae.enable_tiling()
+    z = torch.from_numpy(np.load(workdir / "latents.npy")).to(dev, tdtype)
+
+    def step():
+        with torch.no_grad():
+            out = vae.decode(z).sample
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    first, best, out = _timed(step, iters)
+    peak = torch.cuda.max_memory_allocated() if dev == "cuda" else _rss_peak_bytes()
+    np.save(workdir / "out_torch.npy", out.float().cpu().numpy())
+    print(json.dumps({"first": first, "sec": best, "peak": peak, "device": dev,
+                      "peak_kind": "device peak" if dev == "cuda" else "process RSS peak"}))
+
+
+def _run_child(*args: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True,
+                         check=False)
+    if out.returncode:
+        raise RuntimeError(f"child {args[0]} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--iters", type=int, default=1, help="timed decodes after the first (compile/warm-up) call")
+    p.add_argument("--tiled", action="store_true", help="spatial tiling (256 px tiles, stride 192) on both sides")
+    p.add_argument("--latent-shape", type=int, nargs=5, help="override the preset's latents (B C T h w)")
+    p.add_argument("--skip-torch", action="store_true", help="ours only (e.g. no CUDA torch on the GPU machine)")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        kind, workdir, *rest = args.child
+        workdir = Path(workdir)
+        if kind == "build":
+            return child_build(workdir, rest[0], tuple(int(s) for s in rest[1:]))
+        fn = {"jax": child_jax, "torch": child_torch}[kind]
+        return fn(workdir, rest[0], int(rest[1]), rest[2] == "1")
+
+    shape = tuple(args.latent_shape or PRESETS[args.preset][1])
+    with tempfile.TemporaryDirectory() as d:
+        built = _run_child("build", d, args.preset, *map(str, shape))
+        frames = 1 + 4 * (shape[2] - 1)
+        print(f"preset {args.preset}: {built['params'] / 1e6:.2f} M params, latents {shape} -> {frames} frames "
+              f"{shape[3] * 8}x{shape[4] * 8}, {args.dtype}, tiled={args.tiled}")
+        flags = (args.dtype, str(args.iters), "1" if args.tiled else "0")
+        ours = _run_child("jax", d, *flags)
+        ref = None if args.skip_torch else _run_child("torch", d, *flags)
+        if ref is not None:
+            diff = np.abs(np.load(Path(d) / "out_jax.npy") - np.load(Path(d) / "out_torch.npy")).max()
+    gib = lambda b: "n/a" if b is None else f"{b / 2**30:.3f} GiB"  # noqa: E731
+    compile_s = ours["first"] - ours["sec"]
+    print(f"ours (jax, {ours['device']}): {ours['sec'] * 1e3:10.1f} ms/decode, compile ~{compile_s:.1f} s "
+          f"(first call {ours['first']:.1f} s), {ours['peak_kind']} {gib(ours['peak'])}")
+    if ref is None:
+        return
+    print(f"diffusers ({ref['device']}):   {ref['sec'] * 1e3:10.1f} ms/decode, {ref['peak_kind']} {gib(ref['peak'])}")
+    ratio_mem = "n/a" if not (ours["peak"] and ref["peak"]) else f"{ours['peak'] / ref['peak']:.2f}x"
+    print(f"speedup (diffusers / ours) {ref['sec'] / ours['sec']:.2f}x, peak memory (ours / diffusers) {ratio_mem}")
+    print(f"max |ours - diffusers| = {diff:.3e}")
+
+
+if __name__ == "__main__":
+    main()
