@@ -68,11 +68,7 @@ def run_torch(model_dir, dtype_name, x, t, ctx, iters, compile_model):
         torch.cuda.reset_peak_memory_stats()
     sec = _time(step, iters)
     peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
-    result = out.float().cpu().numpy()
-    del model
-    if dev == "cuda":
-        torch.cuda.empty_cache()
-    return sec, first, peak, result
+    return sec, first, peak, out.float().cpu().numpy()
 
 
 def run_jax(model_dir, dtype_name, x, t, ctx, iters, backend):

@@ -71,18 +71,23 @@ def _pad_axis(x: jax.Array, axis: int, new: int) -> jax.Array:
 class TritonConfig:
     """Block sizes and launch options for the Triton-lowered kernels (``mha`` and the block-sparse kernel).
 
-    Blocks must be powers of two >= 16 (Triton tensor shapes, ``tl.dot`` minimum).
+    Blocks must be powers of two >= 16 (Triton tensor shapes, ``tl.dot`` minimum); backward blocks default to
+    min(64, forward block) and must divide the forward blocks.
     """
 
     block_q: int = 128
     block_k: int = 128
-    block_q_bwd: int = 64
-    block_k_bwd: int = 64
+    block_q_bwd: int | None = None
+    block_k_bwd: int | None = None
     num_warps: int | None = None
     num_stages: int = 2
     interpret: bool = False
 
     def __post_init__(self):
+        if self.block_q_bwd is None:
+            object.__setattr__(self, "block_q_bwd", min(64, self.block_q))
+        if self.block_k_bwd is None:
+            object.__setattr__(self, "block_k_bwd", min(64, self.block_k))
         for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
             b = getattr(self, name)
             if not _is_pow2(b) or b < 16:
@@ -375,12 +380,13 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delt
     plgpu.store(dv_ref, dv.astype(dv_ref.dtype))
 
 
-def _table_spec(table: jax.Array, rows_axis_blocks: int):
-    """BlockSpec for a (H', R, 1 + width) table: one row per (row block, head)."""
+def _table_spec(table: jax.Array, rows_per_block: int = 1):
+    """BlockSpec for a (H', R, 1 + width) table: grid step i reads row i // rows_per_block (of head h if H' > 1)."""
     from jax.experimental import pallas as pl
 
-    shared = table.shape[0] == 1
-    return pl.BlockSpec((None, None, table.shape[2]), (lambda i, b, h: (0, i, 0)) if shared else (lambda i, b, h: (h, i, 0)))
+    if table.shape[0] == 1:
+        return pl.BlockSpec((None, None, table.shape[2]), lambda i, b, h: (0, i // rows_per_block, 0))
+    return pl.BlockSpec((None, None, table.shape[2]), lambda i, b, h: (h, i // rows_per_block, 0))
 
 
 def _bs_forward(q, k, v, valid, kv_table, st: _KernelStatic):
@@ -390,7 +396,7 @@ def _bs_forward(q, k, v, valid, kv_table, st: _KernelStatic):
     Lk = k.shape[1]
     grid = (Lq // st.block_q, B, N)
     in_specs = [
-        _table_spec(kv_table, grid[0]),
+        _table_spec(kv_table),
         pl.BlockSpec((None, st.block_q, None, E), lambda i, b, h: (b, i, h, 0)),
         pl.BlockSpec((None, Lk, None, E), lambda i, b, h: (b, 0, h, 0)),
         pl.BlockSpec((None, Lk, None, E), lambda i, b, h: (b, 0, h, 0)),
@@ -422,12 +428,7 @@ def _bs_backward(q, k, v, valid, kv_table, q_table, out, lse, do, st: _KernelSta
 
     # dQ: grid over backward q blocks; each reads the forward table row of its enclosing forward q block.
     bq, bk = st.block_q_bwd, st.block_k_bwd
-    rq = st.block_q // bq
-    kv_rows = kv_table.shape[0] == 1
-    kv_table_spec = pl.BlockSpec(
-        (None, None, kv_table.shape[2]),
-        (lambda i, b, h: (0, i // rq, 0)) if kv_rows else (lambda i, b, h: (h, i // rq, 0)),
-    )
+    kv_table_spec = _table_spec(kv_table, st.block_q // bq)
     blk_q = pl.BlockSpec((None, bq, None, E), lambda i, b, h: (b, i, h, 0))
     blk_row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
     dq = pl.pallas_call(
@@ -439,12 +440,7 @@ def _bs_backward(q, k, v, valid, kv_table, q_table, out, lse, do, st: _KernelSta
     )(kv_table, q, k, v, valid, do, lse, delta)
 
     # dK/dV: grid over backward kv blocks, walking the transposed table.
-    rk = st.block_k // bk
-    q_rows = q_table.shape[0] == 1
-    q_table_spec = pl.BlockSpec(
-        (None, None, q_table.shape[2]),
-        (lambda i, b, h: (0, i // rk, 0)) if q_rows else (lambda i, b, h: (h, i // rk, 0)),
-    )
+    q_table_spec = _table_spec(q_table, st.block_k // bk)
     blk_k = pl.BlockSpec((None, bk, None, E), lambda i, b, h: (b, i, h, 0))
     valid_blk = pl.BlockSpec((None, bk), lambda i, b, h: (b, i)) if st.has_valid else None
     dk, dv = pl.pallas_call(

@@ -252,7 +252,7 @@ def _splash_sta(qt, kt, vt, valid, geom, windows, scale, config, mesh, head_axis
 
 def _triton_sta(qt, kt, vt, valid, geom, windows, scale, config):
     config = config or pallas_gpu.current_triton_config()
-    tables = sta_block_tables(geom, windows, config.block_q, config.block_k)
+    tables = sta_block_tables(geom, windows, config.block_q, config.block_k, prune_padding=True)
     return pallas_gpu.block_sparse_attention(qt, kt, vt, valid, tables, scale=scale, config=config)
 
 

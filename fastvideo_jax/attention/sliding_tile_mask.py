@@ -312,8 +312,14 @@ def tables_from_block_mask(block: np.ndarray, block_q: int, block_k: int, pad_po
     return BlockTables(kv=kv, q=q, block_q=block_q, block_k=block_k)
 
 
-def sta_block_mask(geom: TileGeometry, windows: Sequence[Int3], block_q: int, block_k: int) -> np.ndarray:
-    """bool (H', nQb, nKb) block mask; H' = 1 when all windows are equal. Blocks must not straddle units."""
+def sta_block_mask(geom: TileGeometry, windows: Sequence[Int3], block_q: int, block_k: int,
+                   prune_padding: bool = False) -> np.ndarray:
+    """bool (H', nQb, nKb) block mask; H' = 1 when all windows are equal. Blocks must not straddle units.
+
+    ``prune_padding`` also empties blocks made only of padding positions (ragged grids): their keys would be
+    masked anyway and their query rows are dropped, so a kernel need not visit them. The kernel must then give
+    rows with no blocks a finite output (ours writes 0).
+    """
     if geom.slot % block_q or geom.slot % block_k:
         raise ValueError(f"tile slot {geom.slot} must be a multiple of block_q={block_q} and block_k={block_k}")
     if geom.padded_text_len % block_q or geom.padded_text_len % block_k:
@@ -322,14 +328,22 @@ def sta_block_mask(geom: TileGeometry, windows: Sequence[Int3], block_q: int, bl
     uk = token_units(geom, np.arange(0, geom.padded_len, block_k))
     unique = list(dict.fromkeys(windows))
     if len(unique) == 1:
-        return unit_mask(geom, unique[0])[np.ix_(uq, uk)][None]
-    return np.stack([unit_mask(geom, w)[np.ix_(uq, uk)] for w in windows])
+        block = unit_mask(geom, unique[0])[np.ix_(uq, uk)][None]
+    else:
+        block = np.stack([unit_mask(geom, w)[np.ix_(uq, uk)] for w in windows])
+    if prune_padding:
+        valid = slot_valid(geom)
+        vq = valid.reshape(-1, block_q).any(-1)
+        vk = valid.reshape(-1, block_k).any(-1)
+        block = block & vq[None, :, None] & vk[None, None, :]
+    return block
 
 
 @functools.lru_cache(maxsize=128)
 def sta_block_tables(geom: TileGeometry, windows: tuple[Int3, ...], block_q: int, block_k: int,
-                     pad_pow2: bool = False) -> BlockTables:
-    return tables_from_block_mask(sta_block_mask(geom, windows, block_q, block_k), block_q, block_k, pad_pow2)
+                     pad_pow2: bool = False, prune_padding: bool = False) -> BlockTables:
+    mask = sta_block_mask(geom, windows, block_q, block_k, prune_padding)
+    return tables_from_block_mask(mask, block_q, block_k, pad_pow2)
 
 
 def dense_block_tables(num_q_blocks: int, num_kv_blocks: int, block_q: int, block_k: int,

@@ -107,6 +107,23 @@ def internal(default: Any) -> Any:
     return dataclasses.field(default=default, metadata={"internal": True}, repr=False)
 
 
+# An ordered name mapping: (anchored regex, target). A target is a replacement string, or
+# (replacement, part_index, num_parts) when several checkpoint tensors merge into one parameter.
+NameMapping = tuple[tuple[str, "str | tuple[str, int, int]"], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class MappedArchConfig(ArchConfig):
+    """What the converter reads from an architecture: class data, never taken from config.json."""
+
+    param_names_mapping: NameMapping = internal(())  # checkpoint name -> our name
+    reverse_param_names_mapping: NameMapping = internal(())  # our name -> checkpoint name (export)
+    # Prefixes whose numbered children are stacked into one scanned parameter tree ("blocks.N.*").
+    scanned_prefixes: tuple[str, ...] = internal(())
+    # Checkpoint tensors consumed and dropped by name (e.g. ones the original also ignores on load).
+    ignored_param_patterns: tuple[str, ...] = internal(())
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Our own per-component knobs around an ``arch_config``."""

@@ -9,12 +9,14 @@ tables are computed in float64 and applied in fp32.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from fastvideo_jax.attention import attention
+from fastvideo_jax.attention import FULL_WINDOW, attention, sliding_tile_attention
 from fastvideo_jax.configs.models.dits.wanvideo import WanVideoArchConfig, WanVideoConfig
 from fastvideo_jax.dtypes import to_dtype
 from fastvideo_jax.models.layers.embeddings import apply_rope, rope_3d_tables, timestep_embedding
@@ -22,6 +24,54 @@ from fastvideo_jax.models.layers.linear import Linear, PatchEmbed3D, make_param
 from fastvideo_jax.models.layers.norms import LayerNorm, RMSNorm
 
 F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfAttentionSpec:
+    """How one layer's self-attention runs: dense, or sliding-tile with ``window`` (per head allowed)."""
+
+    sliding_tile: bool = False
+    window: tuple | None = None
+    tile: tuple[int, int, int] = (6, 8, 8)
+
+
+def self_attention_specs(config: WanVideoConfig) -> tuple[SelfAttentionSpec, ...]:
+    """One spec per layer from the config (see ``WanVideoConfig``)."""
+    num_layers = config.arch_config.num_layers
+    if config.self_attention_backend in (None, "dense"):
+        return (SelfAttentionSpec(),) * num_layers
+    if config.self_attention_backend != "sliding_tile":
+        raise ValueError(f"self_attention_backend must be None, 'dense' or 'sliding_tile', "
+                         f"got {config.self_attention_backend!r}")
+    windows = config.sta_layer_windows
+    if windows is None:
+        windows = (config.sta_window if config.sta_window is not None else FULL_WINDOW,) * num_layers
+    if len(windows) != num_layers:
+        raise ValueError(f"sta_layer_windows has {len(windows)} entries for {num_layers} layers")
+    tile = tuple(config.sta_tile)
+    return tuple(SelfAttentionSpec() if w is None else SelfAttentionSpec(True, _freeze_window(w), tile) for w in windows)
+
+
+def _freeze_window(window) -> tuple:
+    return tuple(int(x) for x in window) if all(isinstance(x, int) for x in window) else tuple(
+        tuple(int(y) for y in w) for w in window
+    )
+
+
+def _segments(specs: tuple[SelfAttentionSpec, ...]) -> list[tuple[int, int, SelfAttentionSpec]]:
+    """Runs of consecutive layers that share a spec: each runs as one scan."""
+    out: list[tuple[int, int, SelfAttentionSpec]] = []
+    for i, spec in enumerate(specs):
+        if out and out[-1][2] == spec:
+            out[-1] = (out[-1][0], i + 1, spec)
+        else:
+            out.append((i, i + 1, spec))
+    return out
+
+
+def _slice_layers(blocks: nnx.Module, start: int, end: int) -> nnx.Module:
+    graphdef, state = nnx.split(blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[start:end], state))
 
 
 def _gelu_tanh(x):
@@ -98,26 +148,40 @@ class WanConditionEmbedder(nnx.Module):
         return temb, temb_proj, context, image_context
 
 
-class WanCrossAttention(nnx.Module):
-    def __init__(self, cfg: WanVideoArchConfig, param_dtype, rngs):
+class _QKNormProjections(nnx.Module):
+    """to_q / to_k / to_v / to_out with q and k RMS-normalised across heads (names as in the checkpoint)."""
+
+    def _init_projections(self, cfg: WanVideoArchConfig, param_dtype, rngs) -> None:
         dim, eps = cfg.hidden_size, cfg.eps
         self.num_heads = cfg.num_attention_heads
-        self.to_q = Linear(dim, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs)
-        self.to_k = Linear(dim, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs)
-        self.to_v = Linear(dim, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs)
-        self.to_out = Linear(dim, dim, axes=("heads", "embed"), param_dtype=param_dtype, rngs=rngs)
-        self.norm_q = RMSNorm(dim, eps, param_dtype=param_dtype, axis_name="heads", rngs=rngs)
-        self.norm_k = RMSNorm(dim, eps, param_dtype=param_dtype, axis_name="heads", rngs=rngs)
-        kv = cfg.added_kv_proj_dim
+
+        def linear(axes):
+            return Linear(dim, dim, axes=axes, param_dtype=param_dtype, rngs=rngs)
+
+        def norm():
+            return RMSNorm(dim, eps, param_dtype=param_dtype, axis_name="heads", rngs=rngs)
+
+        self.to_q, self.to_k, self.to_v = linear(("embed", "heads")), linear(("embed", "heads")), linear(("embed", "heads"))
+        self.to_out = linear(("heads", "embed"))
+        self.norm_q, self.norm_k = norm(), norm()
+
+    def _heads(self, x):  # (B, L, N*E) -> (B, L, N, E)
+        return rearrange(x, "b l (n e) -> b l n e", n=self.num_heads)
+
+    def _merge_heads_out(self, x):  # (B, L, N, E) -> (B, L, D)
+        return self.to_out(rearrange(x, "b l n e -> b l (n e)"))
+
+
+class WanCrossAttention(_QKNormProjections):
+    def __init__(self, cfg: WanVideoArchConfig, param_dtype, rngs):
+        self._init_projections(cfg, param_dtype, rngs)
+        dim, kv = cfg.hidden_size, cfg.added_kv_proj_dim
         has_image = kv is not None
         self.add_k_proj = Linear(kv, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs) if has_image else None
         self.add_v_proj = Linear(kv, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs) if has_image else None
         self.norm_added_k = (
-            RMSNorm(dim, eps, param_dtype=param_dtype, axis_name="heads", rngs=rngs) if has_image else None
+            RMSNorm(dim, cfg.eps, param_dtype=param_dtype, axis_name="heads", rngs=rngs) if has_image else None
         )
-
-    def _heads(self, x):
-        return rearrange(x, "b l (n e) -> b l n e", n=self.num_heads)
 
     def __call__(self, x, context, image_context, backend):  # x (B, L, D), context (B, Lt, D)
         q = self._heads(self.norm_q(self.to_q(x)))
@@ -128,7 +192,7 @@ class WanCrossAttention(nnx.Module):
             k_img = self._heads(self.norm_added_k(self.add_k_proj(image_context)))
             v_img = self._heads(self.add_v_proj(image_context))
             out = out + attention(q, k_img, v_img, backend=backend)
-        return self.to_out(rearrange(out, "b l n e -> b l (n e)"))
+        return self._merge_heads_out(out)
 
 
 class _ResidualNorm(nnx.Module):
@@ -136,19 +200,15 @@ class _ResidualNorm(nnx.Module):
         self.norm = LayerNorm(dim, eps, param_dtype=F32, rngs=rngs)
 
 
-class WanTransformerBlock(nnx.Module):
-    """adaLN-modulated self-attention (q/k RMS norm across heads, 3D RoPE), cross-attention and FFN."""
+class WanTransformerBlock(_QKNormProjections):
+    """adaLN-modulated self-attention (q/k RMS norm across heads, 3D RoPE), cross-attention and FFN.
+
+    The self-attention projections live on the block itself (FastVideo's layout: ``blocks.N.to_q``)."""
 
     def __init__(self, cfg: WanVideoArchConfig, param_dtype, attention_backend, rngs):
         dim, eps = cfg.hidden_size, cfg.eps
-        self.num_heads = cfg.num_attention_heads
+        self._init_projections(cfg, param_dtype, rngs)
         self.attention_backend = attention_backend
-        self.to_q = Linear(dim, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs)
-        self.to_k = Linear(dim, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs)
-        self.to_v = Linear(dim, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs)
-        self.to_out = Linear(dim, dim, axes=("heads", "embed"), param_dtype=param_dtype, rngs=rngs)
-        self.norm_q = RMSNorm(dim, eps, param_dtype=param_dtype, axis_name="heads", rngs=rngs)
-        self.norm_k = RMSNorm(dim, eps, param_dtype=param_dtype, axis_name="heads", rngs=rngs)
         self.attn2 = WanCrossAttention(cfg, param_dtype, rngs)
         self.self_attn_residual_norm = _ResidualNorm(dim, eps, rngs=rngs) if cfg.cross_attn_norm else None
         self.ffn = MLP(dim, cfg.ffn_dim, dim, _gelu_tanh, axes_in=("embed", "mlp"), axes_out=("mlp", "embed"),
@@ -158,22 +218,23 @@ class WanTransformerBlock(nnx.Module):
             rngs, nnx.initializers.normal(dim**-0.5), (1, 6, dim), F32, (None, None, "embed")
         )
 
-    def _self_attention(self, x, cos, sin):
-        def heads(t):
-            return rearrange(t, "b l (n e) -> b l n e", n=self.num_heads)
+    def _self_attention(self, x, cos, sin, spec: SelfAttentionSpec, grid):
+        q = apply_rope(self._heads(self.norm_q(self.to_q(x))), cos, sin)
+        k = apply_rope(self._heads(self.norm_k(self.to_k(x))), cos, sin)
+        v = self._heads(self.to_v(x))
+        if spec.sliding_tile:
+            out = sliding_tile_attention(q, k, v, grid=grid, window=spec.window, tile=spec.tile)
+        else:
+            out = attention(q, k, v, backend=self.attention_backend)
+        return self._merge_heads_out(out)
 
-        q = apply_rope(heads(self.norm_q(self.to_q(x))), cos, sin)
-        k = apply_rope(heads(self.norm_k(self.to_k(x))), cos, sin)
-        v = heads(self.to_v(x))
-        out = attention(q, k, v, backend=self.attention_backend)
-        return self.to_out(rearrange(out, "b l n e -> b l (n e)"))
-
-    def __call__(self, x, context, image_context, temb_proj, cos, sin):  # x (B, L, D), temb_proj (B, 6, D)
+    def __call__(self, x, context, image_context, temb_proj, cos, sin, spec=SelfAttentionSpec(), grid=None):
+        # x (B, L, D), temb_proj (B, 6, D); spec and grid (F', H', W') are static
         mod = self.scale_shift_table[...] + temb_proj.astype(F32)
         shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, i : i + 1] for i in range(6))
         dtype = x.dtype
         h = (self.norm(x.astype(F32)) * (1 + scale) + shift).astype(dtype)
-        x = (x.astype(F32) + self._self_attention(h, cos, sin) * gate).astype(dtype)
+        x = (x.astype(F32) + self._self_attention(h, cos, sin, spec, grid) * gate).astype(dtype)
         h = x if self.self_attn_residual_norm is None else self.self_attn_residual_norm.norm(x.astype(F32)).astype(dtype)
         x = x + self.attn2(h, context, image_context, self.attention_backend)
         h = (self.norm(x.astype(F32)) * (1 + c_scale) + c_shift).astype(dtype)
@@ -199,6 +260,7 @@ class WanTransformer3DModel(nnx.Module):
             return WanTransformerBlock(cfg, dtype, config.attention_backend, rngs)
 
         self.blocks = make_blocks(rngs)
+        self.self_attention_specs = self_attention_specs(config)
         self.norm_out = LayerNorm(dim, cfg.eps, affine=False, rngs=rngs)
         out = cfg.out_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
         self.proj_out = Linear(dim, out, axes=("embed", None), param_dtype=dtype, rngs=rngs)
@@ -231,11 +293,10 @@ class WanTransformer3DModel(nnx.Module):
         )
         temb_proj = rearrange(temb_proj, "b (six d) -> b six d", six=6)
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None, None, None), out_axes=nnx.Carry)
-        def run_blocks(x, block, context, image_context, temb_proj, cos, sin):
-            return block(x, context, image_context, temb_proj, cos, sin)
-
-        x = run_blocks(x, self.blocks, context, image_context, temb_proj, cos, sin)
+        for start, end, spec in _segments(self.self_attention_specs):
+            whole = (start, end) == (0, cfg.num_layers)
+            blocks = self.blocks if whole else _slice_layers(self.blocks, start, end)
+            x = _run_blocks(x, blocks, context, image_context, temb_proj, cos, sin, spec, grid)
         shift, scale = jnp.split(self.scale_shift_table[...] + temb.astype(F32)[:, None, :], 2, axis=1)
         x = (self.norm_out(x.astype(F32)) * (1 + scale) + shift).astype(x.dtype)
         x = self.proj_out(x)
@@ -243,6 +304,16 @@ class WanTransformer3DModel(nnx.Module):
             x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
             f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw,
         )
+
+
+def _run_blocks(x, blocks, context, image_context, temb_proj, cos, sin, spec, grid):
+    """The stacked blocks under one ``nnx.scan`` (compile time flat in depth)."""
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None, None, None), out_axes=nnx.Carry)
+    def run(x, block, context, image_context, temb_proj, cos, sin):
+        return block(x, context, image_context, temb_proj, cos, sin, spec, grid)
+
+    return run(x, blocks, context, image_context, temb_proj, cos, sin)
 
 
 class _PatchEmbedding(nnx.Module):

@@ -49,10 +49,11 @@ __all__ = [
 ]
 
 
-def read_config(component_dir: str | Path, filename: str = "config.json") -> dict[str, Any]:
+def read_config(component_dir: str | Path, filename: str = "config.json", missing: str | None = None) -> dict[str, Any]:
+    """A JSON object from ``component_dir/filename``; ``CheckpointError`` naming the file if absent or invalid."""
     path = Path(component_dir) / filename
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing (a component directory needs its {filename})")
+        raise CheckpointError(missing or f"{path}: missing (a component directory needs its {filename})")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -133,7 +134,7 @@ def _from_safetensors(component_dir: Path, model_config: ModelConfig, abstract: 
         leaf_specs(abstract),
         NameMapper(arch.param_names_mapping),
         scanned_prefixes=arch.scanned_prefixes,
-        ignored_patterns=getattr(arch, "ignored_param_patterns", ()),
+        ignored_patterns=arch.ignored_param_patterns,
         source_name=str(component_dir),
     )
     if plan.ignored:

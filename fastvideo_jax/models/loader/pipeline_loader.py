@@ -8,7 +8,6 @@ the registry and their ``from_config``.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -85,12 +84,7 @@ def resolve_model_path(path_or_repo_id: str | os.PathLike) -> Path:
 def read_model_index(root: str | Path) -> dict[str, tuple[str | None, str | None]]:
     """Component name -> (library, class name) from ``model_index.json``."""
     path = Path(root) / "model_index.json"
-    if not path.is_file():
-        raise CheckpointError(f"{root}: no model_index.json (is this a Diffusers pipeline directory?)")
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    index = read_config(root, "model_index.json", missing=f"{root}: no model_index.json (is this a Diffusers pipeline directory?)")
     out = {}
     for name, entry in index.items():
         if name in _INDEX_METADATA or name.startswith("_"):

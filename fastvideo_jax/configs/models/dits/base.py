@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from fastvideo_jax.configs.models.base import ArchConfig, ModelConfig, derived, internal
+from fastvideo_jax.configs.models.base import MappedArchConfig, ModelConfig, NameMapping, derived, internal
 
-# An ordered name mapping: (anchored regex, target). A target is a replacement string, or
-# (replacement, part_index, num_parts) when several checkpoint tensors merge into one parameter.
-NameMapping = tuple[tuple[str, "str | tuple[str, int, int]"], ...]
+__all__ = ["DiTArchConfig", "DiTConfig", "NameMapping"]
 
 
 @dataclasses.dataclass(frozen=True)
-class DiTArchConfig(ArchConfig):
+class DiTArchConfig(MappedArchConfig):
     """Fields shared by video DiTs. Name mappings are class data, never read from config.json."""
 
-    param_names_mapping: NameMapping = internal(())
-    reverse_param_names_mapping: NameMapping = internal(())
     lora_param_names_mapping: NameMapping = internal(())
-    # Prefixes whose numbered children are stacked into one scanned parameter tree ("blocks.N.*").
-    scanned_prefixes: tuple[str, ...] = internal(())
     exclude_lora_layers: tuple[str, ...] = internal(())
     boundary_ratio: float | None = internal(None)
     in_channels: int = 16

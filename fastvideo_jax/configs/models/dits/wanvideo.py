@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from types import MappingProxyType
+from typing import Any
 
 from fastvideo_jax.configs.models.base import derived, internal
 from fastvideo_jax.configs.models.dits.base import DiTArchConfig, DiTConfig, NameMapping
@@ -109,8 +110,17 @@ class WanVideoArchConfig(DiTArchConfig):
 
 @dataclasses.dataclass(frozen=True)
 class WanVideoConfig(DiTConfig):
+    """Wan DiT knobs. Self-attention is dense (``attention_backend``) unless ``self_attention_backend`` is
+    ``"sliding_tile"``: then sliding-tile attention with ``sta_tile`` tiles and, per layer, the window
+    ``sta_layer_windows[i]`` if given (a (wt, wh, ww) in tiles, one per head, or None = dense for that layer),
+    else ``sta_window`` for every layer (None = the full window)."""
+
     arch_config: WanVideoArchConfig = dataclasses.field(default_factory=WanVideoArchConfig)
     prefix: str = "Wan"
+    self_attention_backend: str | None = None
+    sta_tile: tuple[int, int, int] = (6, 8, 8)
+    sta_window: Any = None
+    sta_layer_windows: tuple | None = None
 
 
 # Presets as data: config.json contents. ``tiny`` builds in milliseconds (tests, CLI smoke runs, notebooks).

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from fastvideo_jax.configs.models.base import ArchConfig, ModelConfig, internal
-from fastvideo_jax.configs.models.dits.base import NameMapping
+from fastvideo_jax.configs.models.base import MappedArchConfig, ModelConfig, internal
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderArchConfig(ArchConfig):
+class EncoderArchConfig(MappedArchConfig):
     architectures: tuple[str, ...] = ()
-    param_names_mapping: NameMapping = internal(())
-    reverse_param_names_mapping: NameMapping = internal(())
-    scanned_prefixes: tuple[str, ...] = internal(())
-    ignored_param_patterns: tuple[str, ...] = internal(())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from fastvideo_jax.configs.models.base import ArchConfig, ModelConfig, internal
-from fastvideo_jax.configs.models.dits.base import NameMapping
+from fastvideo_jax.configs.models.base import MappedArchConfig, ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEArchConfig(ArchConfig):
+class VAEArchConfig(MappedArchConfig):
     scaling_factor: float = 1.0
     temporal_compression_ratio: int = 4
     spatial_compression_ratio: int = 8
-    param_names_mapping: NameMapping = internal(())
-    reverse_param_names_mapping: NameMapping = internal(())
-    scanned_prefixes: tuple[str, ...] = internal(())
-    ignored_param_patterns: tuple[str, ...] = internal(())
 
 
 @dataclasses.dataclass(frozen=True)

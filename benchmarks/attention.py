@@ -1,0 +1,211 @@
+"""Attention throughput per backend, and sliding-tile attention (STA) vs dense at the same shape.
+
+    python benchmarks/attention.py --preset wan1.3b-480p     # 32,760 tokens, 12 heads, head dim 128, bf16
+    python benchmarks/attention.py --preset wan14b-720p      # 75,600 tokens, 40 heads
+    python benchmarks/attention.py --preset tiny             # CPU: interpret-mode kernels, seconds
+
+Dense TFLOP/s = 4 * B * N * Lq * Lk * E / time (forward; x2.5 with --backward). STA rows report the time, the
+dense-equivalent TFLOP/s (the dense FLOPs at the unpadded length divided by the STA time, i.e. "how fast it
+looks") and the kernel TFLOP/s (FLOPs of the blocks it actually visits, padding included), plus the speed-up over
+the fastest dense backend. Timing: jitted, warm-up runs excluded, ``block_until_ready`` on every iteration,
+median reported. Backends the platform cannot run are listed as skipped with the reason (never silently
+replaced by the reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from fastvideo_jax.attention import (  # noqa: E402
+    AttentionBackend,
+    FULL_WINDOW,
+    MosaicConfig,
+    SplashConfig,
+    TritonConfig,
+    attention,
+    mosaic_config_scope,
+    sliding_tile_attention,
+    splash_config_scope,
+    triton_config_scope,
+)
+from fastvideo_jax.attention import api, sliding_tile  # noqa: E402
+from fastvideo_jax.attention.sliding_tile_mask import normalize_windows, sta_density  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    batch: int
+    grid: tuple[int, int, int]
+    heads: int
+    head_dim: int
+    dtype: str
+    tile: tuple[int, int, int]
+    windows: tuple[tuple[int, int, int], ...]
+    iters: int
+    warmup: int
+    cpu: bool = False
+
+    @property
+    def seq(self) -> int:
+        return math.prod(self.grid)
+
+
+PRESETS = {
+    # Wan2.1-1.3B, 480x832x81 frames: latent 21x60x104, patch (1, 2, 2) -> 21x30x52 = 32,760 tokens.
+    "wan1.3b-480p": Preset("wan1.3b-480p", 1, (21, 30, 52), 12, 128, "bfloat16", (6, 8, 8),
+                           ((3, 3, 3), (3, 3, 5), (4, 4, 7), FULL_WINDOW), iters=20, warmup=3),
+    # Wan2.1-14B, 720x1280x81 frames: 21x45x80 = 75,600 tokens, 40 heads.
+    "wan14b-720p": Preset("wan14b-720p", 1, (21, 45, 80), 40, 128, "bfloat16", (6, 8, 8),
+                          ((3, 3, 3), (3, 3, 5), (3, 6, 10), FULL_WINDOW), iters=10, warmup=2),
+    # CPU smoke run: Pallas kernels in interpret mode, so the numbers say nothing about accelerators.
+    "tiny": Preset("tiny", 1, (4, 8, 8), 2, 64, "float32", (2, 4, 4),
+                   ((1, 1, 1), (1, 3, 3), FULL_WINDOW), iters=2, warmup=1, cpu=True),
+}
+
+DENSE = (AttentionBackend.REFERENCE, AttentionBackend.CUDNN, AttentionBackend.SPLASH_TPU,
+         AttentionBackend.PALLAS_GPU_TRITON, AttentionBackend.PALLAS_GPU_MOSAIC)
+STA = (AttentionBackend.REFERENCE, AttentionBackend.SPLASH_TPU, AttentionBackend.PALLAS_GPU_TRITON)
+REFERENCE_MAX_BYTES = 8 << 30  # the dense reference materialises B x N x L x L fp32 logits
+
+
+def _time(fn, args, iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _scopes(preset: Preset):
+    """Interpret-mode configs on CPU (so the Pallas paths run at all)."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    if preset.cpu:
+        stack.enter_context(splash_config_scope(SplashConfig(block_q=128, block_kv=128, interpret=True)))
+        stack.enter_context(triton_config_scope(TritonConfig(block_q=32, block_k=32, block_q_bwd=16,
+                                                             block_k_bwd=16, interpret=True)))
+    else:
+        stack.enter_context(mosaic_config_scope(MosaicConfig()))
+    return stack
+
+
+def _reason(check, *args) -> str | None:
+    try:
+        return check(*args)
+    except Exception as e:  # a check must never abort the benchmark
+        return f"check failed: {e}"
+
+
+def run(preset: Preset, backward: bool, only: set[str] | None) -> list[dict]:
+    dtype = jnp.dtype(preset.dtype)
+    B, L, N, E = preset.batch, preset.seq, preset.heads, preset.head_dim
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(s, (B, L, N, E), jnp.float32).astype(dtype) for s in keys)
+    mult = 2.5 if backward else 1.0
+    dense_flops = 4.0 * B * N * L * L * E * mult
+    rows = []
+
+    def wrap(fn):
+        if not backward:
+            return jax.jit(fn)
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
+
+    with _scopes(preset):
+        for backend in DENSE:
+            if only and backend.value not in only:
+                continue
+            row = {"case": "dense", "backend": backend.value}
+            entry = api._BACKENDS.get(backend)
+            reason = _reason(entry.check, q, k, v, None) if entry else "not registered"
+            if reason is None and backend is AttentionBackend.REFERENCE and B * N * L * L * 4 > REFERENCE_MAX_BYTES:
+                reason = f"dense logits need {B * N * L * L * 4 / 2**30:.0f} GiB"
+            if reason is not None:
+                rows.append({**row, "skip": reason})
+                continue
+            fn = wrap(lambda q, k, v, b=backend: attention(q, k, v, backend=b))
+            t = _time(fn, (q, k, v), preset.iters, preset.warmup)
+            rows.append({**row, "ms": t * 1e3, "tflops": dense_flops / t / 1e12})
+
+        for window in preset.windows:
+            windows = normalize_windows(window, N)
+            label = "full" if window == FULL_WINDOW else "x".join(map(str, window))
+            for backend in STA:
+                if only and backend.value not in only:
+                    continue
+                row = {"case": f"sta {label}", "backend": backend.value}
+                chosen = sliding_tile.resolve_sta_backend(backend, q, k, v)
+                if chosen is not backend:
+                    rows.append({**row, "skip": "not available on this platform (see log)"})
+                    continue
+                geom = sliding_tile.sta_geometry(preset.grid, preset.tile, 0, backend)
+                if backend is AttentionBackend.REFERENCE and not preset.cpu and window == FULL_WINDOW:
+                    rows.append({**row, "skip": "full-window jnp reference is the dense reference"})
+                    continue
+                fn = wrap(lambda q, k, v, b=backend, w=windows: sliding_tile_attention(
+                    q, k, v, grid=preset.grid, tile=preset.tile, window=w, backend=b))
+                t = _time(fn, (q, k, v), preset.iters, preset.warmup)
+                density = sta_density(geom, windows)
+                kernel_flops = 4.0 * B * N * geom.padded_len ** 2 * E * density * mult
+                rows.append({**row, "ms": t * 1e3, "tflops": dense_flops / t / 1e12,
+                             "kernel_tflops": kernel_flops / t / 1e12, "density": density,
+                             "padded": geom.padded_len})
+    return rows
+
+
+def report(preset: Preset, rows: list[dict], backward: bool) -> None:
+    dense = [r for r in rows if r["case"] == "dense" and "ms" in r]
+    best = min(dense, key=lambda r: r["ms"]) if dense else None
+    print(f"\n== {preset.name}: B={preset.batch} grid={preset.grid} L={preset.seq} heads={preset.heads} "
+          f"head_dim={preset.head_dim} {preset.dtype} {'fwd+bwd' if backward else 'fwd'} on "
+          f"{jax.devices()[0].device_kind} (jax {jax.__version__}); STA tile {preset.tile}")
+    if preset.cpu:
+        print("   (CPU: Pallas kernels run in interpret mode; timings only prove the paths run)")
+    header = f"{'case':<14}{'backend':<20}{'ms':>10}{'TFLOP/s':>10}{'kern TF/s':>11}{'density':>9}{'vs best dense':>15}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if "skip" in r:
+            print(f"{r['case']:<14}{r['backend']:<20}  skipped: {r['skip']}")
+            continue
+        ratio = f"{best['ms'] / r['ms']:.2f}x" if best else "-"
+        kern = f"{r['kernel_tflops']:.2f}" if "kernel_tflops" in r else ""
+        dens = f"{r['density']:.3f}" if "density" in r else ""
+        print(f"{r['case']:<14}{r['backend']:<20}{r['ms']:>10.3f}{r['tflops']:>10.3f}{kern:>11}{dens:>9}{ratio:>15}")
+    if best:
+        print(f"best dense: {best['backend']} {best['ms']:.3f} ms; 'vs best dense' = best dense time / row time")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=[*PRESETS, "gpu", "all"])
+    p.add_argument("--backward", action="store_true", help="time forward + backward (jax.grad)")
+    p.add_argument("--backends", default="", help="comma-separated backend values to run (default: all)")
+    p.add_argument("--iters", type=int, default=None)
+    args = p.parse_args(argv)
+    names = {"all": list(PRESETS), "gpu": ["wan1.3b-480p", "wan14b-720p"]}.get(args.preset, [args.preset])
+    only = {b.strip() for b in args.backends.split(",") if b.strip()} or None
+    for name in names:
+        preset = PRESETS[name]
+        if args.iters:
+            preset = Preset(**{**preset.__dict__, "iters": args.iters})
+        report(preset, run(preset, args.backward, only), args.backward)
+
+
+if __name__ == "__main__":
+    main()
