@@ -23,6 +23,10 @@ from fastvideo_jax.utils.nnx_vars import var_value
 MARKER = "fastvideo_jax.json"
 PARAMS_DIR = "params"
 FORMAT = "fastvideo_jax-orbax-v1"
+# Restore in groups of parameters (each ~512 MiB) with bounded read concurrency: measured on a 2.65 GiB
+# Wan-1.3B checkpoint, peak host RSS fell from 1.7x to 1.3-1.45x the checkpoint (benchmarks/load.py).
+RESTORE_CONCURRENT_GB = 4
+RESTORE_GROUP_BYTES = 512 * 2**20
 
 __all__ = ["MARKER", "is_converted", "read_marker", "save_params", "restore_params"]
 
@@ -68,7 +72,9 @@ def restore_params(
         _key(path): jax.ShapeDtypeStruct(var_value(var).shape, var_value(var).dtype, sharding=shardings[path])
         for path, var in nnx.to_flat_state(abstract)
     }
-    with ocp.StandardCheckpointer() as ckptr:
+    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=RESTORE_CONCURRENT_GB)
+    restored: dict[str, jax.Array] = {}
+    with ocp.Checkpointer(handler) as ckptr:
         stored = ckptr.metadata(params_dir)
         stored = getattr(stored, "item_metadata", stored)
         stored = getattr(stored, "tree", stored)
@@ -76,12 +82,29 @@ def restore_params(
         if names is not None and names != set(targets):
             extra, missing = sorted(names - set(targets)), sorted(set(targets) - names)
             raise CheckpointError(f"{params_dir}: parameters do not match the model: unexpected {extra}, missing {missing}")
-        try:
-            restored = ckptr.restore(params_dir, targets)
-        except Exception as e:  # orbax raises many types; name the directory
-            raise CheckpointError(f"{params_dir}: cannot restore ({type(e).__name__}: {e})") from e
+        # Restored in groups of about RESTORE_GROUP_BYTES, so the host never holds more than one group's
+        # reads in flight on top of what the devices already hold.
+        for group in _groups(targets, RESTORE_GROUP_BYTES):
+            args = ocp.args.PyTreeRestore(item=group, restore_args=ocp.checkpoint_utils.construct_restore_args(group),
+                                          partial_restore=True)
+            try:
+                restored.update(ckptr.restore(params_dir, args=args))
+            except Exception as e:  # orbax raises many types; name the directory
+                raise CheckpointError(f"{params_dir}: cannot restore ({type(e).__name__}: {e})") from e
     by_key = {_key(path): path for path, _ in nnx.to_flat_state(abstract)}
     return {by_key[k]: v for k, v in restored.items()}
+
+
+def _groups(targets: dict[str, jax.ShapeDtypeStruct], max_bytes: int) -> list[dict[str, jax.ShapeDtypeStruct]]:
+    groups, current, size = [], {}, 0
+    for key, t in targets.items():
+        nbytes = int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize
+        if current and size + nbytes > max_bytes:
+            groups.append(current)
+            current, size = {}, 0
+        current[key] = t
+        size += nbytes
+    return groups + ([current] if current else [])
 
 
 def host_params(state: nnx.State) -> dict[tuple, np.ndarray]:
