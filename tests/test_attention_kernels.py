@@ -39,11 +39,10 @@ from fastvideo_jax.attention import (
     sta_reference_dense,
     triton_config_scope,
 )
-from fastvideo_jax.attention import api, pallas_gpu, sliding_tile, splash_tpu
+from fastvideo_jax.attention import api, block_sparse_gpu, pallas_gpu, sliding_tile, splash_tpu
 from fastvideo_jax.attention.sliding_tile_mask import (
     TileGeometry,
     _window_1d,
-    make_splash_sta_mask,
     slot_valid,
     sta_block_mask,
     sta_block_tables,
@@ -51,6 +50,7 @@ from fastvideo_jax.attention.sliding_tile_mask import (
     unit_mask,
     window_tiles,
 )
+from fastvideo_jax.attention.sliding_tile_splash_mask import make_splash_sta_mask
 
 SPLASH_CPU = SplashConfig(block_q=256, block_kv=256, interpret=True)
 TRITON_CPU = TritonConfig(interpret=True)
@@ -257,7 +257,7 @@ def test_impossible_configs_raise_clear_errors():
     with pytest.raises(ValueError, match="multiple of 64"):
         MosaicConfig(block_q=32)
     with pytest.raises(ValueError, match="multiples of blocks"):
-        pallas_gpu.block_sparse_attention(q, k, v, None, sta_block_tables(
+        block_sparse_gpu.block_sparse_attention(q, k, v, None, sta_block_tables(
             TileGeometry((1, 8, 8), (1, 4, 4), 0, 16), ((1, 1, 1),), 16, 16), config=TRITON_CPU)
     with pytest.raises(ValueError, match="T\\*H\\*W"):
         sliding_tile_attention(q, k, v, grid=(2, 10, 11), window=(1, 1, 1))

@@ -1,11 +1,6 @@
 from fastvideo_jax.attention.api import AttentionBackend, attention, default_backend, register_backend, resolve_backend
-from fastvideo_jax.attention.pallas_gpu import (
-    MosaicConfig,
-    TritonConfig,
-    block_sparse_attention,
-    mosaic_config_scope,
-    triton_config_scope,
-)
+from fastvideo_jax.attention.block_sparse_gpu import block_sparse_attention
+from fastvideo_jax.attention.pallas_gpu import MosaicConfig, TritonConfig, mosaic_config_scope, triton_config_scope
 from fastvideo_jax.attention.reference import reference_attention
 from fastvideo_jax.attention.sliding_tile import (
     FULL_WINDOW,
@@ -13,7 +8,8 @@ from fastvideo_jax.attention.sliding_tile import (
     sliding_tile_attention,
     sta_reference_dense,
 )
-from fastvideo_jax.attention.sliding_tile_mask import MaskStrategy, TileGeometry, load_mask_strategy
+from fastvideo_jax.attention.sliding_tile_mask import TileGeometry
+from fastvideo_jax.attention.sliding_tile_strategy import MaskStrategy, load_mask_strategy
 from fastvideo_jax.attention.splash_tpu import SplashConfig
 from fastvideo_jax.attention.splash_tpu import config_scope as splash_config_scope
 

@@ -33,22 +33,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastvideo_jax.attention import pallas_gpu, splash_tpu
+from fastvideo_jax.attention import block_sparse_gpu, pallas_gpu, splash_tpu
 from fastvideo_jax.attention.api import AttentionBackend
 from fastvideo_jax.attention.sliding_tile_mask import (
     DEFAULT_TILE,
     Int3,
-    MaskStrategy,
     TileGeometry,
     dense_token_mask,
-    load_mask_strategy,
-    make_splash_sta_mask,
     normalize_windows,
     slot_valid,
     sta_block_tables,
     sta_density,
     tile_permutation,
 )
+from fastvideo_jax.attention.sliding_tile_splash_mask import make_splash_sta_mask
+from fastvideo_jax.attention.sliding_tile_strategy import MaskStrategy, load_mask_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +252,7 @@ def _splash_sta(qt, kt, vt, valid, geom, windows, scale, config, mesh, head_axis
 def _triton_sta(qt, kt, vt, valid, geom, windows, scale, config):
     config = config or pallas_gpu.current_triton_config()
     tables = sta_block_tables(geom, windows, config.block_q, config.block_k, prune_padding=True)
-    return pallas_gpu.block_sparse_attention(qt, kt, vt, valid, tables, scale=scale, config=config)
+    return block_sparse_gpu.block_sparse_attention(qt, kt, vt, valid, tables, scale=scale, config=config)
 
 
 # ----------------------------------------------------------------------------------------------------------

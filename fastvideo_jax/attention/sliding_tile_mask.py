@@ -19,19 +19,15 @@ iff ``|c - j| <= w // 2``. Windows are therefore clamped at the borders (every q
 of key tiles) and an even ``w`` covers ``w + 1`` tiles (``2 * (w // 2) + 1``), as in FastVideo; ``w >= n`` is the
 full extent. Video queries also attend to every valid text token; text queries attend to every valid token.
 
-Mask strategy JSON (FastVideo ``FASTVIDEO_ATTENTION_CONFIG``)
-------------------------------------------------------------
-``{"<step>_<layer>_<head>": [wt, wh, ww], ...}``: one window (in tiles) per denoising step index, layer and head.
-:func:`load_mask_strategy` reads it into a :class:`MaskStrategy`.
+The FastVideo mask-strategy JSON (per step/layer/head windows) is read by ``sliding_tile_strategy``; the lazy
+splash (TPU) mask is built by ``sliding_tile_splash_mask``.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -354,127 +350,3 @@ def dense_block_tables(num_q_blocks: int, num_kv_blocks: int, block_q: int, bloc
 @functools.lru_cache(maxsize=64)
 def _dense_tables(nq, nk, bq, bk, pad_pow2):
     return tables_from_block_mask(np.ones((1, nq, nk), dtype=bool), bq, bk, pad_pow2)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Splash (TPU) mask: computed per block from the unit mask, never a dense token mask
-# ----------------------------------------------------------------------------------------------------------
-
-
-def make_splash_sta_mask(geom: TileGeometry, window: Int3):
-    """A splash ``Mask`` (lazy, hashable) for one head: STA at unit level, sliced per kernel block.
-
-    Splash reduces masks to block-level ``MaskInfo`` by slicing them block by block; uniform blocks return
-    shared constant arrays, so processing a 90k-token mask costs O(blocks), not O(tokens^2) memory.
-    """
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sam
-
-    return _make_splash_mask_class(sam.Mask)(geom, window)
-
-
-@functools.lru_cache(maxsize=1)
-def _make_splash_mask_class(base):
-    class StaSplashMask(base):
-        def __init__(self, geom: TileGeometry, window: Int3):
-            self.geom = geom
-            self.window = tuple(window)
-            self.units = unit_mask(geom, self.window)
-
-        @property
-        def shape(self):
-            return (self.geom.padded_len, self.geom.padded_len)
-
-        def __getitem__(self, idx):
-            if not isinstance(idx, tuple) or len(idx) != 2:
-                raise NotImplementedError(f"unsupported slice {idx}")
-            qs, ks = (_fill(s, n) for s, n in zip(idx, self.shape))
-            uq0, uq1 = token_units(self.geom, np.array([qs.start, qs.stop - 1]))
-            uk0, uk1 = token_units(self.geom, np.array([ks.start, ks.stop - 1]))
-            shape = (qs.stop - qs.start, ks.stop - ks.start)
-            if uq0 == uq1 and uk0 == uk1:
-                return _constant_block(shape, bool(self.units[uq0, uk0]))
-            uq = token_units(self.geom, np.arange(qs.start, qs.stop))
-            uk = token_units(self.geom, np.arange(ks.start, ks.stop))
-            return self.units[np.ix_(uq, uk)]
-
-        def __eq__(self, other):
-            return isinstance(other, StaSplashMask) and (self.geom, self.window) == (other.geom, other.window)
-
-        def __hash__(self):
-            return hash((StaSplashMask, self.geom, self.window))
-
-    return StaSplashMask
-
-
-def _fill(s, n: int) -> slice:
-    if not isinstance(s, slice) or s.step not in (None, 1):
-        raise NotImplementedError(f"unsupported index {s}")
-    start = 0 if s.start is None else s.start
-    stop = n if s.stop is None else s.stop
-    return slice(start, stop)
-
-
-@functools.lru_cache(maxsize=32)
-def _constant_block(shape: tuple[int, int], value: bool) -> np.ndarray:
-    a = np.full(shape, value, dtype=bool)  # contiguous: any()/all() are vectorised (broadcast views are ~25x slower)
-    a.setflags(write=False)
-    return a
-
-
-# ----------------------------------------------------------------------------------------------------------
-# FastVideo mask strategy JSON
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MaskStrategy:
-    """Windows per (denoising step, layer, head), as in FastVideo's STA mask-strategy JSON."""
-
-    table: Mapping[tuple[int, int, int], Int3]
-
-    @property
-    def num_steps(self) -> int:
-        return 1 + max(k[0] for k in self.table)
-
-    @property
-    def num_layers(self) -> int:
-        return 1 + max(k[1] for k in self.table)
-
-    @property
-    def num_heads(self) -> int:
-        return 1 + max(k[2] for k in self.table)
-
-    def windows(self, step: int, layer: int, num_heads: int | None = None) -> tuple[Int3, ...]:
-        """Per-head windows for one step and layer (a tuple, hashable: pass it as ``window=``)."""
-        n = self.num_heads if num_heads is None else num_heads
-        missing = [h for h in range(n) if (step, layer, h) not in self.table]
-        if missing:
-            raise KeyError(f"mask strategy has no window for step {step}, layer {layer}, heads {missing[:8]}")
-        return tuple(self.table[(step, layer, h)] for h in range(n))
-
-    def layer_windows(self, step: int, num_layers: int | None = None, num_heads: int | None = None):
-        """Per-layer per-head windows for one step: tuple (num_layers) of tuples (num_heads)."""
-        L = self.num_layers if num_layers is None else num_layers
-        return tuple(self.windows(step, layer, num_heads) for layer in range(L))
-
-
-def load_mask_strategy(source: str | os.PathLike | Mapping) -> MaskStrategy:
-    """Read FastVideo's ``{"step_layer_head": [wt, wh, ww]}`` JSON (path, JSON text or dict)."""
-    if isinstance(source, Mapping):
-        raw = source
-    else:
-        text = str(source)
-        if text.lstrip().startswith("{"):
-            raw = json.loads(text)
-        else:
-            with open(source) as f:
-                raw = json.load(f)
-    table = {}
-    for key, value in raw.items():
-        parts = str(key).split("_")
-        if len(parts) != 3:
-            raise ValueError(f"mask strategy key {key!r} is not 'step_layer_head'")
-        table[tuple(int(p) for p in parts)] = _int3(f"window for {key}", value)
-    if not table:
-        raise ValueError("empty mask strategy")
-    return MaskStrategy(table)
