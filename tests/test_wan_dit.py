@@ -226,3 +226,24 @@ def test_input_validation(t2v_fp32):
         t2v_fp32(jnp.zeros((1, 16, 2, 5, 4)), jnp.zeros((1,)), jnp.zeros((1, 3, 32)))
     with pytest.raises(ValueError, match="16 channels"):
         t2v_fp32(jnp.zeros((1, 8, 2, 4, 4)), jnp.zeros((1,)), jnp.zeros((1, 3, 32)))
+
+
+def test_loads_from_sharded_index_checkpoint(t2v, t2v_fp32, tmp_path):
+    """A checkpoint split over several files with a ``*.safetensors.index.json`` loads like the single file."""
+    from flax import nnx
+
+    src = SafetensorsCheckpoint.from_dir(t2v[0])
+    d = tmp_path / "sharded"
+    d.mkdir()
+    (d / "config.json").write_bytes((t2v[0] / "config.json").read_bytes())
+    keys = sorted(src)
+    halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in halves.items():
+        save_safetensors(d / name, {k: np.array(src.array(k)) for k in part})
+    weight_map = {k: name for name, part in halves.items() for k in part}
+    (d / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    model = TransformerLoader().load(d, precision="fp32")
+    ours = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    ref = dict(nnx.to_flat_state(nnx.state(t2v_fp32, nnx.Param)))
+    assert ours.keys() == ref.keys()
+    assert all(np.array_equal(np.asarray(ours[p][...]), np.asarray(ref[p][...])) for p in ref)

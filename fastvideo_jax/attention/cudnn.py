@@ -25,6 +25,7 @@ def cudnn_attention(
     kv_mask: jax.Array | None = None,  # (B, Lk) bool; must be a prefix mask (valid tokens first)
     scale: float | None = None,
     pad_multiple: int = PAD_MULTIPLE,
+    implementation: str = "cudnn",  # "xla" runs the same padding/masking path on any platform (tests)
 ) -> jax.Array:
     B, Lq = q.shape[:2]
     Lk = k.shape[1]
@@ -37,6 +38,6 @@ def cudnn_attention(
     out = jax.nn.dot_product_attention(
         qp, kp, vp, scale=scale,
         key_value_seq_lengths=kv_len if padded else None,
-        implementation="cudnn",
+        implementation=implementation,
     )
     return out[:, :Lq]

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from fastvideo_jax.configs.pipelines.base import PipelineConfig
 from fastvideo_jax.configs.pipelines.registry import get_model_defaults
 from fastvideo_jax.configs.sample import SamplingParam
+from fastvideo_jax.models.loader.component_loader import read_config
 from fastvideo_jax.models.loader.pipeline_loader import load_components, read_model_index, resolve_model_path
 from fastvideo_jax.pipelines.wan import WanT2VPipeline
 from fastvideo_jax.testing.tiny_pipeline import TINY_WAN_ID, ensure_tiny_wan
@@ -41,10 +42,7 @@ class VideoGenerator:
         path = ensure_tiny_wan() if str(model) == TINY_WAN_ID else resolve_model_path(model)
         config = (pipeline_config or defaults_config).replace(**overrides)
         index = read_model_index(path)
-        with open(path / "model_index.json") as f:
-            import json
-
-            pipeline_class = json.load(f).get("_class_name")
+        pipeline_class = read_config(path, "model_index.json").get("_class_name")
         if pipeline_class not in _SUPPORTED:
             raise ValueError(f"{path}: pipeline {pipeline_class!r} is not supported yet (supported: {sorted(_SUPPORTED)})")
         needed = ["transformer", "text_encoder", "tokenizer", "vae", "scheduler"]
