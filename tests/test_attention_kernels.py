@@ -39,7 +39,7 @@ from fastvideo_jax.attention import (
     sta_reference_dense,
     triton_config_scope,
 )
-from fastvideo_jax.attention import api, block_sparse_gpu, pallas_gpu, sliding_tile, splash_tpu
+from fastvideo_jax.attention import _common, block_sparse_gpu, pallas_gpu, sliding_tile, splash_tpu
 from fastvideo_jax.attention.sliding_tile_mask import (
     TileGeometry,
     _window_1d,
@@ -197,8 +197,7 @@ def test_splash_heads_sharded_over_two_devices():
 
 
 def _fresh_warnings():
-    api._warn_once.cache_clear()
-    sliding_tile._warn_once.cache_clear()
+    _common.warn_once.cache_clear()
 
 
 @pytest.mark.parametrize("backend", [AttentionBackend.SPLASH_TPU, AttentionBackend.PALLAS_GPU_TRITON,

@@ -6,13 +6,14 @@ constants, and small padding / power-of-two helpers.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fastvideo_jax.attention._common import ScopedValue
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 LOG2E = math.log2(math.e)
@@ -68,18 +69,7 @@ class TritonConfig:
         return max(self.block_q, self.block_k)
 
 
-_TRITON_CONFIG = [TritonConfig()]
-
-
-def current_triton_config() -> TritonConfig:
-    return _TRITON_CONFIG[-1]
-
-
-@contextlib.contextmanager
-def triton_config_scope(config: TritonConfig):
-    """Config used by the registered PALLAS_GPU_TRITON backend (e.g. ``interpret=True`` in CPU tests)."""
-    _TRITON_CONFIG.append(config)
-    try:
-        yield config
-    finally:
-        _TRITON_CONFIG.pop()
+_TRITON_CONFIG = ScopedValue(TritonConfig())
+current_triton_config = _TRITON_CONFIG.current
+# Config used by the registered PALLAS_GPU_TRITON backend (e.g. ``interpret=True`` in CPU tests).
+triton_config_scope = _TRITON_CONFIG.scope

@@ -9,8 +9,6 @@ on GPU, sliding-tile) register themselves with ``register_backend`` and need no 
 from __future__ import annotations
 
 import enum
-import functools
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,10 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from fastvideo_jax.attention import pallas_gpu, splash_tpu
+from fastvideo_jax.attention._common import platform, warn_once
 from fastvideo_jax.attention.cudnn import cudnn_attention
 from fastvideo_jax.attention.reference import reference_attention
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["AttentionBackend", "attention", "register_backend", "resolve_backend", "default_backend"]
 
@@ -63,13 +61,9 @@ def register_backend(backend: AttentionBackend, fn: Callable[..., jax.Array], ch
     _BACKENDS[backend] = _Backend(fn, check)
 
 
-def _platform() -> str:
-    return jax.devices()[0].platform
-
-
 def _check_cudnn(q, k, v, kv_mask) -> str | None:
-    if _platform() != "gpu":
-        return f"needs a GPU (platform is {_platform()})"
+    if platform() != "gpu":
+        return f"needs a GPU (platform is {platform()})"
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"needs bf16/fp16 inputs (got {q.dtype})"
     if q.shape[-1] > 256 or q.shape[-1] % 8:
@@ -89,19 +83,12 @@ register_backend(AttentionBackend.PALLAS_GPU_MOSAIC, pallas_gpu.mosaic_attention
 register_backend(AttentionBackend.SLIDING_TILE, reference_attention, _check_sliding_tile)
 
 
+_PLATFORM_DEFAULTS = {"gpu": AttentionBackend.CUDNN, "tpu": AttentionBackend.SPLASH_TPU}
+
+
 def default_backend() -> AttentionBackend:
     """The platform's best dense backend: cuDNN on GPU, splash on TPU, the reference elsewhere."""
-    platform = _platform()
-    if platform == "gpu":
-        return AttentionBackend.CUDNN
-    if platform == "tpu":
-        return AttentionBackend.SPLASH_TPU
-    return AttentionBackend.REFERENCE
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    logger.warning(message)
+    return _PLATFORM_DEFAULTS.get(platform(), AttentionBackend.REFERENCE)
 
 
 def resolve_backend(requested, q, k, v, kv_mask=None) -> AttentionBackend:
@@ -111,7 +98,7 @@ def resolve_backend(requested, q, k, v, kv_mask=None) -> AttentionBackend:
     reason = "not available in this build" if entry is None else entry.check(q, k, v, kv_mask)
     if reason is None:
         return backend
-    _warn_once(f"attention backend {backend.value} cannot run this call ({reason}); falling back to reference")
+    warn_once(f"attention backend {backend.value} cannot run this call ({reason}); falling back to reference")
     return AttentionBackend.REFERENCE
 
 

@@ -23,7 +23,6 @@ in ``block_sparse_gpu``; ``TritonConfig`` and its scope live in ``_gpu_common`` 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -31,6 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from fastvideo_jax.attention._common import ScopedValue, platform
 from fastvideo_jax.attention._gpu_common import (
     LOG2E,
     TritonConfig,
@@ -47,10 +47,6 @@ __all__ = [
 ]
 
 FP16_MAX = 65504.0
-
-
-def _platform() -> str:
-    return jax.devices()[0].platform
 
 
 # ==========================================================================================================
@@ -92,20 +88,9 @@ class MosaicConfig:
         return math.lcm(self.block_kv, self.block_kv_dkv, self.block_kv_dq)
 
 
-_MOSAIC_CONFIG = [MosaicConfig()]
-
-
-def current_mosaic_config() -> MosaicConfig:
-    return _MOSAIC_CONFIG[-1]
-
-
-@contextlib.contextmanager
-def mosaic_config_scope(config: MosaicConfig):
-    _MOSAIC_CONFIG.append(config)
-    try:
-        yield config
-    finally:
-        _MOSAIC_CONFIG.pop()
+_MOSAIC_CONFIG = ScopedValue(MosaicConfig())
+current_mosaic_config = _MOSAIC_CONFIG.current
+mosaic_config_scope = _MOSAIC_CONFIG.scope
 
 
 # ==========================================================================================================
@@ -115,8 +100,8 @@ def mosaic_config_scope(config: MosaicConfig):
 
 def check_triton(q, k, v, kv_mask=None, config: TritonConfig | None = None) -> str | None:
     config = config or current_triton_config()
-    if not config.interpret and _platform() != "gpu":
-        return f"needs a GPU or interpret=True (platform is {_platform()})"
+    if not config.interpret and platform() != "gpu":
+        return f"needs a GPU or interpret=True (platform is {platform()})"
     if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         return f"dtype {q.dtype} unsupported"
     if q.shape[-1] > 256:
@@ -140,8 +125,8 @@ def _mgpu_module():
 def check_mosaic(q, k, v, kv_mask=None, config: MosaicConfig | None = None) -> str | None:
     config = config or current_mosaic_config()
     if not config.emulate:
-        if _platform() != "gpu":
-            return f"needs an sm90 GPU (platform is {_platform()})"
+        if platform() != "gpu":
+            return f"needs an sm90 GPU (platform is {platform()})"
         cc = _compute_capability()
         if cc is not None and str(cc) != "9.0":
             return f"needs compute capability 9.0 (Hopper wgmma), device has {cc}"

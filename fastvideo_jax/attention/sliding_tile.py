@@ -25,14 +25,13 @@ The oracle for tests is :func:`sta_reference_dense` (dense softmax under the tok
 
 from __future__ import annotations
 
-import functools
-import logging
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastvideo_jax.attention._common import platform, warn_once
 from fastvideo_jax.attention import block_sparse_gpu, pallas_gpu, splash_tpu
 from fastvideo_jax.attention.api import AttentionBackend
 from fastvideo_jax.attention.sliding_tile_mask import (
@@ -49,7 +48,6 @@ from fastvideo_jax.attention.sliding_tile_mask import (
 from fastvideo_jax.attention.sliding_tile_splash_mask import make_splash_sta_mask
 from fastvideo_jax.attention.sliding_tile_strategy import MaskStrategy, load_mask_strategy
 
-logger = logging.getLogger(__name__)
 
 # A window this large covers every tile along every dimension (FastVideo: w >= tiles -> full extent).
 FULL_WINDOW: Int3 = (1 << 20, 1 << 20, 1 << 20)
@@ -127,22 +125,11 @@ def sta_geometry(grid, tile=DEFAULT_TILE, text_len: int = 0, backend: AttentionB
 _STA_IMPLS = (AttentionBackend.REFERENCE, AttentionBackend.SPLASH_TPU, AttentionBackend.PALLAS_GPU_TRITON)
 
 
-def _platform() -> str:
-    return jax.devices()[0].platform
+_STA_PLATFORM_DEFAULTS = {"tpu": AttentionBackend.SPLASH_TPU, "gpu": AttentionBackend.PALLAS_GPU_TRITON}
 
 
 def _default_sta_backend() -> AttentionBackend:
-    p = _platform()
-    if p == "tpu":
-        return AttentionBackend.SPLASH_TPU
-    if p == "gpu":
-        return AttentionBackend.PALLAS_GPU_TRITON
-    return AttentionBackend.REFERENCE
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    logger.warning(message)
+    return _STA_PLATFORM_DEFAULTS.get(platform(), AttentionBackend.REFERENCE)
 
 
 def _check(backend: AttentionBackend, q, k, v, splash_config, triton_config) -> str | None:
@@ -150,8 +137,8 @@ def _check(backend: AttentionBackend, q, k, v, splash_config, triton_config) -> 
         return None
     if backend is AttentionBackend.SPLASH_TPU:
         cfg = splash_config or splash_tpu.current_config()
-        if not cfg.interpret and _platform() != "tpu":
-            return f"needs a TPU or interpret=True (platform is {_platform()})"
+        if not cfg.interpret and platform() != "tpu":
+            return f"needs a TPU or interpret=True (platform is {platform()})"
         if q.dtype not in (jnp.float32, jnp.bfloat16):
             return f"needs fp32/bf16 inputs (got {q.dtype})"
         if q.shape[-1] > cfg.max_head_dim or q.shape[-1] % splash_tpu.SUBLANES:
@@ -170,7 +157,7 @@ def resolve_sta_backend(requested, q, k=None, v=None, *, splash_config=None, tri
     reason = _check(backend, q, k, v, splash_config, triton_config)
     if reason is None:
         return backend
-    _warn_once(f"sliding-tile attention on {backend.value} cannot run this call ({reason}); falling back to reference")
+    warn_once(f"sliding-tile attention on {backend.value} cannot run this call ({reason}); falling back to reference")
     return AttentionBackend.REFERENCE
 
 

@@ -24,14 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from fastvideo_jax.attention._common import platform
 from fastvideo_jax.attention.sliding_tile_mask import round_up
 
 NUM_LANES = 128
 SUBLANES = 8
-
-
-def _platform() -> str:
-    return jax.devices()[0].platform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +161,8 @@ def config_scope(config: SplashConfig, mesh=None, head_axis: str = "tensor", bat
 
 def check_splash(q, k, v, kv_mask=None, config: SplashConfig | None = None) -> str | None:
     config = config or current_config()
-    if not config.interpret and _platform() != "tpu":
-        return f"needs a TPU or interpret=True (platform is {_platform()})"
+    if not config.interpret and platform() != "tpu":
+        return f"needs a TPU or interpret=True (platform is {platform()})"
     if q.dtype not in (jnp.float32, jnp.bfloat16):
         return f"needs fp32/bf16 inputs (got {q.dtype})"
     try:
