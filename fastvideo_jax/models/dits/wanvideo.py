@@ -19,6 +19,7 @@ from flax import nnx
 from fastvideo_jax.attention import FULL_WINDOW, attention, sliding_tile_attention
 from fastvideo_jax.configs.models.dits.wanvideo import WanVideoArchConfig, WanVideoConfig
 from fastvideo_jax.dtypes import to_dtype
+from fastvideo_jax.models.layers.activations import gelu_exact, gelu_tanh
 from fastvideo_jax.models.layers.embeddings import apply_rope, rope_3d_tables, timestep_embedding
 from fastvideo_jax.models.layers.linear import Linear, PatchEmbed3D, make_param
 from fastvideo_jax.models.layers.norms import LayerNorm, RMSNorm
@@ -74,14 +75,6 @@ def _slice_layers(blocks: nnx.Module, start: int, end: int) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[start:end], state))
 
 
-def _gelu_tanh(x):
-    return jax.nn.gelu(x, approximate=True)
-
-
-def _gelu_exact(x):
-    return jax.nn.gelu(x, approximate=False)
-
-
 class MLP(nnx.Module):
     """fc_in -> activation -> fc_out."""
 
@@ -108,7 +101,7 @@ class _TimeModulation(nnx.Module):
 class WanImageEmbedding(nnx.Module):
     def __init__(self, in_features, dim, pos_embed_seq_len, *, param_dtype, rngs):
         self.norm1 = LayerNorm(in_features, 1e-5, param_dtype=F32, rngs=rngs)
-        self.ff = MLP(in_features, in_features, dim, _gelu_exact, axes_in=(None, "mlp"), axes_out=("mlp", "embed"),
+        self.ff = MLP(in_features, in_features, dim, gelu_exact, axes_in=(None, "mlp"), axes_out=("mlp", "embed"),
                       param_dtype=param_dtype, rngs=rngs)
         self.norm2 = LayerNorm(dim, 1e-5, param_dtype=F32, rngs=rngs)
         self.pos_embed = (
@@ -131,7 +124,7 @@ class WanConditionEmbedder(nnx.Module):
         self.freq_dim = cfg.freq_dim
         self.time_embedder = _TimeEmbedder(cfg.freq_dim, dim, rngs=rngs)
         self.time_modulation = _TimeModulation(dim, param_dtype=param_dtype, rngs=rngs)
-        self.text_embedder = MLP(cfg.text_dim, dim, dim, _gelu_tanh, axes_in=(None, "mlp"), axes_out=("mlp", "embed"),
+        self.text_embedder = MLP(cfg.text_dim, dim, dim, gelu_tanh, axes_in=(None, "mlp"), axes_out=("mlp", "embed"),
                                  param_dtype=param_dtype, rngs=rngs)
         self.image_embedder = (
             None
@@ -211,7 +204,7 @@ class WanTransformerBlock(_QKNormProjections):
         self.attention_backend = attention_backend
         self.attn2 = WanCrossAttention(cfg, param_dtype, rngs)
         self.self_attn_residual_norm = _ResidualNorm(dim, eps, rngs=rngs) if cfg.cross_attn_norm else None
-        self.ffn = MLP(dim, cfg.ffn_dim, dim, _gelu_tanh, axes_in=("embed", "mlp"), axes_out=("mlp", "embed"),
+        self.ffn = MLP(dim, cfg.ffn_dim, dim, gelu_tanh, axes_in=("embed", "mlp"), axes_out=("mlp", "embed"),
                        param_dtype=param_dtype, rngs=rngs)
         self.norm = LayerNorm(dim, eps, affine=False, rngs=rngs)  # norm1 and norm3: no parameters
         self.scale_shift_table = make_param(

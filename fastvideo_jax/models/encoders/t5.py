@@ -23,14 +23,15 @@ from flax import nnx
 
 from fastvideo_jax.configs.models.encoders.t5 import T5ArchConfig, T5EncoderConfig, UMT5EncoderConfig
 from fastvideo_jax.dtypes import to_dtype
+from fastvideo_jax.models.layers.activations import gelu_exact, gelu_tanh
 from fastvideo_jax.models.layers.linear import Linear, make_param
 
 F32 = jnp.float32
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu": gelu_exact,
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
 }
