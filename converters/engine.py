@@ -130,9 +130,16 @@ def build_plan(
     scanned_prefixes: Iterable[str] = (),
     ignored_patterns: Iterable[str] = (),
     source_name: str = "checkpoint",
+    tied_names: Iterable[str] = (),
 ) -> ConversionPlan:
-    """Map every checkpoint tensor onto the abstract parameters, or raise one error listing all problems."""
+    """Map every checkpoint tensor onto the abstract parameters, or raise one error listing all problems.
+
+    ``tied_names``: checkpoint names that are tied copies of another tensor (e.g. T5's
+    ``encoder.embed_tokens.weight`` of ``shared.weight``): alone they fill their parameter; next to the
+    tensor they copy they are dropped, as PyTorch's weight tying does.
+    """
     scanned_prefixes = tuple(scanned_prefixes)
+    tied_names = frozenset(tied_names)
     ignored_res = [re.compile(p) for p in ignored_patterns]
     index = _index_abstract(abstract)
     leaves = {path: LeafPlan(path, spec) for path, spec in abstract.items()}
@@ -152,7 +159,14 @@ def build_plan(
             unknown.append(f"{key} (layer index does not fit parameter {'.'.join(map(str, path))} {plan.spec.shape})")
             continue
         row = plan.rows.setdefault(layer, [])
-        if any(s.part == mapped.part for s in row):
+        clash = next((s for s in row if s.part == mapped.part), None)
+        if clash is not None and clash.key in tied_names and key not in tied_names:
+            row.remove(clash)  # the tied copy came first (sorted order): keep the tensor it copies
+            ignored.append(clash.key)
+        elif clash is not None and key in tied_names:
+            ignored.append(key)
+            continue
+        elif clash is not None:
             duplicates.append(f"{key} (a second tensor for {'.'.join(map(str, path))}, layer {layer})")
             continue
         row.append(_Source(key, mapped.part, mapped.num_parts))

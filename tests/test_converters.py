@@ -122,3 +122,18 @@ def test_lora_mapping_chains_into_param_mapping():
     assert chain("blocks.4.self_attn.o.lora_A.weight").name == "blocks.4.to_out.lora_A.weight"
     assert chain("blocks.4.cross_attn.k.lora_B.weight").name == "blocks.4.attn2.to_k.lora_B.weight"
     assert chain("blocks.0.ffn.0.lora_A.weight").name == "blocks.0.ffn.fc_in.lora_A.weight"
+
+
+def test_tied_copy_dropped_only_next_to_its_tensor():
+    t = _checkpoint(np.random.default_rng(3))
+    mapping = MAPPING + [(r"^a_embed_alias\.(.*)$", r"embed.\1")]
+    shapes = {k: v.shape for k, v in t.items()}
+    both = build_plan({**shapes, "a_embed_alias.weight": (10, 4)}, _abstract(), NameMapper(mapping), ["blocks"],
+                      tied_names=["a_embed_alias.weight"])
+    assert both.ignored == ["a_embed_alias.weight"]
+    assert [s.key for s in both.leaves[("embed", "embedding")].rows[None]] == ["embed.weight"]
+    alone = {("a_embed_alias.weight" if k == "embed.weight" else k): v for k, v in shapes.items()}
+    plan = build_plan(alone, _abstract(), NameMapper(mapping), ["blocks"], tied_names=["a_embed_alias.weight"])
+    assert [s.key for s in plan.leaves[("embed", "embedding")].rows[None]] == ["a_embed_alias.weight"]
+    with pytest.raises(ConversionError, match="duplicate"):
+        build_plan({**shapes, "a_embed_alias.weight": (10, 4)}, _abstract(), NameMapper(mapping), ["blocks"])

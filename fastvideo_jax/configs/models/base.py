@@ -122,6 +122,8 @@ class MappedArchConfig(ArchConfig):
     scanned_prefixes: tuple[str, ...] = internal(())
     # Checkpoint tensors consumed and dropped by name (e.g. ones the original also ignores on load).
     ignored_param_patterns: tuple[str, ...] = internal(())
+    # Checkpoint names that are tied copies of another tensor: dropped when that tensor is present too.
+    tied_param_names: tuple[str, ...] = internal(())
 
 
 @dataclasses.dataclass(frozen=True)

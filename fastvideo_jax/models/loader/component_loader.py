@@ -136,6 +136,7 @@ def _from_safetensors(component_dir: Path, model_config: ModelConfig, abstract: 
         scanned_prefixes=arch.scanned_prefixes,
         ignored_patterns=arch.ignored_param_patterns,
         source_name=str(component_dir),
+        tied_names=arch.tied_param_names,
     )
     if plan.ignored:
         logger.info("%s: dropped %d tensors by ignore pattern: %s", component_dir, len(plan.ignored), plan.ignored[:5])

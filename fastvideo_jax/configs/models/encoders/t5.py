@@ -18,7 +18,8 @@ from fastvideo_jax.configs.models.encoders.base import EncoderConfig, TextEncode
 _BIAS0 = r"^encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.(.*)$"
 
 # The embedding is tied: Transformers saves it once, as ``shared.weight``. A checkpoint that names it
-# ``encoder.embed_tokens.weight`` instead loads too; one holding both names is refused as a duplicate.
+# ``encoder.embed_tokens.weight`` instead loads too; one holding both keeps ``shared.weight`` and drops the
+# tied copy, as Transformers' weight tying does (``tied_param_names``).
 _EMBED_ALIAS = (r"^encoder\.embed_tokens\.(.*)$", r"shared.\1")
 
 # Transformers name -> our module name. Block attributes carry the checkpoint's names (``layer.0.SelfAttention``,
@@ -73,6 +74,7 @@ class T5ArchConfig(TextEncoderArchConfig):
 
     param_names_mapping: NameMapping = internal(T5_PARAM_NAMES_MAPPING)
     reverse_param_names_mapping: NameMapping = internal(T5_REVERSE_PARAM_NAMES_MAPPING)
+    tied_param_names: tuple[str, ...] = internal(("encoder.embed_tokens.weight",))
     scanned_prefixes: tuple[str, ...] = internal(("encoder.block",))
 
     hidden_size: int = derived(0)
