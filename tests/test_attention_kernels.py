@@ -1,5 +1,7 @@
-"""Attention kernels on CPU: Pallas interpret mode (splash, Triton mha, our block-sparse kernel), the Mosaic-GPU
-wrapper on an emulated kernel, sliding-tile attention against a dense oracle, and the dispatch fallbacks.
+"""Attention kernels: the one shared suite. On CPU the Pallas kernels run in interpret mode (splash, Triton mha,
+our block-sparse kernel) and the Mosaic-GPU wrapper runs an emulated kernel; on a GPU the Triton kernels (and
+on Hopper the Mosaic kernel) run for real, on a TPU splash does. Also sliding-tile attention against a dense
+oracle, and the dispatch fallbacks.
 
 Tolerances are relative to max|reference| and scaled by the dtype's machine epsilon:
 * fp32: 64 eps. Kernels and reference compute the same sums in fp32 in a different order (online softmax,
@@ -52,12 +54,15 @@ from fastvideo_jax.attention.sliding_tile_mask import (
 )
 from fastvideo_jax.attention.sliding_tile_splash_mask import make_splash_sta_mask
 
-SPLASH_CPU = SplashConfig(block_q=256, block_kv=256, interpret=True)
-TRITON_CPU = TritonConfig(interpret=True)
+PLATFORM = jax.devices()[0].platform
+ON_HOPPER = PLATFORM == "gpu" and str(getattr(jax.devices()[0], "compute_capability", "")) == "9.0"
+# Real kernels where the hardware exists, interpret mode / emulation elsewhere.
+SPLASH_CPU = SplashConfig(block_q=256, block_kv=256, interpret=PLATFORM != "tpu")
+TRITON_CPU = TritonConfig(interpret=PLATFORM != "gpu")
 # 16-token blocks: tile slots (32 tokens for 2x4x4 tiles) span two blocks, so ragged grids produce
 # padding-only blocks that the block tables prune.
-TRITON_STA_CPU = TritonConfig(block_q=16, block_k=16, interpret=True)
-MOSAIC_EMULATED = MosaicConfig(emulate=True)
+TRITON_STA_CPU = TritonConfig(block_q=16, block_k=16, interpret=PLATFORM != "gpu")
+MOSAIC_EMULATED = MosaicConfig(emulate=not ON_HOPPER)
 
 TOL_EPS = {jnp.float32: 64.0, jnp.bfloat16: 4.0, jnp.float16: 4.0}
 
@@ -374,7 +379,7 @@ def test_sta_gradients_bf16(backend):
     q, k, v, ct, tm = _sta_inputs(grid, text_len, True, 2, seed=7, dtype=jnp.bfloat16)
     kw = dict(grid=grid, tile=tile, window=windows, text_len=text_len, text_mask=tm)
 
-    extra = {"triton_config": TritonConfig(block_q=32, block_k=32, interpret=True)}  # 32-token bwd blocks
+    extra = {"triton_config": TritonConfig(block_q=32, block_k=32, interpret=PLATFORM != "gpu")}  # 32-token bwd blocks
     if backend is AttentionBackend.SPLASH_TPU:
         extra = STA_BACKENDS[backend]
     with splash_config_scope(SplashConfig(interpret=True)):
