@@ -114,6 +114,7 @@ def test_cli_writes_playable_mp4(tmp_path, monkeypatch):
         (["--width", "100"], "multiples of 16"),
         (["--num-frames", "8"], "1 \\+ 4k"),
         (["--num-inference-steps", "0"], "at least 1"),
+        (["--seed", "-3"], "seed must be"),
     ],
 )
 def test_bad_sampling_input_fails_before_loading(tmp_path, flags, message):

@@ -47,5 +47,7 @@ class SamplingParam:
             raise ValueError(f"num_videos_per_prompt must be at least 1, got {self.num_videos_per_prompt}")
         if self.fps < 1:
             raise ValueError(f"fps must be positive, got {self.fps}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if not self.prompt:
             raise ValueError("a prompt is required")
