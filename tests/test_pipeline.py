@@ -146,3 +146,19 @@ def test_unsupported_pipeline_class(diffusers_pipe, tmp_path):
     (root / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="HunyuanVideoPipeline"):
         VideoGenerator.from_pretrained(root)
+
+
+def test_compilation_cache_switch(monkeypatch, tmp_path):
+    import jax
+
+    from fastvideo_jax.utils.compile_cache import enable_persistent_cache
+
+    monkeypatch.setenv("FASTVIDEO_JAX_COMPILATION_CACHE", "0")
+    assert enable_persistent_cache(tmp_path / "xla") is None and not (tmp_path / "xla").exists()
+    monkeypatch.setenv("FASTVIDEO_JAX_COMPILATION_CACHE", "")
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+    try:
+        assert enable_persistent_cache(tmp_path / "xla") == tmp_path / "mine"  # a user's setting wins
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old)

@@ -20,7 +20,8 @@ from fastvideo_jax.configs.sample import SamplingParam
 from fastvideo_jax.models.loader.component_loader import read_config
 from fastvideo_jax.models.loader.pipeline_loader import load_components, read_model_index, resolve_model_path
 from fastvideo_jax.pipelines.wan import WanT2VPipeline
-from fastvideo_jax.testing.tiny_pipeline import TINY_WAN_ID, ensure_tiny_wan
+from fastvideo_jax.testing.tiny_pipeline import TINY_WAN_ID, cache_dir, ensure_tiny_wan
+from fastvideo_jax.utils.compile_cache import enable_persistent_cache
 from fastvideo_jax.utils.video import write_mp4
 
 _SUPPORTED = {"WanPipeline"}
@@ -37,7 +38,9 @@ class VideoGenerator:
                         pipeline_config: PipelineConfig | None = None, **overrides: Any) -> "VideoGenerator":
         """Load a pipeline from a local directory, a Hugging Face repo id (via the hub cache) or ``"tiny-wan"``
         (random weights, for smoke tests). ``overrides`` replace PipelineConfig fields (``flow_shift``,
-        ``dit_precision``, ``vae_decode_precision``, ``text_len``, ...)."""
+        ``dit_precision``, ``vae_decode_precision``, ``text_len``, ...). Turns on JAX's persistent
+        compilation cache (``FASTVIDEO_JAX_COMPILATION_CACHE``: a directory, or 0 for off)."""
+        enable_persistent_cache(cache_dir() / "xla")
         defaults_config, sampling = get_model_defaults(model)
         path = ensure_tiny_wan() if str(model) == TINY_WAN_ID else resolve_model_path(model)
         config = (pipeline_config or defaults_config).replace(**overrides)
