@@ -29,7 +29,13 @@ def _write_model(name: str, src: Path, dst: Path, to: str, dtype: str | None) ->
     from fastvideo_jax.models.loader.pipeline_loader import MODEL_LOADERS
     from fastvideo_jax.models.loader.safetensors_io import save_safetensors
 
-    model = MODEL_LOADERS[name]().load(src, precision=dtype or _source_precision(src))
+    import jax
+
+    from fastvideo_jax.parallel.mesh import make_mesh
+
+    # Conversion is host work: load onto the CPU so a model larger than one accelerator's memory converts.
+    host = make_mesh(devices=jax.devices("cpu")[:1])
+    model = MODEL_LOADERS[name]().load(src, precision=dtype or _source_precision(src), mesh=host)
     dst.mkdir(parents=True)
     shutil.copy2(src / "config.json", dst / "config.json")
     if to == "orbax":
