@@ -85,3 +85,17 @@ def test_cudnn_padding_and_masking_path(lq, lk, masked):
     assert ours.shape == ref.shape
     err = float(jnp.abs(ours - ref).max())
     assert err < 1e-5, f"max-abs {err:.3e}"
+
+
+def test_unrequested_backend_takes_the_platforms_first_capable(monkeypatch, caplog):
+    """With no backend asked for, the platform's candidates are tried in order without a warning (here the
+    GPU list on CPU: cuDNN cannot run, the Triton kernel in interpret mode can)."""
+    from fastvideo_jax.attention import TritonConfig, api, triton_config_scope
+
+    monkeypatch.setattr(api, "_PLATFORM_DEFAULTS", {"cpu": (AttentionBackend.CUDNN, AttentionBackend.PALLAS_GPU_TRITON)})
+    q, k, v = _qkv(7)
+    with caplog.at_level(logging.WARNING), triton_config_scope(TritonConfig(interpret=True)):
+        assert resolve_backend(None, q, k, v) is AttentionBackend.PALLAS_GPU_TRITON
+    assert "falling back" not in caplog.text
+    with triton_config_scope(TritonConfig(interpret=False)):
+        assert resolve_backend(None, q, k, v) is AttentionBackend.REFERENCE

@@ -68,6 +68,8 @@ def _check_cudnn(q, k, v, kv_mask) -> str | None:
         return f"needs bf16/fp16 inputs (got {q.dtype})"
     if q.shape[-1] > 256 or q.shape[-1] % 8:
         return f"head dim {q.shape[-1]} unsupported (multiple of 8, at most 256)"
+    if kv_mask is not None:
+        return "arbitrary key masks unsupported (cuDNN masks by sequence length only)"
     return None
 
 
@@ -83,17 +85,31 @@ register_backend(AttentionBackend.PALLAS_GPU_MOSAIC, pallas_gpu.mosaic_attention
 register_backend(AttentionBackend.SLIDING_TILE, reference_attention, _check_sliding_tile)
 
 
-_PLATFORM_DEFAULTS = {"gpu": AttentionBackend.CUDNN, "tpu": AttentionBackend.SPLASH_TPU}
+# Per platform, the dense backends to try in order when none is requested (e.g. fp32 on a GPU, which cuDNN
+# refuses, runs on the Pallas flash kernel instead of materialising the logits).
+_PLATFORM_DEFAULTS = {
+    "gpu": (AttentionBackend.CUDNN, AttentionBackend.PALLAS_GPU_TRITON),
+    "tpu": (AttentionBackend.SPLASH_TPU,),
+}
 
 
 def default_backend() -> AttentionBackend:
     """The platform's best dense backend: cuDNN on GPU, splash on TPU, the reference elsewhere."""
-    return _PLATFORM_DEFAULTS.get(platform(), AttentionBackend.REFERENCE)
+    return _PLATFORM_DEFAULTS.get(platform(), (AttentionBackend.REFERENCE,))[0]
+
+
+def _reason(backend: AttentionBackend, q, k, v, kv_mask) -> str | None:
+    entry = _BACKENDS.get(backend)
+    return "not available in this build" if entry is None else entry.check(q, k, v, kv_mask)
 
 
 def resolve_backend(requested, q, k, v, kv_mask=None) -> AttentionBackend:
-    """The backend that will run this call: the requested one if capable, else the reference (logged)."""
-    backend = AttentionBackend.parse(requested) or default_backend()
+    """The backend that will run this call. Requested: that one if capable, else the reference (logged).
+    Not requested: the platform's first capable backend, else the reference."""
+    backend = AttentionBackend.parse(requested)
+    if backend is None:
+        candidates = _PLATFORM_DEFAULTS.get(platform(), ())
+        return next((b for b in candidates if _reason(b, q, k, v, kv_mask) is None), AttentionBackend.REFERENCE)
     entry = _BACKENDS.get(backend)
     reason = "not available in this build" if entry is None else entry.check(q, k, v, kv_mask)
     if reason is None:
