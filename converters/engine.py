@@ -74,16 +74,18 @@ class ConversionPlan:
     leaves: dict[Path, LeafPlan]
     ignored: list[str]
 
-    def leaf_array(self, path: Path, read: Callable[[str], np.ndarray]) -> np.ndarray:
-        """The host array of one parameter, built row by row into a buffer of the target dtype."""
+    def leaf_array(self, path: Path, read: Callable[[str], np.ndarray], index: tuple[slice, ...] | None = None
+                   ) -> np.ndarray:
+        """One parameter (or the block ``index`` of it, one slice per axis) as a host array in the target dtype,
+        filled one source row at a time so the cast happens in the same copy."""
         plan = self.leaves[path]
-        out = np.empty(plan.spec.shape, dtype=plan.spec.dtype)
+        index = index or tuple(slice(0, n) for n in plan.spec.shape)
+        out = np.empty([s.stop - s.start for s in index], dtype=plan.spec.dtype)
         for layer, sources in plan.rows.items():
-            row = assemble_row(sources, plan.leaf, read)
             if layer is None:
-                out[...] = row
-            else:
-                out[layer] = row
+                out[...] = assemble_row(sources, plan.leaf, read)[index]
+            elif index[0].start <= layer < index[0].stop:
+                out[layer - index[0].start] = assemble_row(sources, plan.leaf, read)[index[1:]]
         return out
 
     def materialize(self, read: Callable[[str], np.ndarray]) -> dict[Path, np.ndarray]:

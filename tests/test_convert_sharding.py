@@ -15,7 +15,7 @@ from flax import nnx
 import converters.cli as conv_cli
 from fastvideo_jax.entrypoints.cli import main as cli_main
 from fastvideo_jax.models.loader.component_loader import TransformerLoader, export_component
-from fastvideo_jax.models.loader.orbax_io import host_params
+from fastvideo_jax.utils.nnx_vars import host_params
 from fastvideo_jax.models.loader.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from fastvideo_jax.parallel.mesh import MeshConfig, make_mesh
 from fastvideo_jax.testing.tiny_pipeline import write_tiny_wan_pipeline

@@ -67,8 +67,7 @@ class VideoGenerator:
                        progress: bool = True, **overrides: Any) -> dict[str, Any]:
         """Generate one request. Returns ``frames`` (F, H, W, 3) uint8 (or (B, F, H, W, 3) when
         ``num_videos_per_prompt`` > 1), ``latents``, ``timings`` and, when ``output_path`` is given, ``path``."""
-        param = self.sampling_param(prompt=prompt, **overrides)
-        param.validate()
+        param = self.sampling_param(prompt=prompt, **overrides)  # the pipeline validates it before any work
         start = time.perf_counter()
         out = self.pipeline(param, latents=latents, progress=progress)
         frames = out["frames"]

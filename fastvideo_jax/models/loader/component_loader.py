@@ -31,7 +31,7 @@ from fastvideo_jax.models.loader.placement import place_leaf
 from fastvideo_jax.models.loader.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from fastvideo_jax.models.registry import ModelRegistry, class_names_from_config
 from fastvideo_jax.parallel.mesh import make_mesh
-from fastvideo_jax.utils.nnx_vars import var_axes, var_value
+from fastvideo_jax.utils.nnx_vars import host_params, var_axes, var_value
 from fastvideo_jax.parallel.rules import DIT_RULES, TEXT_ENCODER_RULES, VAE_RULES, Rules, named_sharding
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def _from_safetensors(component_dir: Path, model_config: ModelConfig, abstract: 
 def export_component(model: nnx.Module) -> dict[str, np.ndarray]:
     """A loaded model's parameters under checkpoint names, PyTorch layout (through the reverse mapping)."""
     arch = model.config.arch_config
-    params = {path: np.asarray(jax.device_get(var[...])) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    params = host_params(nnx.state(model, nnx.Param))
     return export_params(params, NameMapper(arch.reverse_param_names_mapping), arch.scanned_prefixes)
 
 

@@ -105,7 +105,3 @@ def _groups(targets: dict[str, jax.ShapeDtypeStruct], max_bytes: int) -> list[di
         current[key] = t
         size += nbytes
     return groups + ([current] if current else [])
-
-
-def host_params(state: nnx.State) -> dict[tuple, np.ndarray]:
-    return {path: np.asarray(jax.device_get(var[...])) for path, var in nnx.to_flat_state(state)}

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from converters.engine import ConversionPlan, LeafPlan, assemble_row
+from converters.engine import ConversionPlan
 
 __all__ = ["place_leaf", "shard_slices"]
 
@@ -43,22 +43,10 @@ def place_leaf(
     plan: ConversionPlan, path: tuple, sharding: NamedSharding, read: Callable[[str], np.ndarray]
 ) -> jax.Array:
     """Build one parameter's shards from the checkpoint and assemble the global array on the mesh."""
-    leaf: LeafPlan = plan.leaves[path]
-    shape = leaf.spec.shape
+    shape = plan.leaves[path].spec.shape
     arrays = []
     for key, devices in shard_slices(shape, sharding).items():
-        host = _build_shard(leaf, _as_slices(key), read)
+        host = plan.leaf_array(path, read, _as_slices(key))
         arrays.extend(jax.device_put(host, device) for device in devices)
         del host  # the device holds its copy; keep at most one shard on the host
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
-
-
-def _build_shard(leaf: LeafPlan, sl: tuple[slice, ...], read: Callable[[str], np.ndarray]) -> np.ndarray:
-    """One shard in the target dtype, filled one source row at a time (cast in the same copy)."""
-    buf = np.empty([s.stop - s.start for s in sl], dtype=leaf.spec.dtype)
-    for layer, sources in leaf.rows.items():
-        if layer is None:
-            buf[...] = assemble_row(sources, leaf.leaf, read)[sl]
-        elif sl[0].start <= layer < sl[0].stop:
-            buf[layer - sl[0].start] = assemble_row(sources, leaf.leaf, read)[sl[1:]]
-    return buf
