@@ -59,7 +59,7 @@ def child(path: str, mesh: str) -> None:
 
 def run_case(path: Path, mesh: str) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={mesh}",
-               PYTHONPATH=str(ROOT))
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     out = subprocess.run([sys.executable, __file__, "--child", str(path), mesh], env=env, capture_output=True,
                          text=True, check=False)
     if out.returncode:
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     if args.child:
         return child(*args.child)
 
-    from converters.cli import convert
+    from fastvideo_jax.entrypoints.convert_cli import convert
     from fastvideo_jax.models.loader.safetensors_io import SafetensorsCheckpoint
 
     work = Path(args.workdir) / args.preset

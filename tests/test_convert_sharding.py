@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import converters.cli as conv_cli
+import fastvideo_jax.entrypoints.convert_cli as conv_cli
 from fastvideo_jax.entrypoints.cli import main as cli_main
 from fastvideo_jax.models.loader.component_loader import TransformerLoader, export_component
 from fastvideo_jax.utils.nnx_vars import host_params

@@ -11,6 +11,8 @@ import importlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from fastvideo_jax.errors import UserError
+
 __all__ = [
     "ModelRegistry",
     "UnknownModelError",
@@ -49,7 +51,7 @@ _FAST_VIDEO_MODELS = {
 }
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError):
     """A class name the registry does not know; the message lists what is registered."""
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from fastvideo_jax.errors import CheckpointError  # re-exported: loaders raise it naming the file
+
 __all__ = [
     "CheckpointError",
     "TensorInfo",
@@ -46,8 +48,6 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file or directory that cannot be read as asked; the message names the file."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,23 @@
+"""Errors a user can act on: bad input, bad checkpoint, bad path, bad flag.
+
+Raise ``UserError`` (or a subclass) with one line that names the key, file, shape or flag at fault. The
+``fastvideo-jax`` command prints such an error as ``error: <message>`` and exits 2, without a traceback
+(``--debug`` or ``FASTVIDEO_JAX_DEBUG=1`` shows it). Anything else is a bug and keeps its traceback.
+``UserError`` subclasses ``ValueError`` so callers that caught ``ValueError`` keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = ["UserError", "CheckpointError", "OutputPathError"]
+
+
+class UserError(ValueError):
+    """Bad input the user can fix; the message is one line that says what and where."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used as it is: a missing file or folder, an unknown class, a bad tensor."""
+
+
+class OutputPathError(UserError):
+    """An output path that cannot be written (a directory, a missing parent, no space, read-only...)."""
