@@ -204,7 +204,20 @@ def main(argv=None) -> None:
         preset = PRESETS[name]
         if args.iters:
             preset = Preset(**{**preset.__dict__, "iters": args.iters})
-        report(preset, run(preset, args.backward, only), args.backward)
+        rows = run(preset, args.backward, only)
+        report(preset, rows, args.backward)
+        _record(preset, rows, args.backward)
+
+
+def _record(preset: Preset, rows: list[dict], backward: bool) -> None:
+    from _results import record
+
+    for r in rows:
+        if "ms" in r:
+            record(f"attention {preset.name} {'fwd+bwd' if backward else 'fwd'} (L={preset.seq}, "
+                   f"heads={preset.heads}, head_dim={preset.head_dim}, {preset.dtype})", r["case"],
+                   backend=r["backend"], ours_ms=r["ms"], tflops=r["tflops"],
+                   **({"kernel_tflops": r["kernel_tflops"], "density": r["density"]} if "density" in r else {}))
 
 
 if __name__ == "__main__":

@@ -134,7 +134,15 @@ def main(argv=None):
     print(f"ours (jax)         : {tj * 1e3:9.2f} ms/forward, compile {compile_s:.1f} s, peak {gib(peak_j)}")
     for name, sec, peak in rows:
         print(f"{name:19s}: {sec * 1e3:9.2f} ms/forward, peak {gib(peak)}  -> speedup {sec / tj:.2f}x")
-    print(f"max |ours - diffusers| = {np.abs(out_j - out_t).max():.3e} (output max {np.abs(out_t).max():.2f})")
+    err = float(np.abs(out_j - out_t).max())
+    print(f"max |ours - diffusers| = {err:.3e} (output max {np.abs(out_t).max():.2f})")
+    from _results import record
+
+    for name, sec, peak in rows:
+        record(f"DiT forward {args.preset} ({dtype}, latents {shape}, {text_len} text tokens)", name,
+               ours_ms=tj * 1e3, peer_ms=sec * 1e3, speedup=sec / tj, ours_compile_s=compile_s,
+               ours_peak_gib=None if peak_j is None else peak_j / 2**30,
+               peer_peak_gib=None if peak is None else peak / 2**30, max_abs_diff=err)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,12 @@ def main(argv=None) -> None:
     ratio_mem = "n/a" if not (ours["peak"] and ref["peak"]) else f"{ours['peak'] / ref['peak']:.2f}x"
     print(f"speedup (diffusers / ours) {ref['sec'] / ours['sec']:.2f}x, peak memory (ours / diffusers) {ratio_mem}")
     print(f"max |ours - diffusers| = {diff:.3e}")
+    from _results import record
+
+    record(f"VAE decode {args.preset} ({args.dtype}, latents {shape}, tiled={args.tiled})", "diffusers",
+           ours_ms=ours["sec"] * 1e3, peer_ms=ref["sec"] * 1e3, speedup=ref["sec"] / ours["sec"],
+           ours_compile_s=compile_s, ours_peak_gib=(ours["peak"] or 0) / 2**30,
+           peer_peak_gib=(ref["peak"] or 0) / 2**30, max_abs_diff=float(diff))
 
 
 if __name__ == "__main__":
