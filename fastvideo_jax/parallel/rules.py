@@ -2,7 +2,8 @@
 
 Every parameter carries logical axis names (``out_sharding`` metadata). A rules table maps each name to a mesh
 axis (or None = replicated). A dimension that the mesh axis does not divide, or a mesh axis already used by
-an earlier dimension of the same parameter, stays replicated.
+an earlier dimension of the same parameter, stays replicated. A name mapped to several mesh axes takes the
+longest leading run of them whose product divides the dimension (a batch of 2 on data=2, fsdp=2 goes on data).
 """
 
 from __future__ import annotations
@@ -28,6 +29,21 @@ DIT_RULES: Rules = MappingProxyType(
     }
 )
 
+# Activations (DiT, text encoder, pipeline inputs): the batch (cond/uncond, videos per prompt) over data, then
+# fsdp where the batch still divides; video tokens over sequence; heads and the MLP hidden dim over tensor.
+# The model dim of activations stays whole (FSDP shards weights, not activations).
+ACTIVATION_RULES: Rules = MappingProxyType(
+    {
+        "batch": ("data", "fsdp"),
+        "length": "sequence",
+        "text_length": None,
+        "heads": "tensor",
+        "mlp": "tensor",
+        "embed": None,
+        "head_dim": None,
+    }
+)
+
 # Text encoders (UMT5/T5): same vocabulary.
 TEXT_ENCODER_RULES: Rules = DIT_RULES
 
@@ -46,10 +62,14 @@ def logical_to_spec(
         target = rules.get(name) if name is not None else None
         names = (target,) if isinstance(target, str) else tuple(target or ())
         names = tuple(n for n in names if n not in used and mesh.shape.get(n, 1) > 1)
-        width = 1
+        width, kept = 1, []
         for n in names:
+            if size % (width * mesh.shape[n]):
+                break
             width *= mesh.shape[n]
-        if not names or size % width:
+            kept.append(n)
+        names = tuple(kept)
+        if not names:
             out.append(None)
             continue
         used.update(names)

@@ -1,0 +1,129 @@
+"""Ulysses sequence parallelism and per-shard attention under ``shard_map``.
+
+Video tokens are split over the ``sequence`` mesh axis. For self-attention, an all-to-all turns the
+sequence-sharded q/k/v (B, L/sp, N, E) into head-sharded full sequences (B, L, N/sp, E); each device runs the
+ordinary attention kernel on its heads, and a second all-to-all brings the output back to sequence shards.
+Cross-attention to the (replicated) text runs locally on each token shard. Either way the kernel only sees
+per-device arrays: no kernel is ever called on a global array that GSPMD would have to gather.
+
+Token counts that ``sequence`` does not divide are padded (``pad_length``) and the padded keys are masked.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from fastvideo_jax.errors import UserError
+from fastvideo_jax.parallel.activations import active_mesh, axis_size, spec_for
+
+__all__ = ["SEQUENCE_AXIS", "check_heads", "local_attention", "pad_length", "shard_map", "ulysses_attention"]
+
+SEQUENCE_AXIS = "sequence"
+HEAD_AXIS = "tensor"
+
+Attend = Callable[..., jax.Array]  # (q, k, v, kv_mask) -> out, all (B, L, N, E) per device
+
+
+def shard_map(f, *, mesh, in_specs, out_specs):
+    """``jax.shard_map`` (jax >= 0.7) or ``jax.experimental.shard_map.shard_map``, replication checks off."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map as legacy  # pragma: no cover (jax < 0.7)
+
+    return legacy(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def pad_length(length: int, mesh=None) -> int:
+    """``length`` rounded up to a multiple of the sequence-parallel degree."""
+    sp = axis_size(SEQUENCE_AXIS, mesh)
+    return -(-length // sp) * sp
+
+
+def check_heads(num_heads: int, mesh=None) -> None:
+    """Heads must split evenly over tensor x sequence (Ulysses gives each device N / (tp * sp) heads)."""
+    sp, tp = axis_size(SEQUENCE_AXIS, mesh), axis_size(HEAD_AXIS, mesh)
+    if num_heads % (sp * tp):
+        what = f"sequence={sp}" if tp == 1 else f"tensor={tp} x sequence={sp} = {tp * sp}"
+        raise UserError(f"{num_heads} attention heads do not divide over mesh {what}; "
+                        f"choose a sequence size that divides {num_heads}")
+
+
+def _specs(mesh, batch: int, num_heads: int):
+    """(batch axes, head axis) of q/k/v (B, L, N, E) on ``mesh``: the same as the activation rules give."""
+    spec = spec_for(("batch", "length", "heads", "head_dim"), (batch, 1 << 30, num_heads, 1), mesh)
+    return spec[0], spec[2]
+
+
+def ulysses_attention(q, k, v, attend: Attend, kv_mask: jax.Array | None = None) -> jax.Array:
+    """Self-attention over sequence-sharded q/k/v (B, L, N, E) with ``attend`` run per device on N/sp heads.
+
+    ``kv_mask`` (B, L) bool marks real keys (False for padding). ``L`` must be a multiple of sp (``pad_length``).
+    Without a mesh in scope this is ``attend(q, k, v, kv_mask)``."""
+    mesh = active_mesh()
+    if mesh is None:
+        return attend(q, k, v, kv_mask)
+    B, L, N, _ = q.shape
+    sp = axis_size(SEQUENCE_AXIS, mesh)
+    check_heads(N, mesh)
+    if L % sp:
+        raise ValueError(f"ulysses_attention: {L} tokens do not divide over sequence={sp}; pad with pad_length")
+    batch, heads = _specs(mesh, B, N)
+    seq = SEQUENCE_AXIS if sp > 1 else None
+    qkv_spec = PartitionSpec(batch, seq, heads, None)
+    mask_spec = PartitionSpec(batch, None)
+
+    def body(q, k, v, kv_mask):
+        if sp > 1:  # (b, L/sp, n, E) -> (b, L, n/sp, E)
+            q, k, v = (jax.lax.all_to_all(x, SEQUENCE_AXIS, 2, 1, tiled=True) for x in (q, k, v))
+        out = _local(attend, q, k, v, kv_mask)
+        if sp > 1:  # (b, L, n/sp, E) -> (b, L/sp, n, E)
+            out = jax.lax.all_to_all(out, SEQUENCE_AXIS, 1, 2, tiled=True)
+        return out
+
+    if kv_mask is None:
+        fn = shard_map(lambda q, k, v: body(q, k, v, None), mesh=mesh, in_specs=(qkv_spec,) * 3, out_specs=qkv_spec)
+        return fn(q, k, v)
+    fn = shard_map(body, mesh=mesh, in_specs=(qkv_spec,) * 3 + (mask_spec,), out_specs=qkv_spec)
+    return fn(q, k, v, kv_mask)
+
+
+def local_attention(q, k, v, attend: Attend, kv_mask: jax.Array | None = None) -> jax.Array:
+    """Attention of sequence-sharded queries (B, L, N, E) to whole (replicated over sequence) keys/values
+    (B, Lk, N, E), e.g. cross-attention to the text: each device attends its own token shard, no collective."""
+    mesh = active_mesh()
+    if mesh is None:
+        return attend(q, k, v, kv_mask)
+    B, L, N, _ = q.shape
+    sp = axis_size(SEQUENCE_AXIS, mesh)
+    batch, heads = _specs(mesh, B, N)
+    q_spec = PartitionSpec(batch, SEQUENCE_AXIS if sp > 1 and L % sp == 0 else None, heads, None)
+    kv_spec = PartitionSpec(batch, None, heads, None)
+    if kv_mask is None:
+        fn = shard_map(lambda q, k, v: _local(attend, q, k, v, None), mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec),
+                       out_specs=q_spec)
+        return fn(q, k, v)
+    fn = shard_map(functools.partial(_local, attend), mesh=mesh,
+                   in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(batch, None)), out_specs=q_spec)
+    return fn(q, k, v, kv_mask)
+
+
+def _local(attend: Attend, q, k, v, kv_mask):
+    """``attend`` on per-device arrays, with any mesh a kernel would shard over itself cleared."""
+    from fastvideo_jax.attention import splash_tpu
+
+    if splash_tpu.current_mesh() is None:
+        return attend(q, k, v, kv_mask)
+    with splash_tpu.config_scope(splash_tpu.current_config(), mesh=None):
+        return attend(q, k, v, kv_mask)
+
+
+def padding_mask(batch: int, length: int, padded: int) -> jax.Array | None:
+    """(B, padded) bool, True on the first ``length`` tokens; None when nothing is padded."""
+    if padded == length:
+        return None
+    return jnp.broadcast_to(jnp.arange(padded) < length, (batch, padded))
