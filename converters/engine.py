@@ -80,13 +80,28 @@ class ConversionPlan:
         filled one source row at a time so the cast happens in the same copy."""
         plan = self.leaves[path]
         index = index or tuple(slice(0, n) for n in plan.spec.shape)
-        out = np.empty([s.stop - s.start for s in index], dtype=plan.spec.dtype)
+        return self.leaf_blocks(path, read, [index])[0]
+
+    def leaf_blocks(self, path: Path, read: Callable[[str], np.ndarray], indices: list[tuple[slice, ...]]
+                    ) -> list[np.ndarray]:
+        """The blocks ``indices`` (one slice per axis each) of one parameter, in the target dtype, filled in one
+        pass over its source rows: each source tensor is read once and every block that covers it is cut from
+        it (the cast happens in that copy)."""
+        plan = self.leaves[path]
+        outs = [np.empty([s.stop - s.start for s in index], dtype=plan.spec.dtype) for index in indices]
         for layer, sources in plan.rows.items():
-            if layer is None:
-                out[...] = assemble_row(sources, plan.leaf, read)[index]
-            elif index[0].start <= layer < index[0].stop:
-                out[layer - index[0].start] = assemble_row(sources, plan.leaf, read)[index[1:]]
-        return out
+            wanted = [i for i, index in enumerate(indices) if layer is None or index[0].start <= layer < index[0].stop]
+            if not wanted:
+                continue
+            row = assemble_row(sources, plan.leaf, read)
+            for i in wanted:
+                index = indices[i]
+                if layer is None:
+                    outs[i][...] = row[index]
+                else:
+                    outs[i][layer - index[0].start] = row[index[1:]]
+            del row
+        return outs
 
     def materialize(self, read: Callable[[str], np.ndarray]) -> dict[Path, np.ndarray]:
         return {path: self.leaf_array(path, read) for path in self.leaves}

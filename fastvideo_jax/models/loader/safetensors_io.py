@@ -1,8 +1,9 @@
 """Torch-free safetensors reading and writing.
 
-Tensors are read lazily through a memory map, so a caller that needs one slice of one tensor (a device shard
-of a stacked parameter, say) touches only those bytes. bf16 and fp8 come back as ``ml_dtypes`` arrays, never
-through an fp32 round trip. Every structural problem of a file (short header, bad JSON, offsets past the end
+Only the header is read up front. ``read(key)`` reads one tensor's byte range into private memory (the loader
+calls it once per tensor and cuts every local device shard from that one copy, see ``loader/placement.py``);
+``get``/``array`` return a memory-mapped view, so a caller that slices it touches only the pages of that slice.
+bf16 and fp8 come back as ``ml_dtypes`` arrays, never through an fp32 round trip. Every structural problem of a file (short header, bad JSON, offsets past the end
 of the file, sizes that do not match shape and dtype) raises ``CheckpointError`` naming the file and the key.
 """
 
