@@ -99,3 +99,24 @@ def test_unrequested_backend_takes_the_platforms_first_capable(monkeypatch, capl
     assert "falling back" not in caplog.text
     with triton_config_scope(TritonConfig(interpret=False)):
         assert resolve_backend(None, q, k, v) is AttentionBackend.REFERENCE
+
+
+def test_sliding_tile_is_not_a_dense_backend():
+    """STA needs the token grid and windows: asking the dense op for it is a clear error, not a silent fallback,
+    and it is no member of the dense backend enum."""
+    q, k, v = _qkv(8)
+    assert "sliding_tile" not in {b.value for b in AttentionBackend}
+    with pytest.raises(ValueError, match="not a dense attention backend.*sliding_tile_attention"):
+        attention(q, k, v, backend="sliding_tile")
+
+
+def test_dense_kernels_do_not_import_the_sta_mask_module():
+    """Shared helpers (round_up) live in attention/_common.py, not in the sliding-tile mask module."""
+    import ast
+    import importlib
+
+    for name in ("api", "cudnn", "pallas_gpu", "splash_tpu", "reference", "_gpu_common"):
+        mod = importlib.import_module(f"fastvideo_jax.attention.{name}")
+        tree = ast.parse(open(mod.__file__).read())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not any(m and "sliding_tile" in m for m in imported), (name, imported)

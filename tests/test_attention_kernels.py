@@ -206,8 +206,8 @@ def _fresh_warnings():
 
 
 @pytest.mark.parametrize("backend", [AttentionBackend.SPLASH_TPU, AttentionBackend.PALLAS_GPU_TRITON,
-                                     AttentionBackend.PALLAS_GPU_MOSAIC, AttentionBackend.CUDNN,
-                                     AttentionBackend.SLIDING_TILE], ids=lambda b: b.value)
+                                     AttentionBackend.PALLAS_GPU_MOSAIC, AttentionBackend.CUDNN],
+                         ids=lambda b: b.value)
 def test_missing_backend_falls_back_with_warning(backend, caplog):
     if jax.devices()[0].platform != "cpu":
         pytest.skip("fallback test assumes a CPU-only host")

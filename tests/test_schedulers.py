@@ -268,3 +268,17 @@ def test_from_config_wan_and_euler():
 def test_unsupported_config_raises_naming_key(cls, base, key, value):
     with pytest.raises(ValueError, match=key):
         cls.from_config({**base, key: value})
+
+
+def test_schedulers_share_helpers_from_a_neutral_module():
+    """Config validation and the terminal stretch live in schedulers/_common.py; neither scheduler imports the
+    other."""
+    import ast
+
+    from fastvideo_jax.schedulers import _common, flow_match_euler, flow_unipc
+
+    for mod, other in ((flow_match_euler, "flow_unipc"), (flow_unipc, "flow_match_euler")):
+        tree = ast.parse(open(mod.__file__).read())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert f"fastvideo_jax.schedulers.{other}" not in imported, (mod.__name__, imported)
+        assert mod.resolve_config is _common.resolve_config and mod.stretch_to_terminal is _common.stretch_to_terminal

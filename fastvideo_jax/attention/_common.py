@@ -1,4 +1,4 @@
-"""Small helpers shared by the attention backends: platform, one-time warnings, scoped defaults."""
+"""Small helpers shared by the attention backends: platform, one-time warnings, scoped defaults, padding."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ import jax
 T = TypeVar("T")
 
 logger = logging.getLogger("fastvideo_jax.attention")
+
+
+def round_up(x: int, m: int) -> int:
+    """The smallest multiple of ``m`` that is >= ``x`` (padding lengths to kernel blocks)."""
+    return -(-x // m) * m
 
 
 def platform() -> str:

@@ -30,14 +30,16 @@ class AttentionBackend(enum.Enum):
     SPLASH_TPU = "splash_tpu"  # TPU splash (Pallas Mosaic TPU); interpret mode via splash_tpu.config_scope
     PALLAS_GPU_TRITON = "pallas_gpu_triton"  # Pallas flash kernel lowered through Triton (any CUDA GPU)
     PALLAS_GPU_MOSAIC = "pallas_gpu_mosaic"  # Pallas Mosaic-GPU FlashAttention-3 (Hopper sm90)
-    # Not a dense kernel: selects sliding_tile_attention(q, k, v, grid=..., window=...) on the platform's best
-    # block-sparse implementation. Passed to the dense attention() it falls back to the reference (logged).
-    SLIDING_TILE = "sliding_tile"
+    # Sliding-tile attention is not a dense backend: it needs the token grid and windows, so it is its own op,
+    # ``sliding_tile_attention(q, k, v, grid=..., window=..., backend=<one of the above or None>)``.
 
     @classmethod
     def parse(cls, value: "AttentionBackend | str | None") -> "AttentionBackend | None":
         if value is None or isinstance(value, cls):
             return value
+        if str(value).lower() == "sliding_tile":
+            raise ValueError("'sliding_tile' is not a dense attention backend: call sliding_tile_attention(q, k, v, "
+                             "grid=..., window=...) (the Wan DiT: self_attention_backend='sliding_tile')")
         try:
             return cls(value.lower())
         except ValueError:
@@ -73,16 +75,11 @@ def _check_cudnn(q, k, v, kv_mask) -> str | None:
     return None
 
 
-def _check_sliding_tile(q, k, v, kv_mask) -> str | None:
-    return "sliding-tile attention needs the token grid and windows: call sliding_tile_attention(...)"
-
-
 register_backend(AttentionBackend.REFERENCE, reference_attention, lambda q, k, v, m: None)
 register_backend(AttentionBackend.CUDNN, cudnn_attention, _check_cudnn)
 register_backend(AttentionBackend.SPLASH_TPU, splash_tpu.splash_attention, splash_tpu.check_splash)
 register_backend(AttentionBackend.PALLAS_GPU_TRITON, pallas_gpu.triton_attention, pallas_gpu.check_triton)
 register_backend(AttentionBackend.PALLAS_GPU_MOSAIC, pallas_gpu.mosaic_attention, pallas_gpu.check_mosaic)
-register_backend(AttentionBackend.SLIDING_TILE, reference_attention, _check_sliding_tile)
 
 
 # Per platform, the dense backends to try in order when none is requested (e.g. fp32 on a GPU, which cuDNN

@@ -28,7 +28,8 @@ from fastvideo_jax.attention._gpu_common import (
     _pad_axis,
     current_triton_config,
 )
-from fastvideo_jax.attention.sliding_tile_mask import BlockTables, dense_block_tables, round_up
+from fastvideo_jax.attention._common import round_up
+from fastvideo_jax.attention.sliding_tile_mask import BlockTables, dense_block_tables
 
 
 @dataclasses.dataclass(frozen=True)

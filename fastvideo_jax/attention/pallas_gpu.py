@@ -30,7 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fastvideo_jax.attention._common import ScopedValue, platform
+from fastvideo_jax.attention._common import ScopedValue, platform, round_up
 from fastvideo_jax.attention._gpu_common import (
     LOG2E,
     TritonConfig,
@@ -39,7 +39,6 @@ from fastvideo_jax.attention._gpu_common import (
     triton_config_scope,
 )
 from fastvideo_jax.attention.block_sparse_gpu import dense_block_sparse_attention
-from fastvideo_jax.attention.sliding_tile_mask import round_up
 
 __all__ = [
     "MosaicConfig", "TritonConfig", "check_mosaic", "check_triton", "current_mosaic_config", "current_triton_config",

@@ -3,7 +3,7 @@
 Call it from a DiT self-attention layer with the latent token grid and that layer's windows::
 
     out = sliding_tile_attention(q, k, v, grid=(T, H, W), window=windows, tile=(6, 8, 8),
-                                 text_len=0, backend=AttentionBackend.SLIDING_TILE)
+                                 text_len=0, backend=None)
 
 ``q/k/v`` hold the video tokens in row-major (t, h, w) order, optionally followed by ``text_len`` text tokens
 (joint attention, e.g. HunyuanVideo; ``text_mask`` (B, text_len) marks valid ones). ``window`` is one
@@ -17,7 +17,7 @@ Implementations (``backend``):
 * ``SPLASH_TPU``: splash with a lazy per-head STA mask (block-level, never a dense token mask).
 * ``PALLAS_GPU_TRITON``: our block-sparse Pallas/Triton kernel (per q block, only the kv blocks in its window).
 * ``REFERENCE``: jnp, q block by q block over the gathered window blocks (memory O(L x window), any platform).
-* ``SLIDING_TILE`` / ``None``: the platform's best of the above.
+* ``None``: the platform's best of the above.
 
 Anything else, or a backend whose capability check fails, falls back to ``REFERENCE`` with a logged warning.
 The oracle for tests is :func:`sta_reference_dense` (dense softmax under the token mask built from coordinates).
@@ -152,7 +152,7 @@ def _check(backend: AttentionBackend, q, k, v, splash_config, triton_config) -> 
 def resolve_sta_backend(requested, q, k=None, v=None, *, splash_config=None, triton_config=None) -> AttentionBackend:
     """The implementation that will run this STA call: the requested one if capable, else REFERENCE (logged)."""
     backend = AttentionBackend.parse(requested)
-    if backend is None or backend is AttentionBackend.SLIDING_TILE:
+    if backend is None:
         backend = _default_sta_backend()
     reason = _check(backend, q, k, v, splash_config, triton_config)
     if reason is None:
@@ -303,9 +303,3 @@ def sta_reference_dense(q, k, v, *, grid, window, tile=DEFAULT_TILE, text_len: i
     p = jax.nn.softmax(s, axis=-1)
     out = jnp.einsum("bnqk,bkne->bqne", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
-
-
-def sta_flops(geom: TileGeometry, windows, batch: int, head_dim: int) -> float:
-    """Forward FLOPs the block-sparse kernel actually computes (4 * visited q x k pairs * head dim)."""
-    return 4.0 * batch * head_dim * geom.padded_len ** 2 * sta_density(geom, windows) * len(windows)
-

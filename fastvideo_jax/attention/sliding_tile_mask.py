@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastvideo_jax.attention._common import round_up
+
 Int3 = tuple[int, int, int]
 
 DEFAULT_TILE: Int3 = (6, 8, 8)  # FastVideo STA_base_tile_size: 384 tokens
@@ -42,10 +44,6 @@ def _int3(name: str, value: Sequence[int]) -> Int3:
     if len(t) != 3 or any(x < 1 for x in t):
         raise ValueError(f"{name} must be three positive ints (t, h, w), got {value!r}")
     return t  # type: ignore[return-value]
-
-
-def round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from fastvideo_jax.attention._common import platform
-from fastvideo_jax.attention.sliding_tile_mask import round_up
+from fastvideo_jax.attention._common import platform, round_up
 
 NUM_LANES = 128
 SUBLANES = 8
@@ -128,11 +127,6 @@ class SplashConfig:
             use_fused_bwd_kernel=self.use_fused_bwd_kernel,
         )
 
-
-# Block sizes suggested for Wan 720p (75,600 tokens) on v5p/v6e by MaxDiffusion (3024 x 25 = 75,600).
-WAN_720P_SPLASH = SplashConfig(block_q=3024, block_kv=2048, block_kv_compute=1024,
-                               block_q_dkv=3024, block_kv_dkv=2048, block_kv_dkv_compute=1024,
-                               block_q_dq=3024, block_kv_dq=2048)
 
 _CONFIG = [SplashConfig()]
 _MESH: list[tuple | None] = [None]
@@ -317,5 +311,5 @@ def _full_mask(lq: int, lk: int):
     return sam.FullMask((lq, lk))
 
 
-__all__ = ["SplashConfig", "WAN_720P_SPLASH", "check_splash", "config_scope", "current_config",
+__all__ = ["SplashConfig", "check_splash", "config_scope", "current_config",
            "splash_attention", "splash_masked"]

@@ -10,48 +10,14 @@ optional ``shift_terminal``, no dynamic shifting, no karras/exponential/beta sig
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ConfigRules = Mapping[str, tuple[Callable[[Any], bool], str]]
-
-
-def resolve_config(name: str, defaults: Mapping[str, Any], config: Mapping[str, Any],
-                   rules: ConfigRules) -> dict[str, Any]:
-    """Merge a diffusers config dict over diffusers' defaults and validate it.
-
-    Keys starting with ``_`` (``_class_name``, ``_diffusers_version``) are ignored, unknown keys
-    and values failing ``rules[key]`` raise a ``ValueError`` naming the key.  Keys without a rule
-    have no effect on the supported configuration and are accepted as-is.
-    """
-    merged = dict(defaults)
-    for key, value in config.items():
-        if key.startswith("_"):
-            continue
-        if key not in defaults:
-            raise ValueError(f"{name}: unknown config key {key!r}")
-        merged[key] = value
-    for key, (is_ok, supported) in rules.items():
-        try:
-            ok = bool(is_ok(merged[key]))
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f"{name}: unsupported config option {key}={merged[key]!r} "
-                             f"(supported: {supported})")
-    return merged
-
-
-def stretch_to_terminal(sigmas: np.ndarray, shift_terminal: float) -> np.ndarray:
-    """Stretch a decreasing sigma schedule so that it ends exactly at ``shift_terminal``."""
-    one_minus = 1.0 - sigmas
-    scale = one_minus[-1] / (1.0 - shift_terminal)
-    return 1.0 - one_minus / scale
-
+from fastvideo_jax.schedulers._common import ConfigRules, resolve_config, stretch_to_terminal
 
 _DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
     num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,

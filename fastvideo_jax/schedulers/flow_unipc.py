@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastvideo_jax.schedulers.flow_match_euler import ConfigRules, resolve_config, stretch_to_terminal
+from fastvideo_jax.schedulers._common import ConfigRules, resolve_config, stretch_to_terminal
 
 _DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
