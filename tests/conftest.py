@@ -1,4 +1,8 @@
-"""Test session set-up: 8 fake CPU devices (for sharding tests), offline hub, fp32 matmuls."""
+"""Test session set-up: 8 fake CPU devices (for sharding tests), offline hub.
+
+No global matmul precision: each component applies its own ``matmul_precision`` (fp32 components run at
+"highest" by default), so parity figures hold for the precision a user actually gets.
+"""
 
 import os
 
@@ -7,6 +11,58 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("FASTVIDEO_JAX_COMPILATION_CACHE", "0")  # hermetic: no executables shared between runs
 
-import jax  # noqa: E402
+import contextlib  # noqa: E402
 
-jax.config.update("jax_default_matmul_precision", "highest")
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def _count_compiles():
+    """Counts XLA backend compilations in the block: ``with counter() as n: ...; n[0]``."""
+    count = [0]
+
+    def listener(event, duration, **kwargs):
+        if event == _BACKEND_COMPILE:
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield count
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.fixture
+def count_compiles():
+    return _count_compiles
+
+
+def _precisions(jaxpr) -> list:
+    """The ``precision`` of every dot_general / conv in a (closed) jaxpr, nested jaxprs included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            out.append(eqn.params.get("precision"))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(sub, "eqns"):
+                    out.extend(_precisions(sub))
+    return out
+
+
+@pytest.fixture
+def matmul_precisions():
+    """``f(fn, *args)``: the precision name ("HIGHEST", "DEFAULT", ...; None = not set) of every matmul/conv
+    that ``fn(*args)`` traces."""
+
+    def name(precision):
+        return None if precision is None else "/".join(sorted({str(p).split(".")[-1] for p in precision}))
+
+    def run(fn, *args):
+        return [name(p) for p in _precisions(jax.make_jaxpr(fn)(*args).jaxpr)]
+
+    return run

@@ -85,8 +85,7 @@ def ours(ckpt) -> dict[str, nnx.Module]:
 
 
 def _run(model: nnx.Module, ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    fn = nnx.jit(lambda m, i, a: m(i, a))
-    return np.asarray(fn(model, jnp.asarray(ids), None if mask is None else jnp.asarray(mask)))
+    return np.asarray(model(jnp.asarray(ids), None if mask is None else jnp.asarray(mask)))
 
 
 def _torch_run(model, ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -285,3 +284,24 @@ def test_layout_and_umt5_xxl_size():
     _, state = build_abstract(UMT5EncoderModel, UMT5EncoderConfig(arch_config=t5_preset("umt5-xxl")))
     total = sum(int(np.prod(s.shape)) for s in leaf_specs(state).values())
     assert total == 5_680_910_336, total  # UMT5-XXL encoder: 5.68B parameters
+
+
+def test_second_eager_call_does_not_compile(ours, count_compiles):
+    model = ours["umt5"]
+    ids, mask = _batch(seed=3)
+    ids2 = (ids + 1) % TINY["vocab_size"]
+    args1, args2 = (jnp.asarray(ids), jnp.asarray(mask)), (jnp.asarray(ids2), jnp.asarray(mask))
+    first = np.asarray(model(*args1))
+    with count_compiles() as compiles:
+        second = np.asarray(model(*args2))
+    assert compiles[0] == 0, f"a second eager call with the same shapes compiled {compiles[0]} times"
+    assert not np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("knob,expect", [(None, "HIGHEST"), ("default", "DEFAULT")])
+def test_matmul_precision_knob_reaches_every_matmul(ckpt, matmul_precisions, knob, expect):
+    model = TextEncoderLoader().load(ckpt.dirs["umt5"], matmul_precision=knob)
+    ids, mask = _batch(seed=4)
+    found = matmul_precisions(model, jnp.asarray(ids), jnp.asarray(mask))
+    names = set(found)
+    assert len(found) >= 8 and names == {expect}, f"{len(found)} matmuls at {names}, expected {expect}"

@@ -247,3 +247,28 @@ def test_loads_from_sharded_index_checkpoint(t2v, t2v_fp32, tmp_path):
     ref = dict(nnx.to_flat_state(nnx.state(t2v_fp32, nnx.Param)))
     assert ours.keys() == ref.keys()
     assert all(np.array_equal(np.asarray(ours[p][...]), np.asarray(ref[p][...])) for p in ref)
+
+
+def test_second_eager_call_does_not_compile(t2v, count_compiles):
+    """The README's eager use (load, then call): the second same-shape call reuses the executable."""
+    model = TransformerLoader().load(t2v[0], precision="fp32")
+    x, t, ctx = _jx(*_inputs(5, 1, 16, 2, 4, 6, 3))
+    t2 = jnp.asarray(t.__array__() + 1.0)  # built before counting: an eager op compiles too
+    first = np.asarray(model(x, t, ctx))
+    with count_compiles() as compiles:
+        second = np.asarray(model(x, t2, ctx))
+    assert compiles[0] == 0, f"a second eager call with the same shapes compiled {compiles[0]} times"
+    assert not np.array_equal(first, second), "the second call must see its own inputs"
+
+
+@pytest.mark.parametrize("precision,knob,expect", [
+    ("fp32", None, "HIGHEST"), ("fp32", "default", "DEFAULT"), ("bf16", None, "DEFAULT"), ("bf16", "highest", "HIGHEST"),
+])
+def test_matmul_precision_knob_reaches_every_matmul(t2v, matmul_precisions, precision, knob, expect):
+    """fp32 runs every matmul (attention included) at HIGHEST unless the knob says otherwise; bf16 at DEFAULT."""
+    model = TransformerLoader().load(t2v[0], precision=precision, matmul_precision=knob)
+    x, t, ctx = _jx(*_inputs(5, 1, 16, 2, 4, 6, 3))
+    found = matmul_precisions(model, x, t, ctx)
+    assert len(found) >= 12, f"expected every projection and attention matmul, found {len(found)}"
+    names = set(found)
+    assert names == {expect}, f"matmul precisions {names}, expected only {expect}"

@@ -201,3 +201,22 @@ def test_wan22_config_is_not_implemented(ckpt_dir):
     config = WanVAEConfig().update_model_arch({**raw, "is_residual": True})
     with pytest.raises(NotImplementedError, match="is_residual=True"):
         nnx.eval_shape(lambda: AutoencoderKLWan(config, rngs=nnx.Rngs(0)))
+
+
+def test_second_eager_decode_and_encode_do_not_compile(vae, count_compiles):
+    z1, z2 = (jnp.asarray(_latents(s, (1, 16, 2, SIZE[0] // 8, SIZE[1] // 8))) for s in (11, 12))
+    x1, x2 = (jnp.asarray(_video(s, (1, 3, 5, *SIZE))) for s in (13, 14))
+    first = (np.asarray(vae.decode(z1)), np.asarray(vae.encode(x1)))
+    with count_compiles() as compiles:
+        second = (np.asarray(vae.decode(z2)), np.asarray(vae.encode(x2)))
+    assert compiles[0] == 0, f"second eager decode + encode with the same shapes compiled {compiles[0]} times"
+    assert not np.array_equal(first[0], second[0]) and not np.array_equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("knob,expect", [(None, "HIGHEST"), ("default", "DEFAULT")])
+def test_matmul_precision_knob_reaches_every_conv(ckpt_dir, matmul_precisions, knob, expect):
+    vae = VAELoader().load(ckpt_dir, precision="fp32", matmul_precision=knob)
+    z = jnp.asarray(_latents(1, (1, 16, 2, SIZE[0] // 8, SIZE[1] // 8)))
+    found = matmul_precisions(vae.decode, z)
+    names = set(found)
+    assert len(found) >= 10 and names == {expect}, f"{len(found)} convs/matmuls at {names}, expected {expect}"

@@ -35,6 +35,8 @@ HUB_METADATA_KEYS = frozenset(
     }
 )
 
+MATMUL_PRECISIONS = frozenset({None, "default", "high", "highest"})
+
 A = TypeVar("A", bound="ArchConfig")
 M = TypeVar("M", bound="ModelConfig")
 
@@ -132,6 +134,21 @@ class ModelConfig:
 
     arch_config: ArchConfig = dataclasses.field(default_factory=ArchConfig)
     prefix: str = ""
+    # Precision of every matmul / conv / einsum in the component's forward (``jax.default_matmul_precision``):
+    # "highest" (full fp32), "high" (bf16_3x / TF32), "default" (the platform's fastest: one bf16 pass on TPU),
+    # or None for the component's default: "highest" when its ``precision`` is "fp32", else "default".
+    matmul_precision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"{type(self).__name__}: matmul_precision must be one of "
+                             f"{sorted(p for p in MATMUL_PRECISIONS if p)} or None, got {self.matmul_precision!r}")
+
+    def resolved_matmul_precision(self) -> str:
+        """The matmul precision the component's forward runs at (see ``matmul_precision``)."""
+        if self.matmul_precision is not None:
+            return self.matmul_precision
+        return "highest" if getattr(self, "precision", None) == "fp32" else "default"
 
     def __getattr__(self, name: str) -> Any:
         # Only called when normal lookup fails: fall through to the architecture.

@@ -20,6 +20,7 @@ from fastvideo_jax.attention import FULL_WINDOW, attention, sliding_tile_attenti
 from fastvideo_jax.configs.models.dits.wanvideo import WanVideoArchConfig, WanVideoConfig
 from fastvideo_jax.dtypes import to_dtype
 from fastvideo_jax.models.layers.activations import gelu_exact, gelu_tanh
+from fastvideo_jax.models.layers.compiled import compiled_call
 from fastvideo_jax.models.layers.embeddings import apply_rope, rope_3d_tables, timestep_embedding
 from fastvideo_jax.models.layers.linear import Linear, PatchEmbed3D, make_param
 from fastvideo_jax.models.layers.norms import LayerNorm, RMSNorm
@@ -268,6 +269,12 @@ class WanTransformer3DModel(nnx.Module):
         encoder_hidden_states: jax.Array,  # (B, Lt, text_dim)
         encoder_hidden_states_image: jax.Array | None = None,  # (B, Li, image_dim)
     ) -> jax.Array:  # (B, C_out, F, H, W)
+        """The forward under one cached jit (a second eager call with the same shapes does not compile)."""
+        self._check_inputs(hidden_states, encoder_hidden_states_image)
+        return compiled_call(_forward, self, hidden_states, timestep, encoder_hidden_states,
+                             encoder_hidden_states_image)
+
+    def _check_inputs(self, hidden_states, encoder_hidden_states_image) -> None:
         cfg = self.config.arch_config
         B, C, F, H, W = hidden_states.shape
         pt, ph, pw = cfg.patch_size
@@ -278,6 +285,12 @@ class WanTransformer3DModel(nnx.Module):
             )
         if (encoder_hidden_states_image is None) != (self.condition_embedder.image_embedder is None):
             raise ValueError("encoder_hidden_states_image must be given exactly when the model has image_dim set")
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None):
+        """The traced forward (``__call__`` runs it under jit with the configured matmul precision)."""
+        cfg = self.config.arch_config
+        B, C, F, H, W = hidden_states.shape
+        pt, ph, pw = cfg.patch_size
         grid = (F // pt, H // ph, W // pw)
         cos, sin = rope_3d_tables(cfg.attention_head_dim, grid, cfg.rope_max_seq_len)
         x = rearrange(self.patch_embedding.proj(hidden_states), "b f h w d -> b (f h w) d")
@@ -297,6 +310,10 @@ class WanTransformer3DModel(nnx.Module):
             x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
             f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw,
         )
+
+
+def _forward(model: WanTransformer3DModel, *args):
+    return model.forward(*args)
 
 
 def _run_blocks(x, blocks, context, image_context, temb_proj, cos, sin, spec, grid):

@@ -24,6 +24,7 @@ from flax import nnx
 from fastvideo_jax.configs.models.encoders.t5 import T5ArchConfig, T5EncoderConfig, UMT5EncoderConfig
 from fastvideo_jax.dtypes import to_dtype
 from fastvideo_jax.models.layers.activations import gelu_exact, gelu_tanh
+from fastvideo_jax.models.layers.compiled import compiled_call
 from fastvideo_jax.models.layers.linear import Linear, make_param
 
 F32 = jnp.float32
@@ -230,8 +231,16 @@ class _T5EncoderBase(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """``last_hidden_state`` (B, L, D) of token ids (B, L); ``attention_mask`` (B, L), 1 = token, 0 = pad."""
         if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+            attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
+        return compiled_call(_forward, self, input_ids, attention_mask)
+
+    def forward(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """The traced forward (``__call__`` runs it under jit with the configured matmul precision)."""
         return self.encoder(self.shared(input_ids), attention_mask)
+
+
+def _forward(model: _T5EncoderBase, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    return model.forward(input_ids, attention_mask)
 
 
 class UMT5EncoderModel(_T5EncoderBase):

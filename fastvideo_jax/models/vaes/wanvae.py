@@ -10,6 +10,7 @@ Optional spatial tiling reproduces diffusers' ``tiled_encode``/``tiled_decode`` 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -20,6 +21,7 @@ from flax import nnx
 
 from fastvideo_jax.configs.models.vaes.wanvae import WanVAEArchConfig, WanVAEConfig
 from fastvideo_jax.dtypes import to_dtype
+from fastvideo_jax.models.layers.compiled import compiled_call
 from fastvideo_jax.models.vaes.wan_blocks import (
     AttentionBlock,
     CausalConv3d,
@@ -150,14 +152,12 @@ def _tile_and_blend(
     return jnp.concatenate(kept, axis=3)[..., : size[0], : size[1]]
 
 
-@nnx.jit
-def _encode_jit(model: "AutoencoderKLWan", x: jax.Array) -> jax.Array:  # (B, C, F, H, W) -> (B, 2z, T, h, w)
+def _encode_traced(model: "AutoencoderKLWan", x: jax.Array) -> jax.Array:  # (B, C, F, H, W) -> (B, 2z, T, h, w)
     moments = model.encode_moments_cl(rearrange(x, "b c f h w -> b f h w c"))
     return rearrange(moments, "b t h w c -> b c t h w")
 
 
-@nnx.jit
-def _decode_jit(model: "AutoencoderKLWan", z: jax.Array) -> jax.Array:  # (B, z, T, h, w) -> (B, C, F, H, W)
+def _decode_traced(model: "AutoencoderKLWan", z: jax.Array) -> jax.Array:  # (B, z, T, h, w) -> (B, C, F, H, W)
     return rearrange(model.decode_cl(rearrange(z, "b c t h w -> b t h w c")), "b f h w c -> b c f h w")
 
 
@@ -234,9 +234,10 @@ class AutoencoderKLWan(nnx.Module):
             stride = (mc.tile_sample_stride_height, mc.tile_sample_stride_width)
             keep = (stride[0] // r, stride[1] // r)
             blend = (tile[0] // r - keep[0], tile[1] // r - keep[1])
-            moments = _tile_and_blend(lambda t: _encode_jit(self, t), x, tile, stride, blend, keep, (H // r, W // r))
+            encode = functools.partial(compiled_call, _encode_traced, self)
+            moments = _tile_and_blend(encode, x, tile, stride, blend, keep, (H // r, W // r))
         else:
-            moments = _encode_jit(self, x)
+            moments = compiled_call(_encode_traced, self, x)
         mean, logvar = jnp.split(moments, 2, axis=1)
         return mean, jnp.clip(logvar, *LOGVAR_RANGE)
 
@@ -261,9 +262,10 @@ class AutoencoderKLWan(nnx.Module):
             keep = (mc.tile_sample_stride_height, mc.tile_sample_stride_width)
             stride = (keep[0] // r, keep[1] // r)
             blend = (mc.tile_sample_min_height - keep[0], mc.tile_sample_min_width - keep[1])
-            video = _tile_and_blend(lambda t: _decode_jit(self, t), z, tile, stride, blend, keep, (h * r, w * r))
+            decode = functools.partial(compiled_call, _decode_traced, self)
+            video = _tile_and_blend(decode, z, tile, stride, blend, keep, (h * r, w * r))
         else:
-            video = _decode_jit(self, z)
+            video = compiled_call(_decode_traced, self, z)
         return jnp.clip(video, -1.0, 1.0) if cfg.clip_output else video
 
     # ---- latent normalisation ----------------------------------------------------------------------------

@@ -92,6 +92,7 @@ class WanVAEConfig(VAEConfig):
     use_feature_cache: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # A half that is not built still has tensors in the checkpoint: consume and drop them by name.
         skipped = (() if self.load_encoder else (r"^encoder\.", r"^quant_conv\.")) + (
             () if self.load_decoder else (r"^decoder\.", r"^post_quant_conv\.")
