@@ -120,3 +120,89 @@ def test_dense_kernels_do_not_import_the_sta_mask_module():
         tree = ast.parse(open(mod.__file__).read())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert not any(m and "sliding_tile" in m for m in imported), (name, imported)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocked (memory-safe) reference: same function as the dense one, no (Lq, Lk) logits
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _value_and_grads(fn, q, k, v):
+    ct = jax.random.normal(jax.random.PRNGKey(42), q.shape, jnp.float32)
+
+    def run(q, k, v):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(ct)
+    return jax.jit(run)(q, k, v)
+
+
+@pytest.mark.parametrize("lq,lk,bq,bk,mask", [
+    (300, 1100, 128, 256, None),  # remainders on both axes
+    (96, 320, 32, 64, "mask"),  # exact multiples; example 0 an arbitrary key mask, example 1 no valid key at all
+])
+def test_blocked_reference_equals_dense(lq, lk, bq, bk, mask):
+    from fastvideo_jax.attention import reference
+
+    q, k, v = _qkv(9, Lq=lq, Lk=lk)
+    kv_mask = None
+    if mask:  # a query with no valid key averages every value, as the dense softmax over equal logits does
+        kv_mask = jnp.stack([jax.random.uniform(jax.random.PRNGKey(1), (lk,)) > 0.4, jnp.zeros((lk,), bool)])
+    dense = lambda q, k, v: reference._dense(q, k, v, kv_mask, q.shape[-1] ** -0.5)  # noqa: E731
+    blocked = lambda q, k, v: reference_attention(q, k, v, kv_mask, block_q=bq, block_k=bk)  # noqa: E731
+    out, grads = _value_and_grads(blocked, q, k, v)
+    ref, ref_grads = _value_and_grads(dense, q, k, v)
+    assert float(jnp.abs(out - ref).max()) < 1e-5
+    for name, g, gr in zip("qkv", grads, ref_grads):
+        err = float(jnp.abs(g - gr).max())
+        assert err < 1e-5, f"d{name} max-abs {err:.3e}"
+
+
+def _largest_intermediate(jaxpr) -> int:
+    """Element count of the largest value any equation (also inside scan/map/checkpoint bodies) produces."""
+    big = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            big = max(big, int(np.prod(getattr(var.aval, "shape", ()), dtype=np.int64)))
+        for p in eqn.params.values():
+            for j in (p if isinstance(p, (tuple, list)) else (p,)):
+                inner = getattr(j, "jaxpr", None)
+                if inner is not None and hasattr(inner, "eqns"):
+                    big = max(big, _largest_intermediate(inner))
+                elif hasattr(j, "eqns"):
+                    big = max(big, _largest_intermediate(j))
+    return big
+
+
+def test_long_reference_never_holds_the_logits():
+    """A long call (8192 tokens, 2 heads: 512 MiB of fp32 logits if dense) runs blocked by default: no value in
+    its jaxpr, forward or backward, is larger than one q block's logits over all keys (the backward's residuals),
+    and XLA's temporaries stay far below the logits."""
+    from fastvideo_jax.attention import reference
+
+    B, L, N, E = 1, 8192, 2, 32
+    assert B * N * L * L > reference.DENSE_MAX_LOGITS
+    spec = jax.ShapeDtypeStruct((B, L, N, E), jnp.float32)
+    mask = jax.ShapeDtypeStruct((B, L), jnp.bool_)
+    fwd = lambda q, k, v, m: reference_attention(q, k, v, m)  # noqa: E731
+    grad = jax.grad(lambda q, k, v, m: reference_attention(q, k, v, m).sum(), argnums=(0, 1, 2))
+    logits_bytes = B * N * L * L * 4
+    for fn in (fwd, grad):
+        jaxpr = jax.make_jaxpr(fn)(spec, spec, spec, mask).jaxpr
+        assert _largest_intermediate(jaxpr) <= B * N * reference.BLOCK_Q * L < L * L, fn
+        temp = jax.jit(fn).lower(spec, spec, spec, mask).compile().memory_analysis().temp_size_in_bytes
+        assert temp < logits_bytes // 4, f"{temp / 2**20:.0f} MiB of temporaries"
+    # The dense path really does hold them (the check above can fail).
+    dense_jaxpr = jax.make_jaxpr(lambda q, k, v, m: reference._dense(q, k, v, m, 1.0))(spec, spec, spec, mask)
+    assert _largest_intermediate(dense_jaxpr.jaxpr) >= B * N * L * L
+
+
+def test_reference_switches_to_blocked_above_the_threshold_and_stays_exact():
+    from fastvideo_jax.attention import reference
+
+    L = 4100  # 1 x 1 x 4100^2 > 2^24 logits: blocked by default, with a 4-token last block
+    q, k, v = _qkv(10, B=1, Lq=L, Lk=L, N=1, E=16)
+    mask = jnp.arange(L)[None] < L - 300
+    assert _largest_intermediate(jax.make_jaxpr(lambda q: reference_attention(q, k, v, mask))(q).jaxpr) < L * L
+    out = jax.jit(lambda q, k, v: reference_attention(q, k, v, mask))(q, k, v)
+    ref = jax.jit(lambda q, k, v: reference._dense(q, k, v, mask, 0.25))(q, k, v)
+    assert float(jnp.abs(out - ref).max()) < 1e-5
