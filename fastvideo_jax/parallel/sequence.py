@@ -21,7 +21,8 @@ from jax.sharding import PartitionSpec
 from fastvideo_jax.errors import UserError
 from fastvideo_jax.parallel.activations import active_mesh, axis_size, spec_for
 
-__all__ = ["SEQUENCE_AXIS", "check_heads", "local_attention", "pad_length", "shard_map", "ulysses_attention"]
+__all__ = ["SEQUENCE_AXIS", "check_heads", "head_chunk_index", "head_chunks", "local_attention", "pad_length",
+           "padding_mask", "shard_map", "ulysses_attention"]
 
 SEQUENCE_AXIS = "sequence"
 HEAD_AXIS = "tensor"
@@ -110,6 +111,23 @@ def local_attention(q, k, v, attend: Attend, kv_mask: jax.Array | None = None) -
     fn = shard_map(functools.partial(_local, attend), mesh=mesh,
                    in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(batch, None)), out_specs=q_spec)
     return fn(q, k, v, kv_mask)
+
+
+def head_chunks(mesh=None) -> int:
+    """How many head chunks the SP region splits the heads into (tensor x sequence; 1 without a mesh)."""
+    return axis_size(HEAD_AXIS, mesh) * axis_size(SEQUENCE_AXIS, mesh)
+
+
+def head_chunk_index() -> jax.Array | int:
+    """Inside ``ulysses_attention``'s ``attend``: which chunk of ``head_chunks()`` heads this device holds
+    (traced), so per-head settings (e.g. sliding-tile windows) can be picked with ``lax.switch``."""
+    sp, tp = axis_size(SEQUENCE_AXIS), axis_size(HEAD_AXIS)
+    index = 0
+    if tp > 1:
+        index = jax.lax.axis_index(HEAD_AXIS) * sp
+    if sp > 1:
+        index = index + jax.lax.axis_index(SEQUENCE_AXIS)
+    return index
 
 
 def _local(attend: Attend, q, k, v, kv_mask):

@@ -17,13 +17,19 @@ from einops import rearrange
 from flax import nnx
 
 from fastvideo_jax.attention import FULL_WINDOW, attention, sliding_tile_attention
+from fastvideo_jax.attention.sliding_tile_mask import normalize_windows
 from fastvideo_jax.configs.models.dits.wanvideo import WanVideoArchConfig, WanVideoConfig
 from fastvideo_jax.dtypes import to_dtype
+from fastvideo_jax.errors import UserError
 from fastvideo_jax.models.layers.activations import gelu_exact, gelu_tanh
 from fastvideo_jax.models.layers.compiled import compiled_call
 from fastvideo_jax.models.layers.embeddings import apply_rope, rope_3d_tables, timestep_embedding
 from fastvideo_jax.models.layers.linear import Linear, PatchEmbed3D, make_param
 from fastvideo_jax.models.layers.norms import LayerNorm, RMSNorm
+from fastvideo_jax.parallel.activations import constrain
+from fastvideo_jax.parallel.sequence import (
+    head_chunk_index, head_chunks, local_attention, pad_length, padding_mask, ulysses_attention,
+)
 
 F32 = jnp.float32
 
@@ -181,11 +187,14 @@ class WanCrossAttention(_QKNormProjections):
         q = self._heads(self.norm_q(self.to_q(x)))
         k = self._heads(self.norm_k(self.to_k(context)))
         v = self._heads(self.to_v(context))
-        out = attention(q, k, v, backend=backend)
+        def attend(q, k, v, kv_mask):
+            return attention(q, k, v, kv_mask, backend=backend)
+
+        out = local_attention(q, k, v, attend)  # per token shard: the text is whole on every device
         if image_context is not None:
             k_img = self._heads(self.norm_added_k(self.add_k_proj(image_context)))
             v_img = self._heads(self.add_v_proj(image_context))
-            out = out + attention(q, k_img, v_img, backend=backend)
+            out = out + local_attention(q, k_img, v_img, attend)
         return self._merge_heads_out(out)
 
 
@@ -212,27 +221,53 @@ class WanTransformerBlock(_QKNormProjections):
             rngs, nnx.initializers.normal(dim**-0.5), (1, 6, dim), F32, (None, None, "embed")
         )
 
-    def _self_attention(self, x, cos, sin, spec: SelfAttentionSpec, grid):
+    def _self_attention(self, x, cos, sin, spec: SelfAttentionSpec, grid, kv_mask):
+        # RoPE on the sequence-sharded q/k (tables sharded alike), then Ulysses: each device attends N/sp heads
         q = apply_rope(self._heads(self.norm_q(self.to_q(x))), cos, sin)
         k = apply_rope(self._heads(self.norm_k(self.to_k(x))), cos, sin)
         v = self._heads(self.to_v(x))
         if spec.sliding_tile:
-            out = sliding_tile_attention(q, k, v, grid=grid, window=spec.window, tile=spec.tile)
+            attend = _sliding_tile_attend(spec, grid, self.num_heads, padded=kv_mask is not None)
         else:
-            out = attention(q, k, v, backend=self.attention_backend)
-        return self._merge_heads_out(out)
+            def attend(q, k, v, kv_mask):
+                return attention(q, k, v, kv_mask, backend=self.attention_backend)
+        return self._merge_heads_out(ulysses_attention(q, k, v, attend, kv_mask))
 
-    def __call__(self, x, context, image_context, temb_proj, cos, sin, spec=SelfAttentionSpec(), grid=None):
-        # x (B, L, D), temb_proj (B, 6, D); spec and grid (F', H', W') are static
+    def __call__(self, x, context, image_context, temb_proj, cos, sin, spec=SelfAttentionSpec(), grid=None,
+                 kv_mask=None):
+        # x (B, L, D), temb_proj (B, 6, D); spec and grid (F', H', W') are static; kv_mask (B, L): real tokens
+        x = constrain(x, ("batch", "length", "embed"))
         mod = self.scale_shift_table[...] + temb_proj.astype(F32)
         shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, i : i + 1] for i in range(6))
         dtype = x.dtype
         h = (self.norm(x.astype(F32)) * (1 + scale) + shift).astype(dtype)
-        x = (x.astype(F32) + self._self_attention(h, cos, sin, spec, grid) * gate).astype(dtype)
+        x = (x.astype(F32) + self._self_attention(h, cos, sin, spec, grid, kv_mask) * gate).astype(dtype)
         h = x if self.self_attn_residual_norm is None else self.self_attn_residual_norm.norm(x.astype(F32)).astype(dtype)
         x = x + self.attn2(h, context, image_context, self.attention_backend)
         h = (self.norm(x.astype(F32)) * (1 + c_scale) + c_shift).astype(dtype)
-        return (x.astype(F32) + self.ffn(h).astype(F32) * c_gate).astype(dtype)
+        x = (x.astype(F32) + self.ffn(h).astype(F32) * c_gate).astype(dtype)
+        return constrain(x, ("batch", "length", "embed"))
+
+
+def _sliding_tile_attend(spec: SelfAttentionSpec, grid, num_heads: int, padded: bool):
+    """Sliding-tile attention on the full token grid for the heads this device holds. Under Ulysses each
+    device has every token for N/chunks heads; per-head windows are chosen per chunk with ``lax.switch``."""
+    if padded:
+        raise UserError(f"sliding-tile attention needs the whole token grid {grid} ({grid[0] * grid[1] * grid[2]} "
+                         f"tokens), which the sequence mesh axis does not divide; use dense attention or a "
+                         f"sequence size that divides the token count")
+    windows = normalize_windows(spec.window, num_heads)
+    chunks = head_chunks()
+    per = num_heads // chunks
+
+    def run(window):
+        return lambda q, k, v: sliding_tile_attention(q, k, v, grid=grid, window=window, tile=spec.tile)
+
+    if chunks == 1 or len(set(windows)) == 1:
+        branch = run(windows[:per])
+        return lambda q, k, v, kv_mask: branch(q, k, v)
+    branches = [run(windows[i * per:(i + 1) * per]) for i in range(chunks)]
+    return lambda q, k, v, kv_mask: jax.lax.switch(head_chunk_index(), branches, q, k, v)
 
 
 class WanTransformer3DModel(nnx.Module):
@@ -297,15 +332,23 @@ class WanTransformer3DModel(nnx.Module):
         temb, temb_proj, context, image_context = self.condition_embedder(
             jnp.broadcast_to(timestep, (B,)), encoder_hidden_states, encoder_hidden_states_image
         )
-        temb_proj = rearrange(temb_proj, "b (six d) -> b six d", six=6)
+        temb_proj = constrain(rearrange(temb_proj, "b (six d) -> b six d", six=6), ("batch", None, "embed"))
+        context = constrain(context, ("batch", "text_length", "embed"))
+        # Tokens go over the sequence mesh axis: pad to a multiple of it, mask the padded keys, drop them at the end
+        L = x.shape[1]
+        Lp = pad_length(L)
+        x, cos, sin = (jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, Lp - L), (0, 0)]) for a in (x, cos, sin))
+        x = constrain(x, ("batch", "length", "embed"))
+        cos, sin = constrain(cos, ("length", None)), constrain(sin, ("length", None))
+        kv_mask = padding_mask(B, L, Lp)
 
         for start, end, spec in _segments(self.self_attention_specs):
             whole = (start, end) == (0, cfg.num_layers)
             blocks = self.blocks if whole else _slice_layers(self.blocks, start, end)
-            x = _run_blocks(x, blocks, context, image_context, temb_proj, cos, sin, spec, grid)
+            x = _run_blocks(x, blocks, context, image_context, temb_proj, cos, sin, spec, grid, kv_mask)
         shift, scale = jnp.split(self.scale_shift_table[...] + temb.astype(F32)[:, None, :], 2, axis=1)
         x = (self.norm_out(x.astype(F32)) * (1 + scale) + shift).astype(x.dtype)
-        x = self.proj_out(x)
+        x = self.proj_out(x)[:, :L]
         return rearrange(
             x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
             f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw,
@@ -316,14 +359,14 @@ def _forward(model: WanTransformer3DModel, *args):
     return model.forward(*args)
 
 
-def _run_blocks(x, blocks, context, image_context, temb_proj, cos, sin, spec, grid):
+def _run_blocks(x, blocks, context, image_context, temb_proj, cos, sin, spec, grid, kv_mask):
     """The stacked blocks under one ``nnx.scan`` (compile time flat in depth)."""
 
-    @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None, None, None), out_axes=nnx.Carry)
-    def run(x, block, context, image_context, temb_proj, cos, sin):
-        return block(x, context, image_context, temb_proj, cos, sin, spec, grid)
+    @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None, None, None, None), out_axes=nnx.Carry)
+    def run(x, block, context, image_context, temb_proj, cos, sin, kv_mask):
+        return block(x, context, image_context, temb_proj, cos, sin, spec, grid, kv_mask)
 
-    return run(x, blocks, context, image_context, temb_proj, cos, sin)
+    return run(x, blocks, context, image_context, temb_proj, cos, sin, kv_mask)
 
 
 class _PatchEmbedding(nnx.Module):
