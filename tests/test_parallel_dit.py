@@ -131,7 +131,7 @@ def test_heads_not_divisible_by_sequence_is_a_clear_error():
 
 def test_sliding_tile_under_sequence_parallel():
     # Per-head windows under sp = 4: each device holds 2 heads and picks their windows (lax.switch).
-    windows = [(1, 1, 1), (2, 2, 2), (1, 2, 3), (3, 3, 3), (2, 1, 1), (1, 1, 2), (2, 3, 1), (3, 2, 2)]
+    windows = ((1, 1, 1), (2, 2, 2), (1, 2, 3), (3, 3, 3), (2, 1, 1), (1, 1, 2), (2, 3, 1), (3, 2, 2))
     model = _model(self_attention_backend="sliding_tile", sta_tile=(1, 2, 2), sta_layer_windows=(windows, None))
     inputs = _inputs(2, 4, 8, 8)  # token grid 4x4x4 = 64: tiles (1, 2, 2), divisible by sp = 4
     ref = _run_on(model, None, inputs)
