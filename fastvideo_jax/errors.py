@@ -8,7 +8,7 @@ Raise ``UserError`` (or a subclass) with one line that names the key, file, shap
 
 from __future__ import annotations
 
-__all__ = ["UserError", "CheckpointError", "OutputPathError"]
+__all__ = ["UserError", "CheckpointError", "OutputPathError", "NonFiniteError"]
 
 
 class UserError(ValueError):
@@ -21,3 +21,8 @@ class CheckpointError(UserError):
 
 class OutputPathError(UserError):
     """An output path that cannot be written (a directory, a missing parent, no space, read-only...)."""
+
+
+class NonFiniteError(UserError):
+    """NaN or Inf where a finished stage must be finite (text embeddings, final latents, decoded video); the
+    message names the stage. Weights are checked when they load (``CheckpointError``)."""

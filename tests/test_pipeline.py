@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -117,10 +118,11 @@ def test_cli_writes_playable_mp4(tmp_path, monkeypatch):
         (["--seed", "-3"], "seed must be"),
     ],
 )
-def test_bad_sampling_input_fails_before_loading(tmp_path, flags, message):
+def test_bad_sampling_input_fails_before_loading(tmp_path, capsys, flags, message):
     missing = tmp_path / "does-not-exist"
-    with pytest.raises(ValueError, match=message):
-        cli_main(["generate", "--model", str(missing), "--prompt", "x", "--output", str(tmp_path / "o.mp4"), *flags])
+    code = cli_main(["generate", "--model", str(missing), "--prompt", "x", "--output", str(tmp_path / "o.mp4"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and re.fullmatch(f"error: .*{message}.*\n", err), err
     assert not missing.exists()
 
 

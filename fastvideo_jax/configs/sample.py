@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
+
+from fastvideo_jax.errors import UserError
 
 # An English rendering of the negative prompt Wan's authors and FastVideo use by default (theirs is Chinese).
 WAN_NEGATIVE_PROMPT = (
@@ -12,6 +16,25 @@ WAN_NEGATIVE_PROMPT = (
     "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
     "background, three legs, many people in the background, walking backwards"
 )
+# Scheduler tables are padded to this many steps (pipelines/wan.py), so this is the most a request may ask for.
+MAX_INFERENCE_STEPS = 1000
+_INT_FIELDS = ("height", "width", "num_frames", "num_inference_steps", "seed", "fps", "num_videos_per_prompt")
+
+
+def check_int(name: str, value: Any) -> None:
+    """An integer (a Python or numpy int, not a bool or a float such as 64.0), else ``UserError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise UserError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+
+
+def check_number(name: str, value: Any, *, low: float | None = None, low_open: bool = False) -> None:
+    """A finite real number (not a bool) at least ``low`` (above it when ``low_open``), else ``UserError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UserError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise UserError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise UserError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,19 +58,26 @@ class SamplingParam:
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def validate(self, spatial: int = 8, patch: int = 2, temporal: int = 4) -> None:
-        """Clear errors before any heavy work."""
+        """Clear errors (``UserError`` naming the field) before any heavy work: types first, then ranges."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise UserError(f"prompt must be a non-empty string, got {type(self.prompt).__name__} {self.prompt!r}"
+                            if self.prompt else "a prompt is required")
+        if not isinstance(self.negative_prompt, str):
+            raise UserError(f"negative_prompt must be a string, got {type(self.negative_prompt).__name__}")
+        for name in _INT_FIELDS:
+            check_int(name, getattr(self, name))
+        check_number("guidance_scale", self.guidance_scale, low=0.0)
         multiple = spatial * patch
         if self.height <= 0 or self.width <= 0 or self.height % multiple or self.width % multiple:
-            raise ValueError(f"height and width must be positive multiples of {multiple}, got {self.height}x{self.width}")
+            raise UserError(f"height and width must be positive multiples of {multiple}, got {self.height}x{self.width}")
         if self.num_frames < 1 or (self.num_frames - 1) % temporal:
-            raise ValueError(f"num_frames must be 1 + {temporal}k (1, 5, 9, ..., 81), got {self.num_frames}")
-        if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}")
+            raise UserError(f"num_frames must be 1 + {temporal}k (1, 5, 9, ..., 81), got {self.num_frames}")
+        if not 1 <= self.num_inference_steps <= MAX_INFERENCE_STEPS:
+            raise UserError(f"num_inference_steps must be at least 1 and at most {MAX_INFERENCE_STEPS}, "
+                            f"got {self.num_inference_steps}")
         if self.num_videos_per_prompt < 1:
-            raise ValueError(f"num_videos_per_prompt must be at least 1, got {self.num_videos_per_prompt}")
+            raise UserError(f"num_videos_per_prompt must be at least 1, got {self.num_videos_per_prompt}")
         if self.fps < 1:
-            raise ValueError(f"fps must be positive, got {self.fps}")
+            raise UserError(f"fps must be positive, got {self.fps}")
         if not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
-        if not self.prompt:
-            raise ValueError("a prompt is required")
+            raise UserError(f"seed must be in [0, 2**32), got {self.seed}")

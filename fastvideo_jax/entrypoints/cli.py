@@ -13,6 +13,7 @@ import sys
 from fastvideo_jax.entrypoints.convert_cli import add_convert_arguments, run_convert
 from converters import ConversionError
 from fastvideo_jax.errors import UserError
+from fastvideo_jax.utils.quiet import silence_known_noise
 
 # Errors that are the user's to fix, printed as one line. OSError covers missing files, permissions, full disks.
 KNOWN_ERRORS = (UserError, ConversionError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
@@ -40,6 +41,7 @@ def _debug_requested(args: argparse.Namespace | None) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence_known_noise()
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

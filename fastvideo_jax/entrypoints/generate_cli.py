@@ -1,10 +1,14 @@
-"""``fastvideo-jax generate``: one prompt to one mp4."""
+"""``fastvideo-jax generate``: one prompt to one mp4.
+
+Everything that can be checked cheaply is checked before weights load: the output path, the numbers given,
+the model's configs, tokenizer and scheduler, and whether the request fits the model (its RoPE table).
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from fastvideo_jax.testing.tiny_pipeline import TINY_WAN_ID
+from fastvideo_jax.configs.pipelines.registry import TINY_WAN_ID
 
 
 def add_generate_parser(sub) -> None:
@@ -12,7 +16,8 @@ def add_generate_parser(sub) -> None:
         "generate",
         help="generate a video from a text prompt",
         description="Generate a video with a Diffusers-format Wan2.1 T2V pipeline. Options left out take the "
-        "model's defaults (e.g. Wan2.1-T2V-1.3B: 480x832, 81 frames, 50 steps, guidance 3.0). "
+        "model's defaults (e.g. Wan2.1-T2V-1.3B: 480x832, 81 frames, 50 steps, guidance 3.0); a local directory "
+        "gets the defaults of the model its transformer config matches. "
         f"'--model {TINY_WAN_ID}' runs a built-in random-weight pipeline (noise output) in seconds on a CPU.",
     )
     p.add_argument("--model", required=True,
@@ -22,28 +27,40 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--height", type=int, default=None, help="frame height in pixels, a multiple of 16")
     p.add_argument("--width", type=int, default=None, help="frame width in pixels, a multiple of 16")
     p.add_argument("--num-frames", type=int, default=None, help="number of frames, 1 + 4k (e.g. 81)")
-    p.add_argument("--num-inference-steps", type=int, default=None, help="denoising steps (more: slower, finer)")
+    p.add_argument("--num-inference-steps", type=int, default=None, help="denoising steps, 1 to 1000 (more: slower, finer)")
     p.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance strength; 1 or less disables guidance (one forward per step)")
+                   help="classifier-free guidance strength, finite and >= 0; 1 or less disables guidance "
+                   "(one forward per step)")
     p.add_argument("--seed", type=int, default=None, help="random seed of the initial noise (same seed, same video)")
     p.add_argument("--fps", type=int, default=None, help="frames per second of the written mp4")
-    p.add_argument("--output", default="output.mp4", help="path of the mp4 to write (default: output.mp4)")
-    p.add_argument("--flow-shift", type=float, default=None, help="override the scheduler's flow shift")
+    p.add_argument("--output", default="output.mp4",
+                   help="the .mp4 to write (default: output.mp4); missing parent folders are created, an existing "
+                   "file is replaced only once the new video is complete")
+    p.add_argument("--flow-shift", type=float, default=None, help="override the scheduler's flow shift (> 0)")
     p.add_argument("--dit-precision", choices=["bf16", "fp32"], default=None, help="override the DiT precision")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode in overlapping spatial tiles (less device memory for large frames; tile seams "
+                   "are blended, so the result differs slightly from an untiled decode)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from fastvideo_jax.configs.pipelines.registry import get_model_defaults
+    from fastvideo_jax.configs.sample import SamplingParam
+    from fastvideo_jax.entrypoints.model_spec import ModelSpec
     from fastvideo_jax.entrypoints.video_generator import VideoGenerator
+    from fastvideo_jax.utils.video import check_output_path
 
+    check_output_path(args.output)  # a bad path must not throw away a generation
     sampling = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                     num_frames=args.num_frames, num_inference_steps=args.num_inference_steps,
                     guidance_scale=args.guidance_scale, seed=args.seed, fps=args.fps)
-    get_model_defaults(args.model)[1].replace(prompt=args.prompt, **sampling).validate()  # before any heavy work
-    overrides = {k: v for k, v in {"flow_shift": args.flow_shift, "dit_precision": args.dit_precision}.items() if v is not None}
-    generator = VideoGenerator.from_pretrained(args.model, **overrides)
+    SamplingParam(prompt=args.prompt).replace(**sampling).validate()  # the numbers, before the model is looked up
+    overrides = {k: v for k, v in {"flow_shift": args.flow_shift, "dit_precision": args.dit_precision,
+                                   "vae_tiling": args.vae_tiling or None}.items() if v is not None}
+    spec = ModelSpec.open(args.model, **overrides)  # configs, tokenizer folder, scheduler class; no weights yet
+    spec.sampling_param(prompt=args.prompt, **sampling)  # fits the model (RoPE table), before loading weights
+    generator = VideoGenerator.from_spec(spec)
     out = generator.generate_video(args.prompt, output_path=args.output, progress=not args.no_progress, **sampling)
     frames = out["frames"]
     print(f"wrote {out['path']} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "

@@ -19,6 +19,7 @@ __all__ = [
     "register_model",
     "resolve_model_cls",
     "class_names_from_config",
+    "class_names",
 ]
 
 _TEXT_TO_VIDEO_DIT_MODELS = {
@@ -49,6 +50,24 @@ _FAST_VIDEO_MODELS = {
     **_VAE_MODELS,
     **_SCHEDULERS,
 }
+
+
+_KINDS = {
+    "dit": {**_TEXT_TO_VIDEO_DIT_MODELS, **_IMAGE_TO_VIDEO_DIT_MODELS},
+    "text_encoder": _TEXT_ENCODER_MODELS,
+    "image_encoder": _IMAGE_ENCODER_MODELS,
+    "vae": _VAE_MODELS,
+    "scheduler": _SCHEDULERS,
+}
+
+
+def class_names(kind: str) -> frozenset[str]:
+    """The checkpoint class names of one component kind (``dit``, ``text_encoder``, ``image_encoder``, ``vae``,
+    ``scheduler``) that ship with fastvideo_jax."""
+    try:
+        return frozenset(_KINDS[kind])
+    except KeyError:
+        raise ValueError(f"unknown component kind {kind!r}; kinds: {sorted(_KINDS)}") from None
 
 
 class UnknownModelError(UserError):

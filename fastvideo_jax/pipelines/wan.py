@@ -21,6 +21,7 @@ from tqdm import tqdm
 from fastvideo_jax.configs.pipelines.base import PipelineConfig
 from fastvideo_jax.configs.sample import SamplingParam
 from fastvideo_jax.dtypes import to_dtype
+from fastvideo_jax.errors import NonFiniteError
 from fastvideo_jax.models.encoders.text import encode_prompts
 
 # Scheduler tables are padded to this many steps so a new step count does not recompile the step.
@@ -117,9 +118,17 @@ class WanT2VPipeline:
         return latents
 
     def decode(self, latents: jax.Array) -> np.ndarray:
-        """Latents -> uint8 frames (B, F, H, W, 3)."""
+        """Latents -> uint8 frames (B, F, H, W, 3), in spatial tiles when ``config.vae_tiling``. NaN or Inf in
+        the latents or the decoded video is an error naming the stage, never a black video."""
+        if not bool(_all_finite(latents)):
+            raise NonFiniteError("the denoised latents contain NaN or Inf: the transformer diverged (with bf16, "
+                                 "try dit_precision='fp32' / --dit-precision fp32)")
         vae_dtype = to_dtype(self.vae.config.precision)
-        video = self.vae.decode(self.vae.denormalize_latents(latents.astype(jnp.float32)).astype(vae_dtype))
+        z = self.vae.denormalize_latents(latents.astype(jnp.float32)).astype(vae_dtype)
+        video = self.vae.decode(z, tiled=self.config.vae_tiling)
+        if not bool(_all_finite(video)):
+            raise NonFiniteError(f"the VAE decoded NaN or Inf from finite latents (VAE precision "
+                                 f"{self.vae.config.precision}; try vae_decode_precision='fp32')")
         return np.asarray(_to_uint8(video))
 
     # ---- whole request ------------------------------------------------------------------------------------
@@ -144,6 +153,11 @@ def _replicated_like(state: nnx.State):
     if isinstance(sharding, NamedSharding):
         return NamedSharding(sharding.mesh, PartitionSpec())
     return jax.devices()[0]
+
+
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x))
 
 
 @jax.jit

@@ -8,12 +8,14 @@ videos are noise; use it to check an installation, not to judge quality.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-TINY_WAN_ID = "tiny-wan"
+from fastvideo_jax.configs.pipelines.registry import TINY_WAN_ID
+from fastvideo_jax.utils.paths import cache_dir
+
+__all__ = ["TINY_WAN_ID", "UNIPC_FLOW_CONFIG", "cache_dir", "ensure_tiny_wan", "write_tiny_wan_pipeline"]
 _VERSION = "v1"
 
 UNIPC_FLOW_CONFIG = {
@@ -59,11 +61,6 @@ def write_tiny_wan_pipeline(root: str | Path, seed: int = 0) -> Path:
     }
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
     return root
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("FASTVIDEO_JAX_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return Path(base) / "fastvideo_jax"
 
 
 def ensure_tiny_wan() -> Path:

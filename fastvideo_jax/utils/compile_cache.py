@@ -8,6 +8,8 @@ from pathlib import Path
 
 import jax
 
+from fastvideo_jax.errors import UserError
+
 logger = logging.getLogger(__name__)
 _ENV = "FASTVIDEO_JAX_COMPILATION_CACHE"  # a directory, or "0" to leave the cache off
 
@@ -21,8 +23,15 @@ def enable_persistent_cache(default_dir: Path) -> Path | None:
     current = jax.config.jax_compilation_cache_dir
     if current:
         return Path(current)
-    directory = Path(setting) if setting else default_dir
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = Path(setting).expanduser() if setting else default_dir
+    where = f"{_ENV}={setting}" if setting else "the default compilation cache"
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{where}: {directory} is not a directory (set a directory, or 0 to turn the cache off)")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{where}: cannot create {directory} ({e.strerror or e}); set a writable directory, "
+                        "or 0 to turn the cache off") from None
     jax.config.update("jax_compilation_cache_dir", str(directory))
     logger.info("persistent compilation cache: %s", directory)
     return directory

@@ -5,14 +5,21 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from fastvideo_jax.configs.sample import check_int, check_number
+from fastvideo_jax.dtypes import PRECISION_TO_DTYPE
+from fastvideo_jax.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    """What FastVideo's PipelineConfig fixes for a model family (field names as FastVideo's)."""
+    """What FastVideo's PipelineConfig fixes for a model family (field names as FastVideo's).
+
+    ``vae_decode_precision`` is the VAE's precision (text-to-video only decodes). ``vae_tiling`` decodes in
+    overlapping spatial tiles (the VAE config's tile sizes) so large frames fit devices with less memory.
+    """
 
     flow_shift: float | None = None
     dit_precision: str = "bf16"
-    vae_precision: str = "fp32"  # encode
     vae_decode_precision: str = "bf16"
     vae_tiling: bool = False
     text_encoder_precisions: tuple[str, ...] = ("fp32",)
@@ -27,3 +34,22 @@ class PipelineConfig:
         if bad:
             raise TypeError(f"{type(self).__name__} has no field(s) {bad}; fields: {sorted(names)}")
         return dataclasses.replace(self, **overrides)
+
+    def validate(self) -> "PipelineConfig":
+        """``UserError`` naming the field for a value the pipeline cannot use (checked before any loading)."""
+        if self.flow_shift is not None:
+            check_number("flow_shift", self.flow_shift, low=0.0, low_open=True)
+        precisions = {"dit_precision": self.dit_precision, "vae_decode_precision": self.vae_decode_precision}
+        if not isinstance(self.text_encoder_precisions, tuple) or not self.text_encoder_precisions:
+            raise UserError(f"text_encoder_precisions must be a non-empty tuple, got {self.text_encoder_precisions!r}")
+        precisions.update({f"text_encoder_precisions[{i}]": p for i, p in enumerate(self.text_encoder_precisions)})
+        for name, value in precisions.items():
+            if value not in PRECISION_TO_DTYPE:
+                raise UserError(f"{name} must be one of {sorted(PRECISION_TO_DTYPE)}, got {value!r}")
+        check_int("text_len", self.text_len)
+        if self.text_len < 1:
+            raise UserError(f"text_len must be at least 1, got {self.text_len}")
+        for name in ("vae_tiling", "clean_prompts"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        return self

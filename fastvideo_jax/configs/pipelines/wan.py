@@ -11,7 +11,6 @@ from fastvideo_jax.configs.pipelines.base import PipelineConfig
 class WanT2V480PConfig(PipelineConfig):
     flow_shift: float | None = 3.0
     dit_precision: str = "bf16"
-    vae_precision: str = "fp32"
     vae_decode_precision: str = "bf16"
     text_encoder_precisions: tuple[str, ...] = ("fp32",)
 

@@ -9,6 +9,7 @@ true token count, with zeros after them.
 from __future__ import annotations
 
 import html
+import logging
 import re
 from collections.abc import Sequence
 
@@ -16,6 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from fastvideo_jax.errors import NonFiniteError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["prompt_clean", "tokenize_prompts", "trim_and_pad", "encode_prompts"]
 
@@ -33,7 +38,13 @@ def prompt_clean(text: str) -> str:
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str], text_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and attention mask, both (B, text_len): padded to text_len, truncated, with special tokens."""
+    """Token ids and attention mask, both (B, text_len): padded to text_len, truncated (with a warning giving
+    the token counts), with special tokens."""
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True, verbose=False)["input_ids"]]
+    for i, n in enumerate(lengths):
+        if n > text_len:
+            logger.warning("prompt %d has %d tokens; only the first %d are used (text_len=%d), %d are dropped",
+                           i, n, text_len, text_len, n - text_len)
     out = tokenizer(
         list(prompts),
         padding="max_length",
@@ -88,6 +99,8 @@ def encode_prompts(
         )
     mask = jnp.asarray(mask, jnp.int32)
     embeds = _encode(encoder, jnp.asarray(ids, jnp.int32), mask)
+    if not bool(jnp.all(jnp.isfinite(embeds))):
+        raise NonFiniteError("the text encoder produced NaN or Inf embeddings (try its fp32 precision)")
     if dtype is not None:
         embeds = embeds.astype(dtype)
     return embeds, mask

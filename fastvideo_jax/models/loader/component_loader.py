@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -28,8 +29,8 @@ from converters import LeafSpec, NameMapper, build_plan, export_params
 from fastvideo_jax.configs.models.base import ModelConfig
 from fastvideo_jax.models.loader import orbax_io
 from fastvideo_jax.models.loader.placement import place_leaf
-from fastvideo_jax.models.loader.safetensors_io import CheckpointError, SafetensorsCheckpoint
-from fastvideo_jax.models.registry import ModelRegistry, class_names_from_config
+from fastvideo_jax.models.loader.safetensors_io import CheckpointError, SafetensorsCheckpoint, require_float
+from fastvideo_jax.models.registry import ModelRegistry, class_names, class_names_from_config
 from fastvideo_jax.parallel.mesh import make_mesh
 from fastvideo_jax.utils.nnx_vars import host_params, var_axes, var_value
 from fastvideo_jax.parallel.rules import DIT_RULES, TEXT_ENCODER_RULES, VAE_RULES, Rules, named_sharding
@@ -45,6 +46,7 @@ __all__ = [
     "VAELoader",
     "TextEncoderLoader",
     "TokenizerLoader",
+    "check_finite",
     "export_component",
 ]
 
@@ -97,7 +99,7 @@ def _fill(state: nnx.State, arrays: Mapping[tuple, jax.Array]) -> nnx.State:
 def load_component(
     component_dir: str | Path,
     *,
-    expected_kind: Mapping[str, Any] | None = None,
+    expected_kind: Collection[str] | None = None,
     mesh: Mesh | None = None,
     rules: Rules = DIT_RULES,
     **config_overrides: Any,
@@ -123,7 +125,26 @@ def load_component(
         arrays = orbax_io.restore_params(component_dir, abstract, shardings)
     else:
         arrays = _from_safetensors(component_dir, model_config, abstract, shardings)
+    check_finite(arrays, str(component_dir))
     return nnx.merge(graphdef, _fill(abstract, arrays))
+
+
+@jax.jit
+def _finite_flags(arrays: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays])
+
+
+def check_finite(arrays: Mapping[tuple, jax.Array], component: str) -> None:
+    """``CheckpointError`` naming the component and parameters if any parameter holds NaN or Inf (one jitted
+    reduction over all parameters; a bool per parameter comes back to the host)."""
+    paths = [p for p, a in arrays.items() if jnp.issubdtype(a.dtype, jnp.inexact)]
+    if not paths:
+        return
+    flags = np.asarray(jax.device_get(_finite_flags([arrays[p] for p in paths])))
+    bad = [".".join(map(str, p)) for p, ok in zip(paths, flags) if not ok]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(f"{component}: parameter(s) {shown} contain NaN or Inf (corrupt or diverged weights)")
 
 
 def _from_safetensors(component_dir: Path, model_config: ModelConfig, abstract: nnx.State, shardings) -> dict:
@@ -138,6 +159,10 @@ def _from_safetensors(component_dir: Path, model_config: ModelConfig, abstract: 
         source_name=str(component_dir),
         tied_names=arch.tied_param_names,
     )
+    for leaf in plan.leaves.values():  # before reading any data
+        for sources in leaf.rows.values():
+            for source in sources:
+                require_float(checkpoint[source.key], source.key)
     if plan.ignored:
         logger.info("%s: dropped %d tensors by ignore pattern: %s", component_dir, len(plan.ignored), plan.ignored[:5])
     return {path: place_leaf(plan, path, shardings[path], checkpoint.read) for path in plan.leaves}
@@ -154,19 +179,14 @@ class TransformerLoader:
     """Loads a DiT from a Diffusers ``transformer/`` directory (resolved by ``_class_name``)."""
 
     def load(self, component_dir: str | Path, *, mesh: Mesh | None = None, rules: Rules = DIT_RULES, **overrides):
-        from fastvideo_jax.models import registry
-
-        kinds = {**registry._TEXT_TO_VIDEO_DIT_MODELS, **registry._IMAGE_TO_VIDEO_DIT_MODELS}
-        return load_component(component_dir, expected_kind=kinds, mesh=mesh, rules=rules, **overrides)
+        return load_component(component_dir, expected_kind=class_names("dit"), mesh=mesh, rules=rules, **overrides)
 
 
 class VAELoader:
     """Loads a VAE from a Diffusers ``vae/`` directory (resolved by ``_class_name``)."""
 
     def load(self, component_dir: str | Path, *, mesh: Mesh | None = None, rules: Rules = VAE_RULES, **overrides):
-        from fastvideo_jax.models import registry
-
-        return load_component(component_dir, expected_kind=registry._VAE_MODELS, mesh=mesh, rules=rules, **overrides)
+        return load_component(component_dir, expected_kind=class_names("vae"), mesh=mesh, rules=rules, **overrides)
 
 
 class TextEncoderLoader:
@@ -175,10 +195,8 @@ class TextEncoderLoader:
     def load(
         self, component_dir: str | Path, *, mesh: Mesh | None = None, rules: Rules = TEXT_ENCODER_RULES, **overrides
     ):
-        from fastvideo_jax.models import registry
-
         return load_component(
-            component_dir, expected_kind=registry._TEXT_ENCODER_MODELS, mesh=mesh, rules=rules, **overrides
+            component_dir, expected_kind=class_names("text_encoder"), mesh=mesh, rules=rules, **overrides
         )
 
 
@@ -191,4 +209,12 @@ class TokenizerLoader:
         component_dir = Path(component_dir)
         if not component_dir.is_dir():
             raise CheckpointError(f"{component_dir}: tokenizer directory missing")
-        return AutoTokenizer.from_pretrained(str(component_dir), local_files_only=True, **kwargs)
+        for path in sorted(component_dir.glob("*.json")):  # name a broken file rather than a parser's complaint
+            read_config(component_dir, path.name)
+        try:
+            return AutoTokenizer.from_pretrained(str(component_dir), local_files_only=True, **kwargs)
+        except Exception as e:  # tokenizers/sentencepiece raise bare Exceptions for corrupt files
+            files = ", ".join(sorted(p.name for p in component_dir.iterdir())) or "no files"
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise CheckpointError(f"{component_dir}: the tokenizer could not be loaded from {files} "
+                                  f"({type(e).__name__}: {first})") from e

@@ -22,10 +22,11 @@ from fastvideo_jax.models.loader.component_loader import (
     read_config,
 )
 from fastvideo_jax.models.loader.safetensors_io import CheckpointError
-from fastvideo_jax.models.registry import resolve_model_cls
+from fastvideo_jax.models.registry import ModelRegistry, class_names, class_names_from_config, resolve_model_cls
 
 __all__ = [
     "MODEL_LOADERS",
+    "check_components",
     "SchedulerLoader",
     "component_kind",
     "load_components",
@@ -40,6 +41,7 @@ MODEL_LOADERS = {
     "text_encoder": TextEncoderLoader,
 }
 _INDEX_METADATA = {"_class_name", "_diffusers_version", "_name_or_path", "_fastvideo_jax"}
+_MODEL_KINDS = {"transformer": "dit", "transformer_2": "dit", "vae": "vae", "text_encoder": "text_encoder"}
 
 
 class SchedulerLoader:
@@ -96,6 +98,40 @@ def read_model_index(root: str | Path) -> dict[str, tuple[str | None, str | None
     return out
 
 
+def check_components(root: str | Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Everything about the named components that can fail without reading weights, checked up front: each
+    is in ``model_index.json``, has its folder, and its config names a registered class of the right kind.
+    Returns each model or scheduler component's config (tokenizers: an empty dict)."""
+    root = Path(root)
+    index = read_model_index(root)
+    configs: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if name not in index:
+            raise CheckpointError(f"{root}/model_index.json: has no component {name!r} (has {sorted(index)})")
+        directory = root / name
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: component folder missing (model_index.json lists {name!r})")
+        kind = component_kind(name)
+        if kind == "model":
+            config = read_config(directory)
+            names_in = class_names_from_config(config, str(directory / "config.json"))
+            expected = class_names(_MODEL_KINDS[name])
+            if not any(n in expected for n in names_in):
+                raise CheckpointError(f"{directory / 'config.json'}: class {names_in} is not a {name} class "
+                                      f"(expected one of {sorted(expected)})")
+            ModelRegistry.resolve_model_cls(names_in)
+            configs[name] = config
+        elif kind == "scheduler":
+            config = read_config(directory, "scheduler_config.json")
+            resolve_model_cls(config, str(directory / "scheduler_config.json"))
+            configs[name] = config
+        elif kind == "tokenizer":
+            configs[name] = {}
+        else:
+            raise CheckpointError(f"{root}: component {name!r} has no loader")
+    return configs
+
+
 def load_components(
     root: str | Path,
     names: list[str] | None = None,
@@ -103,15 +139,15 @@ def load_components(
     mesh: Mesh | None = None,
     precisions: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Load the named (default: all loadable) components of a pipeline directory."""
+    """Load the named (default: all loadable) components of a pipeline directory. Configs, tokenizers and
+    schedulers are checked and loaded first, so their errors come before any weight is read."""
     root = Path(root)
     index = read_model_index(root)
     names = names or [n for n, (lib, cls) in index.items() if lib is not None and component_kind(n) != "other"]
+    check_components(root, names)
     precisions = precisions or {}
     out: dict[str, Any] = {}
-    for name in names:
-        if name not in index:
-            raise CheckpointError(f"{root}/model_index.json: has no component {name!r} (has {sorted(index)})")
+    for name in sorted(names, key=lambda n: component_kind(n) == "model"):  # light components first
         directory = root / name
         kind = component_kind(name)
         if kind == "model":
@@ -119,8 +155,6 @@ def load_components(
             out[name] = MODEL_LOADERS[name]().load(directory, mesh=mesh, **kwargs)
         elif kind == "tokenizer":
             out[name] = TokenizerLoader().load(directory)
-        elif kind == "scheduler":
-            out[name] = SchedulerLoader().load(directory)
         else:
-            raise CheckpointError(f"{root}: component {name!r} has no loader")
+            out[name] = SchedulerLoader().load(directory)
     return out

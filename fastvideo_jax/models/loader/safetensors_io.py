@@ -28,6 +28,7 @@ __all__ = [
     "SafetensorsFile",
     "SafetensorsCheckpoint",
     "find_safetensors",
+    "require_float",
     "save_safetensors",
 ]
 
@@ -47,8 +48,19 @@ _DTYPES: dict[str, np.dtype] = {
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+# The dtypes a weight may be stored in: floats, cast on load. Integer or bool data is not a weight (a cast
+# would silently turn it into something else, e.g. a float weight truncated to int32 loads as zeros).
+_FLOAT_NAMES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+FLOAT_DTYPES = frozenset(_DTYPES[n] for n in _FLOAT_NAMES)
 
 
+def require_float(info: "TensorInfo", key: str) -> None:
+    """``CheckpointError`` naming the tensor and its file unless it is stored as a floating-point dtype."""
+    if info.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(
+            f"{info.path}: tensor {key!r} is stored as {_NAMES.get(info.dtype, info.dtype)}; a weight must be "
+            f"floating point ({', '.join(_FLOAT_NAMES)})"
+        )
 
 
 @dataclass(frozen=True)
