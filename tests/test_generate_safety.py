@@ -96,6 +96,20 @@ def test_bad_output_path_fails_before_anything(tmp_path, capsys, name, cause):
     assert (tmp_path / "a_file").read_text() == "keep me" and not missing_model.exists()
 
 
+def test_python_api_checks_output_path_before_generating(gen, tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("generated before checking the output path")
+
+    monkeypatch.setattr(type(gen.pipeline), "__call__", never)
+    (tmp_path / "a_file").write_text("x")
+    for bad in ("v.avi", "a_file/v.mp4", "."):
+        with pytest.raises(OutputPathError):
+            gen.generate_video("a cat", output_path=tmp_path / bad, progress=False, **SMALL)
+    with pytest.raises(OutputPathError, match="v_1.mp4: is a directory"):  # every one of several videos
+        (tmp_path / "v_1.mp4").mkdir()
+        gen.generate_video("a cat", output_path=tmp_path / "v.mp4", num_videos_per_prompt=2, progress=False, **SMALL)
+
+
 def test_missing_parent_folders_are_created_only_on_write(tmp_path):
     target = tmp_path / "new" / "deeper" / "v.mp4"
     assert video.check_output_path(target) == target and not (tmp_path / "new").exists()
