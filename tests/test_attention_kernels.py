@@ -415,3 +415,48 @@ def test_mask_strategy_json(tmp_path):
         s.windows(5, 0)
     with pytest.raises(ValueError, match="step_layer_head"):
         load_mask_strategy({"0_0": [1, 1, 1]})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernel configuration scopes are part of the jit cache key
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_triton_config_scope_change_retraces_a_jitted_caller(monkeypatch):
+    """One jitted function called under two Triton configs runs the kernel with each config's blocks (not the
+    blocks it was first compiled with), and a config seen before is a cache hit again."""
+    from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+
+    used, real = [], gpu_attention.mha
+
+    def spy(*args, block_sizes, **kwargs):
+        used.append(block_sizes.block_q)
+        return real(*args, block_sizes=block_sizes, **kwargs)
+
+    monkeypatch.setattr(gpu_attention, "mha", spy)
+    q, k, v, _ = _inputs(1, 64, 1, 16, jnp.float32, seed=3)
+    f = jax.jit(lambda q, k, v: attention(q, k, v, backend=AttentionBackend.PALLAS_GPU_TRITON))
+    outs = []
+    for block in (16, 32, 16):
+        with triton_config_scope(TritonConfig(block_q=block, block_k=block, interpret=PLATFORM != "gpu")):
+            outs.append(f(q, k, v))
+    assert used == [16, 32]
+    for out in outs:
+        assert_close(out, reference_attention(q, k, v), jnp.float32, "triton")
+
+
+def test_splash_config_scope_change_retraces_a_jitted_caller(monkeypatch):
+    used, real = [], splash_tpu.splash_masked
+
+    def spy(q, k, v, seg, masks, config, *rest):
+        used.append(config.block_q)
+        return real(q, k, v, seg, masks, config, *rest)
+
+    monkeypatch.setattr(splash_tpu, "splash_masked", spy)
+    q, k, v, _ = _inputs(1, 128, 1, 64, jnp.float32, seed=4)
+    f = jax.jit(lambda q, k, v: attention(q, k, v, backend=AttentionBackend.SPLASH_TPU))
+    for block in (128, 256):
+        with splash_config_scope(SplashConfig(block_q=block, block_kv=128, interpret=PLATFORM != "tpu")):
+            out = f(q, k, v)
+    assert used == [128, 256]
+    assert_close(out, reference_attention(q, k, v), jnp.float32, "splash")

@@ -30,19 +30,32 @@ def warn_once(message: str) -> None:
     logger.warning(message)
 
 
+def _make_user_context(default):
+    make = getattr(jax, "make_user_context", None)
+    if make is None:  # pragma: no cover - older jax keeps it private
+        from jax._src.config import make_user_context as make
+    return make(default)
+
+
 class ScopedValue(Generic[T]):
-    """A default that a ``with value.scope(x):`` block replaces (innermost wins); not thread-local."""
+    """A default that a ``with value.scope(x):`` block replaces (innermost wins, per thread).
+
+    The value lives in a JAX user context, which is part of every jit cache key: a jitted function that read
+    it while tracing is retraced (and recompiled) when it is called under a different value, so a kernel
+    never keeps a stale block size. Values must be hashable (the configs are frozen dataclasses).
+    """
 
     def __init__(self, default: T):
-        self._stack = [default]
+        hash(default)
+        self._default = default
+        self._context = _make_user_context(None)  # None: not inside any scope
 
     def current(self) -> T:
-        return self._stack[-1]
+        value = self._context.value
+        return self._default if value is None else value
 
     @contextlib.contextmanager
     def scope(self, value: T) -> Iterator[T]:
-        self._stack.append(value)
-        try:
+        hash(value)  # a clear TypeError here rather than inside jit's cache lookup
+        with self._context(value):
             yield value
-        finally:
-            self._stack.pop()

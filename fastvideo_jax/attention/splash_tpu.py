@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from fastvideo_jax.attention._common import platform, round_up
+from fastvideo_jax.attention._common import ScopedValue, platform, round_up
 
 NUM_LANES = 128
 SUBLANES = 8
@@ -128,29 +128,26 @@ class SplashConfig:
         )
 
 
-_CONFIG = [SplashConfig()]
-_MESH: list[tuple | None] = [None]
+# (config, (mesh, head_axis, batch_axes) or None) used by the registered SPLASH_TPU backend; a jit cache key.
+_SCOPE = ScopedValue((SplashConfig(), None))
 
 
 def current_config() -> SplashConfig:
-    return _CONFIG[-1]
+    return _SCOPE.current()[0]
 
 
 def current_mesh():
     """(mesh, head_axis, batch_axes) set by :func:`config_scope`, or None."""
-    return _MESH[-1]
+    return _SCOPE.current()[1]
 
 
 @contextlib.contextmanager
 def config_scope(config: SplashConfig, mesh=None, head_axis: str = "tensor", batch_axes=("data", "fsdp")):
-    """Config (and optional mesh) used by the registered SPLASH_TPU backend inside the ``with`` block."""
-    _CONFIG.append(config)
-    _MESH.append(None if mesh is None else (mesh, head_axis, tuple(batch_axes)))
-    try:
+    """Config (and optional mesh) used by the registered SPLASH_TPU backend inside the ``with`` block.
+
+    Both are part of the jit cache key (see ``ScopedValue``): a jitted caller retraces when they change."""
+    with _SCOPE.scope((config, None if mesh is None else (mesh, head_axis, tuple(batch_axes)))):
         yield config
-    finally:
-        _CONFIG.pop()
-        _MESH.pop()
 
 
 def check_splash(q, k, v, kv_mask=None, config: SplashConfig | None = None) -> str | None:
@@ -281,8 +278,8 @@ def splash_attention(
 ) -> jax.Array:
     """Dense attention on TPU splash; any lengths, optional key mask, optional head sharding."""
     config = config or current_config()
-    if mesh is None and _MESH[-1] is not None:
-        mesh, head_axis, batch_axes = _MESH[-1]
+    if mesh is None and current_mesh() is not None:
+        mesh, head_axis, batch_axes = current_mesh()
     B, Lq, N, E = q.shape
     Lk = k.shape[1]
     lq, lk = config.padded_lengths(Lq, Lk)
