@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from fastvideo_jax.attention import AttentionBackend, attention, reference_attention, resolve_backend
+from fastvideo_jax.attention import AttentionBackend, _common, attention, reference_attention, resolve_backend
+
+
+@pytest.fixture(autouse=True)
+def _fresh_attention_warnings():
+    """``warn_once`` is a process-wide cache: clear it around every test so a warning a test expects was not
+    swallowed by an earlier one (e.g. test_attention_kernels' cuDNN fallback case)."""
+    _common.warn_once.cache_clear()
+    yield
+    _common.warn_once.cache_clear()
 
 
 def _qkv(seed, B=2, Lq=37, Lk=53, N=3, E=16, dtype=jnp.float32):

@@ -1,6 +1,8 @@
 """Attention kernels: the one shared suite. On CPU the Pallas kernels run in interpret mode (splash, Triton mha,
-our block-sparse kernel) and the Mosaic-GPU wrapper runs an emulated kernel; on a GPU the Triton kernels (and
-on Hopper the Mosaic kernel) run for real, on a TPU splash does. Also sliding-tile attention against a dense
+our block-sparse kernel); off Hopper the Mosaic-GPU *wrapper* runs around a jnp stand-in for the kernel
+(monkeypatched here, ids ``mosaic_wrapper_jnp_stand_in``: they test padding, masking, the lse correction and the
+dtype policy, never the kernel). On a GPU the Triton kernels (and on Hopper the Mosaic kernel) run for real, on
+a TPU splash does. Also sliding-tile attention against a dense
 oracle, and the dispatch fallbacks.
 
 Tolerances are relative to max|reference| and scaled by the dtype's machine epsilon:
@@ -13,6 +15,7 @@ Tolerances are relative to max|reference| and scaled by the dtype's machine epsi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,6 +45,7 @@ from fastvideo_jax.attention import (
     triton_config_scope,
 )
 from fastvideo_jax.attention import _common, block_sparse_gpu, pallas_gpu, sliding_tile, splash_tpu
+from fastvideo_jax.attention._gpu_common import LOG2E
 from fastvideo_jax.attention.sliding_tile_mask import (
     TileGeometry,
     _window_1d,
@@ -62,7 +66,57 @@ TRITON_CPU = TritonConfig(interpret=PLATFORM != "gpu")
 # 16-token blocks: tile slots (32 tokens for 2x4x4 tiles) span two blocks, so ragged grids produce
 # padding-only blocks that the block tables prune.
 TRITON_STA_CPU = TritonConfig(block_q=16, block_k=16, interpret=PLATFORM != "gpu")
-MOSAIC_EMULATED = MosaicConfig(emulate=not ON_HOPPER)
+MOSAIC = MosaicConfig()
+# What the Mosaic cases test here: the kernel on Hopper, only our wrapper around a jnp stand-in elsewhere.
+MOSAIC_ID = "pallas_gpu_mosaic" if ON_HOPPER else "mosaic_wrapper_jnp_stand_in"
+
+
+def _stand_in_mgpu_fwd(q, k, v, config):
+    """jnp model of ``attention_mgpu.attention(..., save_residuals=True)``: no scale, lse in log2 units."""
+    s = jnp.einsum("bqne,bkne->bnqk", q, k, preferred_element_type=jnp.float32)
+    m = s.max(-1, keepdims=True)
+    p = jnp.exp(s - m)
+    l = p.sum(-1, keepdims=True)
+    out = jnp.einsum("bnqk,bkne->bqne", (p / l).astype(v.dtype), v, preferred_element_type=jnp.float32)
+    lse = (m * LOG2E + jnp.log2(l))[..., 0]
+    return out.astype(q.dtype), lse
+
+
+def _stand_in_mgpu_bwd(config, res, do):
+    """jnp model of ``attention_mgpu._attention_bwd``: p = 2^(s log2e - lse), delta = rowsum(out * do)."""
+    q, k, v, out, lse = res
+    f32 = jnp.float32
+    s = jnp.einsum("bqne,bkne->bnqk", q, k, preferred_element_type=f32) * LOG2E
+    p = jnp.exp2(s - lse[..., None])
+    delta = jnp.einsum("bqne,bqne->bnq", out.astype(f32), do.astype(f32))
+    dp = jnp.einsum("bqne,bkne->bnqk", do, v, preferred_element_type=f32)
+    ds = p * (dp - delta[..., None])
+    dq = jnp.einsum("bnqk,bkne->bqne", ds.astype(k.dtype), k, preferred_element_type=f32)
+    dk = jnp.einsum("bnqk,bqne->bkne", ds.astype(q.dtype), q, preferred_element_type=f32)
+    dv = jnp.einsum("bnqk,bqne->bkne", p.astype(do.dtype), do, preferred_element_type=f32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@contextlib.contextmanager
+def mosaic_kernel_or_stand_in(config: MosaicConfig = MOSAIC):
+    """The real kernel on Hopper; elsewhere the jnp stand-in patched in for the kernel calls only."""
+    with contextlib.ExitStack() as stack:
+        if not ON_HOPPER:
+            mp = stack.enter_context(pytest.MonkeyPatch.context())
+            mp.setattr(pallas_gpu, "_mosaic_unavailable", lambda: None)
+            mp.setattr(pallas_gpu, "_mosaic_fwd_raw", _stand_in_mgpu_fwd)
+            mp.setattr(pallas_gpu, "_mosaic_bwd_raw", _stand_in_mgpu_bwd)
+        stack.enter_context(mosaic_config_scope(config))
+        yield
+
+@pytest.fixture(autouse=True)
+def _fresh_attention_warnings():
+    """``warn_once`` is a process-wide cache: clear it around every test so a warning a test expects was not
+    swallowed by an earlier one (the tests pass in any order)."""
+    _common.warn_once.cache_clear()
+    yield
+    _common.warn_once.cache_clear()
+
 
 TOL_EPS = {jnp.float32: 64.0, jnp.bfloat16: 4.0, jnp.float16: 4.0}
 
@@ -110,8 +164,12 @@ def _kv_mask(B, L, seed):
 BACKENDS = {
     AttentionBackend.SPLASH_TPU: lambda: splash_config_scope(SPLASH_CPU),
     AttentionBackend.PALLAS_GPU_TRITON: lambda: triton_config_scope(TRITON_CPU),
-    AttentionBackend.PALLAS_GPU_MOSAIC: lambda: mosaic_config_scope(MOSAIC_EMULATED),  # emulated kernel
+    AttentionBackend.PALLAS_GPU_MOSAIC: mosaic_kernel_or_stand_in,
 }
+
+
+def _backend_id(b):
+    return MOSAIC_ID if b is AttentionBackend.PALLAS_GPU_MOSAIC else b.value
 
 # (length, head dim, dtype, key mask): odd lengths, both head dims, both precisions, with and without padding masks.
 CASES = [
@@ -122,7 +180,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS), ids=lambda b: b.value)
+@pytest.mark.parametrize("backend", list(BACKENDS), ids=_backend_id)
 @pytest.mark.parametrize("L,E,dtype,masked", CASES, ids=lambda x: getattr(x, "__name__", str(x)))
 def test_dense_backend_matches_reference(backend, L, E, dtype, masked):
     if backend is AttentionBackend.PALLAS_GPU_MOSAIC and dtype == jnp.float32:
@@ -142,14 +200,16 @@ def test_dense_backend_matches_reference(backend, L, E, dtype, masked):
 
 
 def test_triton_cross_lengths_and_mosaic_mostly_masked_keys():
-    """Lq != Lk runs on the block-sparse kernel; Mosaic's lse correction holds with 90% of keys masked."""
+    """Lq != Lk runs on the block-sparse kernel; Mosaic's lse correction holds with 90% of keys masked (the
+    wrapper around the jnp stand-in off Hopper)."""
     q, k, v, _ = _inputs(1, 100, 2, 64, jnp.float32, seed=5, lk=300)
     mask = jnp.arange(300)[None] < 250
     out = pallas_gpu.triton_attention(q, k, v, mask, config=TRITON_CPU)
     assert_close(out, reference_attention(q, k, v, mask), jnp.float32, "triton cross")
     qh, kh, vh = (x.astype(jnp.bfloat16) for x in (q, k, v))
     mask = jnp.arange(300)[None] < 30
-    out = pallas_gpu.mosaic_attention(qh, kh, vh, mask, config=MOSAIC_EMULATED)
+    with mosaic_kernel_or_stand_in():
+        out = pallas_gpu.mosaic_attention(qh, kh, vh, mask, config=MOSAIC)
     assert_close(out, reference_attention(qh, kh, vh, mask), jnp.bfloat16, "mosaic masked")
 
 
@@ -201,17 +261,12 @@ def test_splash_heads_sharded_over_two_devices():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _fresh_warnings():
-    _common.warn_once.cache_clear()
-
-
 @pytest.mark.parametrize("backend", [AttentionBackend.SPLASH_TPU, AttentionBackend.PALLAS_GPU_TRITON,
                                      AttentionBackend.PALLAS_GPU_MOSAIC, AttentionBackend.CUDNN],
                          ids=lambda b: b.value)
 def test_missing_backend_falls_back_with_warning(backend, caplog):
     if jax.devices()[0].platform != "cpu":
         pytest.skip("fallback test assumes a CPU-only host")
-    _fresh_warnings()
     q, k, v, _ = _inputs(1, 40, 2, 64, jnp.bfloat16, seed=1)
     with caplog.at_level(logging.WARNING):
         assert resolve_backend(backend, q, k, v) is AttentionBackend.REFERENCE
@@ -223,16 +278,16 @@ def test_missing_backend_falls_back_with_warning(backend, caplog):
 
 def test_mosaic_refuses_fp32_and_bf16_without_fp16_compute():
     q, k, v, _ = _inputs(1, 64, 1, 64, jnp.float32, seed=2)
-    assert "fp16/bf16" in pallas_gpu.check_mosaic(q, k, v, config=MOSAIC_EMULATED)
     qb = q.astype(jnp.bfloat16)
-    cfg = MosaicConfig(emulate=True, allow_fp16_compute=False)
-    assert "allow_fp16_compute" in pallas_gpu.check_mosaic(qb, qb, qb, config=cfg)
-    with pytest.raises(ValueError, match="fp16/bf16"):
-        pallas_gpu.mosaic_attention(q, k, v, config=MOSAIC_EMULATED)
+    cfg = MosaicConfig(allow_fp16_compute=False)
+    with mosaic_kernel_or_stand_in():
+        assert "fp16/bf16" in pallas_gpu.check_mosaic(q, k, v, config=MOSAIC)
+        assert "allow_fp16_compute" in pallas_gpu.check_mosaic(qb, qb, qb, config=cfg)
+        with pytest.raises(ValueError, match="fp16/bf16"):
+            pallas_gpu.mosaic_attention(q, k, v, config=MOSAIC)
 
 
 def test_sta_unsupported_backend_falls_back(caplog):
-    _fresh_warnings()
     q, k, v, _ = _inputs(1, 2 * 4 * 4, 1, 16, jnp.float32, seed=4)
     with caplog.at_level(logging.WARNING):
         out = sliding_tile_attention(q, k, v, grid=(2, 4, 4), tile=(1, 2, 2), window=(1, 1, 1),

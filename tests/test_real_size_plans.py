@@ -25,7 +25,7 @@ def _plan(torch_model, model_cls, arch: dict, **overrides):
     ours = sum(math.prod(s.shape) for s in specs.values())
     theirs = sum(math.prod(s) for k, s in shapes.items() if k not in plan.ignored)
     assert ours == theirs, f"{model_cls.__name__}: {ours} parameters vs {theirs} in the checkpoint"
-    return ours
+    return ours, specs
 
 
 @pytest.mark.parametrize("preset", ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b"])
@@ -37,7 +37,7 @@ def test_wan_dit_real_sizes(preset):
 
     with torch.device("meta"):
         ref = WanTransformer3DModel(**WAN_PRESETS[preset])
-    n = _plan(ref, Ours, WAN_PRESETS[preset], precision="bf16")
+    n, _ = _plan(ref, Ours, WAN_PRESETS[preset], precision="bf16")
     assert n > 1e9
 
 
@@ -62,5 +62,7 @@ def test_umt5_xxl_real_size():
     arch = dict(T5_PRESETS["umt5-xxl"])
     with torch.device("meta"):
         ref = UMT5EncoderModel(UMT5Config(**arch))
-    assert _plan(ref, Ours, arch) == 5_680_910_336
-    assert np.dtype("float32")  # fp32 by default, as Wan runs it
+    n, specs = _plan(ref, Ours, arch)
+    assert n == 5_680_910_336
+    dtypes = {spec.dtype for spec in specs.values()}
+    assert dtypes == {np.dtype("float32")}, f"UMT5-XXL parameters default to fp32 (as Wan runs it), got {dtypes}"

@@ -14,7 +14,10 @@
   their known contribution ``n_masked * 2^-lse`` is removed from the softmax denominator using the kernel's
   log-sum-exp; the backward pass is the kernel's own, fed the corrected output and lse (exact, since zeroed keys
   add nothing to dQ). The correction is ill-conditioned only when the valid keys' softmax mass is tiny next to
-  the number of masked keys (logits all << 0); tests cover it with an emulated kernel on CPU.
+  the number of masked keys (logits all << 0). The kernel is reached only through ``_mosaic_fwd_raw`` /
+  ``_mosaic_bwd_raw`` (and its availability through ``_mosaic_unavailable``): CPU tests replace those with a
+  jnp stand-in to test this wrapper (padding, masking, lse correction, dtype policy); only a Hopper GPU tests
+  the kernel itself.
 
 All entry points take (B, L, N, E) and ``scale`` (default 1/sqrt(E)). ``interpret=True`` runs the Triton
 kernels in Pallas interpret mode (CPU tests). The block-sparse Triton kernel (``block_sparse_attention``) lives
@@ -32,7 +35,6 @@ import jax.numpy as jnp
 
 from fastvideo_jax.attention._common import ScopedValue, platform, round_up
 from fastvideo_jax.attention._gpu_common import (
-    LOG2E,
     TritonConfig,
     _pad_axis,
     current_triton_config,
@@ -58,7 +60,7 @@ class MosaicConfig:
     """``attention_mgpu.TuningConfig`` fields plus dtype policy.
 
     Defaults: the configuration measured at 675 TFLOP/s on H200 (fp16, N=32768): block_q 64, block_kv 128,
-    2 stages. ``emulate`` swaps the kernel for a jnp model with the same contract (CPU tests only).
+    2 stages.
     """
 
     block_q: int = 64
@@ -69,7 +71,6 @@ class MosaicConfig:
     block_q_dq: int = 64
     block_kv_dq: int = 64
     allow_fp16_compute: bool = True
-    emulate: bool = False
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq"):
@@ -121,17 +122,24 @@ def _mgpu_module():
     return attention_mgpu
 
 
+def _mosaic_unavailable() -> str | None:
+    """Why the Mosaic-GPU kernel cannot run on this machine, or None."""
+    if platform() != "gpu":
+        return f"needs an sm90 GPU (platform is {platform()})"
+    cc = _compute_capability()
+    if cc is not None and str(cc) != "9.0":
+        return f"needs compute capability 9.0 (Hopper wgmma), device has {cc}"
+    mod = _mgpu_module()
+    if mod is None or not all(hasattr(mod, n) for n in ("attention", "_attention_bwd", "TuningConfig")):
+        return "jax.experimental.pallas.ops.gpu.attention_mgpu (attention, _attention_bwd) not importable"
+    return None
+
+
 def check_mosaic(q, k, v, kv_mask=None, config: MosaicConfig | None = None) -> str | None:
     config = config or current_mosaic_config()
-    if not config.emulate:
-        if platform() != "gpu":
-            return f"needs an sm90 GPU (platform is {platform()})"
-        cc = _compute_capability()
-        if cc is not None and str(cc) != "9.0":
-            return f"needs compute capability 9.0 (Hopper wgmma), device has {cc}"
-        mod = _mgpu_module()
-        if mod is None or not all(hasattr(mod, n) for n in ("attention", "_attention_bwd", "TuningConfig")):
-            return "jax.experimental.pallas.ops.gpu.attention_mgpu (attention, _attention_bwd) not importable"
+    reason = _mosaic_unavailable()
+    if reason is not None:
+        return reason
     if q.dtype == jnp.bfloat16 and not config.allow_fp16_compute:
         return "the Mosaic kernel's smem buffers are fp16; bf16 needs allow_fp16_compute=True"
     if q.dtype not in (jnp.bfloat16, jnp.float16):
@@ -189,35 +197,8 @@ def _mgpu_tuning(config: MosaicConfig):
     )
 
 
-def _emulated_mgpu_fwd(q, k, v):
-    """jnp model of ``attention_mgpu.attention(..., save_residuals=True)``: no scale, lse in log2 units."""
-    s = jnp.einsum("bqne,bkne->bnqk", q, k, preferred_element_type=jnp.float32)
-    m = s.max(-1, keepdims=True)
-    p = jnp.exp(s - m)
-    l = p.sum(-1, keepdims=True)
-    out = jnp.einsum("bnqk,bkne->bqne", (p / l).astype(v.dtype), v, preferred_element_type=jnp.float32)
-    lse = (m * LOG2E + jnp.log2(l))[..., 0]
-    return out.astype(q.dtype), lse
-
-
-def _emulated_mgpu_bwd(res, do):
-    """jnp model of ``attention_mgpu._attention_bwd``: p = 2^(s log2e - lse), delta = rowsum(out * do)."""
-    q, k, v, out, lse = res
-    f32 = jnp.float32
-    s = jnp.einsum("bqne,bkne->bnqk", q, k, preferred_element_type=f32) * LOG2E
-    p = jnp.exp2(s - lse[..., None])
-    delta = jnp.einsum("bqne,bqne->bnq", out.astype(f32), do.astype(f32))
-    dp = jnp.einsum("bqne,bkne->bnqk", do, v, preferred_element_type=f32)
-    ds = p * (dp - delta[..., None])
-    dq = jnp.einsum("bnqk,bkne->bqne", ds.astype(k.dtype), k, preferred_element_type=f32)
-    dk = jnp.einsum("bnqk,bqne->bkne", ds.astype(q.dtype), q, preferred_element_type=f32)
-    dv = jnp.einsum("bnqk,bqne->bkne", p.astype(do.dtype), do, preferred_element_type=f32)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
 def _mosaic_fwd_raw(q, k, v, config: MosaicConfig):
-    if config.emulate:
-        return _emulated_mgpu_fwd(q, k, v)
+    """The kernel's forward: unscaled softmax attention and its log-sum-exp in log2 units."""
     out, (lse,) = _mgpu_module().attention(q, k, v, _mgpu_tuning(config), save_residuals=True)
     return out, lse
 
@@ -243,12 +224,13 @@ def _mosaic_core_fwd(q, k, v, n_masked, config):
     return out, (q, k, v, out, lse)
 
 
+def _mosaic_bwd_raw(config: MosaicConfig, res, do):
+    """The kernel's backward: (dq, dk, dv) from (q, k, v, out, lse) and the output cotangent."""
+    return _mgpu_module()._attention_bwd(_mgpu_tuning(config), False, res, do)
+
+
 def _mosaic_core_bwd(config, res, do):
-    do = do.astype(res[0].dtype)
-    if config.emulate:
-        dq, dk, dv = _emulated_mgpu_bwd(res, do)
-    else:
-        dq, dk, dv = _mgpu_module()._attention_bwd(_mgpu_tuning(config), False, res, do)
+    dq, dk, dv = _mosaic_bwd_raw(config, res, do.astype(res[0].dtype))
     return dq, dk, dv, None
 
 
