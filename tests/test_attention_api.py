@@ -79,21 +79,71 @@ def test_shape_errors_are_clear():
         attention(q, k[:, :, :2], v)
 
 
-@pytest.mark.parametrize("lq,lk,masked", [(200, 200, False), (37, 300, True), (129, 128, False)])
+@pytest.mark.parametrize("lq,lk,masked", [(200, 200, False), (37, 300, True), (129, 128, False), (256, 256, True)])
 def test_cudnn_padding_and_masking_path(lq, lk, masked):
-    """The cuDNN wrapper pads to a multiple of 128 and masks padded keys by length; run the same path through
-    XLA on CPU and compare with the reference."""
+    """The cuDNN wrapper pads to a multiple of 128 and masks padded keys by length (plus the caller's prefix
+    lengths); run the same path through XLA on CPU and compare with the reference under the equivalent mask."""
     from fastvideo_jax.attention.cudnn import cudnn_attention
 
     q, k, v = _qkv(6, Lq=lq, Lk=lk)
-    mask = None
+    lengths = mask = None
     if masked:
-        mask = jnp.asarray(np.arange(lk)[None, :] < np.array([[lk], [lk - 77]]))
-    ours = cudnn_attention(q, k, v, mask, implementation="xla")
+        lengths = jnp.array([lk, lk - 77])
+        mask = jnp.arange(lk)[None, :] < lengths[:, None]
+    ours = cudnn_attention(q, k, v, lengths, implementation="xla")
     ref = reference_attention(q, k, v, mask)
     assert ours.shape == ref.shape
     err = float(jnp.abs(ours - ref).max())
     assert err < 1e-5, f"max-abs {err:.3e}"
+
+
+@pytest.fixture
+def cudnn_through_xla(monkeypatch):
+    """Dispatch as on a GPU, with the cuDNN backend running its wrapper through XLA (same padding/lengths)."""
+    import functools
+
+    from fastvideo_jax.attention import api
+    from fastvideo_jax.attention.cudnn import cudnn_attention
+
+    monkeypatch.setattr(api, "platform", lambda: "gpu")
+    entry = api._BACKENDS[AttentionBackend.CUDNN]
+    monkeypatch.setitem(api._BACKENDS, AttentionBackend.CUDNN, api._Backend(
+        functools.partial(cudnn_attention, implementation="xla"), entry.check, entry.takes_lengths))
+
+
+def test_cudnn_runs_prefix_masks_given_as_lengths_and_refuses_other_masks(cudnn_through_xla, caplog):
+    q, k, v = _qkv(11, Lq=50, Lk=70, dtype=jnp.bfloat16)
+    lengths = jnp.array([70, 23])
+    prefix = jnp.arange(70)[None, :] < lengths[:, None]
+    assert resolve_backend("cudnn", q, k, v) is AttentionBackend.CUDNN
+    with caplog.at_level(logging.WARNING):
+        out = jax.jit(lambda q, k, v, n: attention(q, k, v, kv_lengths=n, backend="cudnn"))(q, k, v, lengths)
+    assert "falling back" not in caplog.text
+    ref = reference_attention(q, k, v, prefix)
+    out32, ref32 = out.astype(jnp.float32), ref.astype(jnp.float32)
+    err = float(jnp.abs(out32 - ref32).max()) / float(jnp.abs(ref32).max())
+    assert err <= 4 * float(jnp.finfo(jnp.bfloat16).eps), f"bf16 relative max error {err:.3e}"  # output roundings
+    # Unrequested: the platform's first candidate (cuDNN) takes the lengths.
+    assert resolve_backend(None, q, k, v) is AttentionBackend.CUDNN
+    # A boolean mask, even a prefix one, is refused by cuDNN with the reason and runs on the reference.
+    with caplog.at_level(logging.WARNING):
+        masked = attention(q, k, v, prefix, backend="cudnn")
+    assert "cuDNN masks keys by length only" in caplog.text and "pass kv_lengths" in caplog.text
+    np.testing.assert_array_equal(np.asarray(masked), np.asarray(ref))
+
+
+def test_kv_lengths_become_a_prefix_mask_elsewhere_and_bad_masks_are_clear():
+    q, k, v = _qkv(12)
+    lengths = jnp.array([53, 9])
+    prefix = jnp.arange(53)[None, :] < lengths[:, None]
+    out = attention(q, k, v, kv_lengths=lengths, backend="reference")
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(reference_attention(q, k, v, prefix)))
+    with pytest.raises(ValueError, match="kv_mask or kv_lengths, not both"):
+        attention(q, k, v, prefix, kv_lengths=lengths)
+    with pytest.raises(ValueError, match=r"kv_mask must be \(B, Lk\) = \(2, 53\)"):
+        attention(q, k, v, prefix[:, :50])
+    with pytest.raises(ValueError, match=r"kv_lengths must be \(B,\)"):
+        attention(q, k, v, kv_lengths=jnp.array([53]))
 
 
 def test_unrequested_backend_takes_the_platforms_first_capable(monkeypatch, caplog):

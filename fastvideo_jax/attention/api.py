@@ -2,8 +2,13 @@
 
 Model code calls ``attention(q, k, v, backend=...)`` and never names a kernel. Each backend declares what it
 can run (platform, dtype, head dim, lengths); asking for one that cannot run this call falls back to the
-pure-jnp reference with a warning, never an error deep inside a kernel. New backends (splash on TPU, Pallas
-on GPU, sliding-tile) register themselves with ``register_backend`` and need no model change.
+pure-jnp reference with a warning, never an error deep inside a kernel. New backends register themselves with
+``register_backend`` and need no model change.
+
+Key masks come in two forms: ``kv_mask`` (B, Lk) bool, any pattern, and ``kv_lengths`` (B,) int, a prefix
+(padding) mask: keys [0, kv_lengths[b]) are valid. A mask is traced under jit, so whether it is a prefix cannot
+be seen; callers that pad (text, sequence-parallel padding) pass lengths. Backends that take lengths natively
+(cuDNN) get them; every other backend gets the equivalent boolean mask. cuDNN refuses ``kv_mask``.
 """
 
 from __future__ import annotations
@@ -54,13 +59,17 @@ Check = Callable[[jax.Array, jax.Array, jax.Array, "jax.Array | None"], "str | N
 class _Backend:
     fn: Callable[..., jax.Array]
     check: Check
+    takes_lengths: bool  # fn(q, k, v, kv_lengths=..., scale=...) instead of fn(q, k, v, kv_mask=..., scale=...)
 
 
 _BACKENDS: dict[AttentionBackend, _Backend] = {}
 
 
-def register_backend(backend: AttentionBackend, fn: Callable[..., jax.Array], check: Check) -> None:
-    _BACKENDS[backend] = _Backend(fn, check)
+def register_backend(backend: AttentionBackend, fn: Callable[..., jax.Array], check: Check, *,
+                     takes_lengths: bool = False) -> None:
+    """``fn(q, k, v, kv_mask=..., scale=...)``, or with ``takes_lengths`` ``fn(q, k, v, kv_lengths=..., scale=...)``;
+    ``check(q, k, v, kv_mask)`` returns None when it can run the call (``kv_mask`` is None for length masks)."""
+    _BACKENDS[backend] = _Backend(fn, check, takes_lengths)
 
 
 def _check_cudnn(q, k, v, kv_mask) -> str | None:
@@ -71,12 +80,12 @@ def _check_cudnn(q, k, v, kv_mask) -> str | None:
     if q.shape[-1] > 256 or q.shape[-1] % 8:
         return f"head dim {q.shape[-1]} unsupported (multiple of 8, at most 256)"
     if kv_mask is not None:
-        return "arbitrary key masks unsupported (cuDNN masks by sequence length only)"
+        return "cuDNN masks keys by length only: a (B, Lk) kv_mask is refused; pass kv_lengths for a prefix mask"
     return None
 
 
 register_backend(AttentionBackend.REFERENCE, reference_attention, lambda q, k, v, m: None)
-register_backend(AttentionBackend.CUDNN, cudnn_attention, _check_cudnn)
+register_backend(AttentionBackend.CUDNN, cudnn_attention, _check_cudnn, takes_lengths=True)
 register_backend(AttentionBackend.SPLASH_TPU, splash_tpu.splash_attention, splash_tpu.check_splash)
 register_backend(AttentionBackend.PALLAS_GPU_TRITON, pallas_gpu.triton_attention, pallas_gpu.check_triton)
 register_backend(AttentionBackend.PALLAS_GPU_MOSAIC, pallas_gpu.mosaic_attention, pallas_gpu.check_mosaic)
@@ -119,12 +128,26 @@ def attention(
     q: jax.Array,  # (B, Lq, N, E)
     k: jax.Array,  # (B, Lk, N, E)
     v: jax.Array,  # (B, Lk, N, E)
-    kv_mask: jax.Array | None = None,  # (B, Lk) bool
+    kv_mask: jax.Array | None = None,  # (B, Lk) bool, True = attend
     *,
+    kv_lengths: jax.Array | None = None,  # (B,) int: keys [0, kv_lengths[b]) attend (>= 1); excludes kv_mask
     backend: AttentionBackend | str | None = None,
     scale: float | None = None,
 ) -> jax.Array:  # (B, Lq, N, E)
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"attention expects q (B,Lq,N,E), k/v (B,Lk,N,E); got {q.shape}, {k.shape}, {v.shape}")
-    chosen = resolve_backend(backend, q, k, v, kv_mask)
-    return _BACKENDS[chosen].fn(q, k, v, kv_mask=kv_mask, scale=scale)
+    B, Lk = k.shape[:2]
+    if kv_mask is not None and kv_lengths is not None:
+        raise ValueError("attention: pass kv_mask or kv_lengths, not both")
+    if kv_mask is not None and tuple(kv_mask.shape) != (B, Lk):
+        raise ValueError(f"attention: kv_mask must be (B, Lk) = {(B, Lk)}, got {tuple(kv_mask.shape)}")
+    if kv_lengths is not None and tuple(jnp.shape(kv_lengths)) != (B,):
+        raise ValueError(f"attention: kv_lengths must be (B,) = {(B,)}, got {tuple(jnp.shape(kv_lengths))}")
+    entry = _BACKENDS[resolve_backend(backend, q, k, v, kv_mask)]
+    if entry.takes_lengths:
+        if kv_mask is not None:
+            raise ValueError(f"attention backend {backend} takes kv_lengths only, and its check accepted a kv_mask")
+        return entry.fn(q, k, v, kv_lengths=kv_lengths, scale=scale)
+    if kv_lengths is not None:
+        kv_mask = jnp.arange(Lk)[None, :] < jnp.asarray(kv_lengths)[:, None]
+    return entry.fn(q, k, v, kv_mask=kv_mask, scale=scale)
