@@ -103,9 +103,6 @@ class ConversionPlan:
             del row
         return outs
 
-    def materialize(self, read: Callable[[str], np.ndarray]) -> dict[Path, np.ndarray]:
-        return {path: self.leaf_array(path, read) for path in self.leaves}
-
 
 def assemble_row(sources: list[_Source], leaf: str, read: Callable[[str], np.ndarray]) -> np.ndarray:
     """One row (a layer, or the whole of an unstacked parameter) in Flax layout: read, merged, transformed."""

@@ -10,7 +10,7 @@ one tensor per name. Names no pattern matches map to themselves.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = ["MappedName", "NameMapper"]
@@ -48,10 +48,6 @@ class NameMapper:
                 return MappedName(pattern.sub(target, name))
         return MappedName(name)
 
-    def then(self, other: "NameMapper") -> "ChainedMapper":
-        """Apply this mapping, then ``other`` (e.g. a LoRA mapping before the parameter mapping)."""
-        return ChainedMapper((self, other))
-
 
 def _is_merge(target: tuple) -> bool:
     return (
@@ -61,16 +57,3 @@ def _is_merge(target: tuple) -> bool:
         and isinstance(target[2], int)
         and 0 <= target[1] < target[2]
     )
-
-
-class ChainedMapper:
-    def __init__(self, mappers: Sequence[NameMapper]):
-        self._mappers = tuple(mappers)
-
-    def __call__(self, name: str) -> MappedName:
-        out = MappedName(name)
-        for m in self._mappers:
-            step = m(out.name)
-            out = MappedName(step.name, step.part if step.part is not None else out.part,
-                             step.num_parts if step.num_parts is not None else out.num_parts)
-        return out

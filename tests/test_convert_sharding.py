@@ -87,15 +87,16 @@ def test_converted_pipeline_generates_identical_video(pipeline, tmp_path):
                           b.generate_video("a red car", **request)["frames"])
 
 
-def test_dst_exists_refused_then_overwrite(pipeline, tmp_path):
+def test_dst_exists_refused_then_overwrite(pipeline, tmp_path, capsys):
     dst = tmp_path / "out"
-    dst.mkdir()
+    conv_cli.convert(pipeline, dst, progress=False)
     (dst / "keep.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        cli_main(["convert", str(pipeline), str(dst), "--no-progress"])
+    assert cli_main(["convert", str(pipeline), str(dst), "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
     assert (dst / "keep.txt").read_text() == "precious"
     assert cli_main(["convert", str(pipeline), str(dst), "--overwrite", "--no-progress"]) == 0
     assert not (dst / "keep.txt").exists() and (dst / "transformer" / "params").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "temporary folders or lock file left behind"
 
 
 def test_failure_midway_leaves_no_dst(pipeline, tmp_path, monkeypatch):

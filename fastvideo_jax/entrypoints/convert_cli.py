@@ -4,8 +4,14 @@ Every model component (DiT, text encoder, VAE) is loaded through our strict load
 an orbax checkpoint (default; ``--dtype`` casts) or, with ``--to diffusers``, as safetensors through the
 reverse name mapping. Tokenizers, schedulers and other folders are copied as they are.
 
-Nothing is lost: output goes to a temporary directory beside DST and is renamed into place only when every
-component succeeded; an existing DST is refused unless ``--overwrite``; SRC is only ever read.
+Nothing is lost. SRC is only ever read: a DST that is SRC, inside it or around it (however spelled: ``..``,
+symlinks, bind mounts) is refused. Every check runs before any work: a folder model_index.json lists but SRC
+lacks, a model that cannot be stored at ``--dtype`` (UMT5 refuses fp16), too little free space. Output goes
+to ``.DST.partial-<pid>-*`` beside DST under a lock (``.DST.lock``, one run per DST) and is renamed into place
+only when every component succeeded, never over anything it did not check; an existing DST is refused unless
+``--overwrite``, which replaces only a pipeline (or empty) directory and keeps it until the new one is in
+place. Ctrl-C, SIGTERM and a full disk remove the partial output; folders left by killed runs are removed by
+the next run into the same DST.
 """
 
 from __future__ import annotations
@@ -16,14 +22,29 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from fastvideo_jax.entrypoints.output_dir import (DirLock, check_separate, clean_stale, identity,
+                                                  partial_prefix, publish, terminate_as_interrupt)
+from fastvideo_jax.errors import CheckpointError, OutputPathError, UserError
+
 __all__ = ["convert", "add_convert_arguments", "main"]
 
 
-def _write_model(name: str, src: Path, dst: Path, to: str, dtype: str | None) -> None:
+_ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class _Component:
+    name: str
+    kind: str  # component_kind(): "model" is converted, everything else copied as it is
+    precision: str | None  # models only: the precision written
+
+
+def _write_model(name: str, src: Path, dst: Path, to: str, precision: str) -> None:
     from fastvideo_jax.models.loader import orbax_io
     from fastvideo_jax.models.loader.component_loader import export_component
     from fastvideo_jax.models.loader.pipeline_loader import MODEL_LOADERS
@@ -35,7 +56,7 @@ def _write_model(name: str, src: Path, dst: Path, to: str, dtype: str | None) ->
 
     # Conversion is host work: load onto the CPU so a model larger than one accelerator's memory converts.
     host = make_mesh(devices=jax.devices("cpu")[:1])
-    model = MODEL_LOADERS[name]().load(src, precision=dtype or _source_precision(src), mesh=host)
+    model = MODEL_LOADERS[name]().load(src, precision=precision, mesh=host)
     dst.mkdir(parents=True)
     shutil.copy2(src / "config.json", dst / "config.json")
     if to == "orbax":
@@ -61,6 +82,67 @@ def _source_precision(src: Path) -> str:
     return counts.most_common(1)[0][0] if counts else "fp32"
 
 
+def _plan(src: Path, dtype: str | None) -> list[_Component]:
+    """Every component to write, checked before any work: each folder model_index.json lists exists, and each
+    model's class builds at the precision it will be written in (UMT5, for one, refuses fp16)."""
+    from fastvideo_jax.models.loader.pipeline_loader import component_kind, read_model_index
+
+    index = read_model_index(src)
+    missing = [n for n, (lib, cls) in index.items() if (lib, cls) != (None, None) and not (src / n).is_dir()]
+    if missing:
+        raise CheckpointError(f"{src}/model_index.json lists {missing}, but SRC has no such folder "
+                              f"({'it is' if len(missing) == 1 else 'they are'} missing or not directories)")
+    plan = []
+    for name in index:
+        if not (src / name).is_dir():
+            continue  # listed as [null, null]: an optional component this pipeline does not have
+        kind = component_kind(name)
+        precision = (dtype or _source_precision(src / name)) if kind == "model" else None
+        if precision is not None:
+            _check_builds(name, src / name, precision, dtype)
+        plan.append(_Component(name, kind, precision))
+    return plan
+
+
+def _check_builds(name: str, folder: Path, precision: str, dtype: str | None) -> None:
+    from fastvideo_jax.models.loader.component_loader import build_abstract, read_config
+    from fastvideo_jax.models.registry import resolve_model_cls
+
+    raw = read_config(folder)
+    cls, arch = resolve_model_cls(raw, str(folder / "config.json"))
+    config = cls.config_class().update_model_arch(raw).update_model_config(precision=precision)
+    try:
+        build_abstract(cls, config)
+    except (ValueError, TypeError) as e:
+        how = f"--dtype {dtype}" if dtype else f"its stored precision {precision}"
+        raise UserError(f"{folder}: {arch} cannot be converted at {how}: {e}") from e
+
+
+def _check_space(src: Path, plan: list[_Component], dst: Path) -> None:
+    """Refuse up front when DST's filesystem cannot hold the (estimated) output."""
+    need = 0
+    for c in plan:
+        size = sum(p.stat().st_size for p in (src / c.name).rglob("*") if p.is_file())
+        if c.precision is not None:
+            size = size * _ITEMSIZE[c.precision] // _ITEMSIZE.get(_source_precision(src / c.name), 4)
+        need += size
+    where = next(p for p in (dst, *dst.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise OutputPathError(f"no space left on device: {where} has {free / 2**20:.1f} MiB free, the converted "
+                              f"pipeline needs about {need / 2**20:.1f} MiB")
+
+
+def _check_dst(dst: Path, overwrite: bool) -> None:
+    if os.path.lexists(dst) and not dst.is_dir():
+        raise OutputPathError(f"{dst}: exists and is not a directory")
+    if dst.is_dir() and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    if dst.is_dir() and any(dst.iterdir()) and not (dst / "model_index.json").is_file():
+        raise OutputPathError(f"{dst}: --overwrite replaces only a pipeline directory (with model_index.json) or "
+                              "an empty one; this one holds other files")
+
+
 def _write_index(src: Path, dst: Path, to: str, dtype: str | None) -> None:
     index = json.loads((src / "model_index.json").read_text())
     index.pop("_fastvideo_jax", None)
@@ -71,48 +153,47 @@ def _write_index(src: Path, dst: Path, to: str, dtype: str | None) -> None:
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "orbax", dtype: str | None = None,
             overwrite: bool = False, progress: bool = True) -> Path:
-    """Convert the pipeline at SRC (directory or repo id) into DST; returns DST."""
-    from fastvideo_jax.models.loader.pipeline_loader import component_kind, read_model_index, resolve_model_path
+    """Convert the pipeline at SRC (directory or repo id) into DST; returns DST's real path.
+
+    Everything that can be checked is checked before any work (paths, every component folder and class, the
+    precision, free space); the output is built beside DST and renamed into place (see ``output_dir``)."""
+    from fastvideo_jax.models.loader.orbax_io import is_no_space
+    from fastvideo_jax.models.loader.pipeline_loader import resolve_model_path
 
     if to not in ("orbax", "diffusers"):
-        raise ValueError(f"--to must be 'orbax' or 'diffusers', got {to!r}")
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
-    src = resolve_model_path(src).absolute()
-    if src == dst or dst in src.parents or src in dst.parents:
-        raise ValueError(f"SRC {src} and DST {dst} must not contain each other")
-    index = read_model_index(src)
+        raise UserError(f"--to must be 'orbax' or 'diffusers', got {to!r}")
+    if dtype not in (None, *_ITEMSIZE):
+        raise UserError(f"--dtype must be one of {sorted(_ITEMSIZE)}, got {dtype!r}")
+    src = resolve_model_path(src)
+    check_separate(src, Path(dst).expanduser())
+    src, dst = Path(os.path.realpath(src)), Path(os.path.realpath(Path(dst).expanduser()))
+    _check_dst(dst, overwrite)
+    plan = _plan(src, dtype)
+    _check_space(src, plan, dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
-        for name in tqdm(list(index), desc="converting", unit="component", disable=not progress):
-            if not (src / name).is_dir():
-                continue
-            if component_kind(name) == "model":
-                _write_model(name, src / name, tmp / name, to, dtype)
-            else:
-                shutil.copytree(src / name, tmp / name)
-        _write_index(src, tmp, to, dtype)
-        _move_into_place(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with DirLock(dst), terminate_as_interrupt():
+        clean_stale(dst)
+        _check_dst(dst, overwrite)  # again under the lock: another run may have finished meanwhile
+        expected = identity(dst)
+        tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(dst), dir=dst.parent))
+        try:
+            _write_all(src, tmp, plan, to, dtype, progress)
+            publish(tmp, dst, expected)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, Exception) and is_no_space(e):
+                raise OutputPathError(f"no space left on device: {dst.parent} (nothing was written)") from e
+            raise
     return dst
 
 
-def _move_into_place(tmp: Path, dst: Path) -> None:
-    if not dst.exists():
-        tmp.rename(dst)
-        return
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    dst.rename(old)
-    try:
-        tmp.rename(dst)
-    except BaseException:
-        old.rename(dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def _write_all(src: Path, tmp: Path, plan: list[_Component], to: str, dtype: str | None, progress: bool) -> None:
+    for c in tqdm(plan, desc="converting", unit="component", disable=not progress):
+        if c.kind == "model":
+            _write_model(c.name, src / c.name, tmp / c.name, to, c.precision)
+        else:
+            shutil.copytree(src / c.name, tmp / c.name)
+    _write_index(src, tmp, to, dtype)
 
 
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
@@ -123,7 +204,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="parameter precision to store (default: the source's; norms and modulation tables "
                    "stay fp32 as in the original models)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing DST (only after success)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing pipeline directory DST (swapped in only after success)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -7,9 +7,18 @@ keyed by dotted parameter paths).
 
 from __future__ import annotations
 
+import errno
+import gc
+import io
 import json
-from collections.abc import Mapping
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -27,6 +36,8 @@ FORMAT = "fastvideo_jax-orbax-v1"
 # Wan-1.3B checkpoint, peak host RSS fell from 1.7x to 1.3-1.45x the checkpoint (benchmarks/load.py).
 RESTORE_CONCURRENT_GB = 4
 RESTORE_GROUP_BYTES = 512 * 2**20
+# Where orbax's and asyncio's background threads report a failed write, once per pending write.
+_NOISY_LOGGERS = ("absl", "asyncio", "concurrent.futures")
 
 __all__ = ["MARKER", "is_converted", "read_marker", "save_params", "restore_params"]
 
@@ -51,13 +62,99 @@ def _key(path: tuple) -> str:
 
 
 def save_params(component_dir: str | Path, state: nnx.State, precision: str) -> None:
-    """Write a model's parameters and the marker into ``component_dir`` (which must exist)."""
+    """Write a model's parameters and the marker into ``component_dir`` (which must exist).
+
+    Saved synchronously. A full disk raises one ``OSError(ENOSPC)`` naming the directory; the reports of
+    orbax's writer threads about it (hundreds of lines) are dropped (``FASTVIDEO_JAX_DEBUG=1`` shows them)."""
     component_dir = Path(component_dir).absolute()
     flat = {_key(path): var[...] for path, var in nnx.to_flat_state(state)}
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(component_dir / PARAMS_DIR, flat)
-        ckptr.wait_until_finished()
+
+    def save():
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+            ckptr.save(component_dir / PARAMS_DIR, flat)
+
+    _quietly(save, lambda e: OSError(errno.ENOSPC, "No space left on device", str(component_dir))
+             if is_no_space(e) else None)
     (component_dir / MARKER).write_text(json.dumps({"format": FORMAT, "precision": precision}, indent=2))
+
+
+def is_no_space(e: BaseException | None) -> bool:
+    """Whether ``e`` or anything it was raised from is a full disk (tensorstore reports ENOSPC as text)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "os_error_code='28'" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _debug() -> bool:
+    return os.environ.get("FASTVIDEO_JAX_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _quietly(work: Callable[[], Any], translate: Callable[[Exception], Exception | None]) -> Any:
+    """Run ``work`` holding back what orbax's threads log or print; replayed on success. An error ``translate``
+    turns into a one-line exception drops them: first the original exception is let go and the abandoned
+    writes settle (their tasks report when collected), then the translation is raised. ``translate`` returning
+    None re-raises the original. ``FASTVIDEO_JAX_DEBUG=1``: nothing is held and the original is chained."""
+    debug = _debug()
+    loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    held, real = io.StringIO(), sys.stderr
+    if not debug:
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        sys.stderr = held
+    failure = None
+    try:
+        try:
+            return work()
+        except Exception as e:
+            failure = translate(e)
+            if failure is None:
+                raise
+            if debug:
+                raise failure from e
+        _settle(held)  # outside the except block: the original exception, its frames and tasks can go
+        raise failure
+    finally:
+        sys.stderr = real
+        if failure is None:
+            real.write(held.getvalue())
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _settle(held: io.StringIO, quiet_s: float = 0.3, max_s: float = 3.0) -> None:
+    """After a failed save, writes still in flight fail on a closed event loop and their abandoned tasks report
+    when collected: collect them now and wait (bounded) until nothing more is reported, while still held."""
+    deadline, size, last_change = time.monotonic() + max_s, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        gc.collect()
+        if len(held.getvalue()) != size:
+            size, last_change = len(held.getvalue()), time.monotonic()
+        elif time.monotonic() - last_change >= quiet_s:
+            return
+        time.sleep(0.05)
+
+
+def restore_error_message(e: BaseException) -> str:
+    """One line for an orbax restore error. Orbax's own message for a failed read prints a bound method
+    (``See full TensorStore details: <bound method ...spec of TensorStore(...)>``, a page of JSON) where it
+    meant the store's spec: such a message gives way to its cause (tensorstore's, which names the parameter
+    and the file), and tensorstore's spec dumps are cut."""
+    first, seen = e, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = re.sub(r"\s*\[tensorstore_spec(\[\d+\])?='.*?'\]", "", str(e), flags=re.S)
+        text = " ".join(text.split())
+        if text and "<bound method" not in text:
+            return f"{type(e).__name__}: {text[:500]}"
+        e = e.__cause__ or e.__context__
+    return type(first).__name__
 
 
 def restore_params(
@@ -74,23 +171,27 @@ def restore_params(
     }
     handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=RESTORE_CONCURRENT_GB)
     restored: dict[str, jax.Array] = {}
-    with ocp.Checkpointer(handler) as ckptr:
-        stored = ckptr.metadata(params_dir)
-        stored = getattr(stored, "item_metadata", stored)
-        stored = getattr(stored, "tree", stored)
-        names = set(stored.keys()) if isinstance(stored, Mapping) else None
-        if names is not None and names != set(targets):
-            extra, missing = sorted(names - set(targets)), sorted(set(targets) - names)
-            raise CheckpointError(f"{params_dir}: parameters do not match the model: unexpected {extra}, missing {missing}")
-        # Restored in groups of about RESTORE_GROUP_BYTES, so the host never holds more than one group's
-        # reads in flight on top of what the devices already hold.
-        for group in _groups(targets, RESTORE_GROUP_BYTES):
-            args = ocp.args.PyTreeRestore(item=group, restore_args=ocp.checkpoint_utils.construct_restore_args(group),
-                                          partial_restore=True)
-            try:
+
+    def restore():
+        with ocp.Checkpointer(handler) as ckptr:
+            stored = ckptr.metadata(params_dir)
+            stored = getattr(stored, "item_metadata", stored)
+            stored = getattr(stored, "tree", stored)
+            names = set(stored.keys()) if isinstance(stored, Mapping) else None
+            if names is not None and names != set(targets):
+                extra, missing = sorted(names - set(targets)), sorted(set(targets) - names)
+                raise CheckpointError(f"{params_dir}: parameters do not match the model: unexpected {extra}, "
+                                      f"missing {missing}")
+            # Restored in groups of about RESTORE_GROUP_BYTES, so the host never holds more than one group's
+            # reads in flight on top of what the devices already hold.
+            for group in _groups(targets, RESTORE_GROUP_BYTES):
+                restore_args = ocp.checkpoint_utils.construct_restore_args(group)
+                args = ocp.args.PyTreeRestore(item=group, restore_args=restore_args, partial_restore=True)
                 restored.update(ckptr.restore(params_dir, args=args))
-            except Exception as e:  # orbax raises many types; name the directory
-                raise CheckpointError(f"{params_dir}: cannot restore ({type(e).__name__}: {e})") from e
+
+    # orbax raises many types: each becomes one CheckpointError naming the directory
+    _quietly(restore, lambda e: CheckpointError(str(e)) if isinstance(e, CheckpointError)
+             else CheckpointError(f"{params_dir}: cannot restore ({restore_error_message(e)})"))
     by_key = {_key(path): path for path, _ in nnx.to_flat_state(abstract)}
     return {by_key[k]: v for k, v in restored.items()}
 
