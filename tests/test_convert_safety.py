@@ -383,3 +383,11 @@ def test_restore_error_names_the_cause_not_a_bound_method(pipeline, tmp_path):
     assert msg.startswith(f"{params}: cannot restore (ValueError: OUT_OF_RANGE: Error reading "), msg[:2000]
     assert "is not valid for value of size 20" in msg
     assert "bound method" not in msg and "tensorstore_spec" not in msg and "\n" not in msg and len(msg) < 1000
+
+
+def test_model_folder_with_a_class_of_another_kind_fails_up_front(src, tmp_path, stub_writer):
+    shutil.rmtree(src / "vae")
+    shutil.copytree(src / "transformer", src / "vae")  # a DiT where the VAE belongs
+    with pytest.raises(CheckpointError, match=r"vae/config.json: class \['WanTransformer3DModel'\] is not a vae"):
+        conv_cli.convert(src, tmp_path / "out", progress=False)
+    assert stub_writer == [] and sorted(p.name for p in tmp_path.iterdir()) == ["src"]

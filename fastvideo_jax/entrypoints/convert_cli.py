@@ -83,32 +83,32 @@ def _source_precision(src: Path) -> str:
 
 
 def _plan(src: Path, dtype: str | None) -> list[_Component]:
-    """Every component to write, checked before any work: each folder model_index.json lists exists, and each
-    model's class builds at the precision it will be written in (UMT5, for one, refuses fp16)."""
-    from fastvideo_jax.models.loader.pipeline_loader import component_kind, read_model_index
+    """Every component to write, checked before any work: each folder model_index.json lists exists, each
+    model's config names a class of its kind, and the class builds at the precision it will be written in
+    (UMT5, for one, refuses fp16)."""
+    from fastvideo_jax.models.loader.pipeline_loader import check_components, component_kind, read_model_index
 
     index = read_model_index(src)
     missing = [n for n, (lib, cls) in index.items() if (lib, cls) != (None, None) and not (src / n).is_dir()]
     if missing:
         raise CheckpointError(f"{src}/model_index.json lists {missing}, but SRC has no such folder "
                               f"({'it is' if len(missing) == 1 else 'they are'} missing or not directories)")
+    present = [n for n in index if (src / n).is_dir()]  # an entry [null, null] without folder: not in this pipeline
+    configs = check_components(src, [n for n in present if component_kind(n) == "model"])
     plan = []
-    for name in index:
-        if not (src / name).is_dir():
-            continue  # listed as [null, null]: an optional component this pipeline does not have
-        kind = component_kind(name)
-        precision = (dtype or _source_precision(src / name)) if kind == "model" else None
-        if precision is not None:
-            _check_builds(name, src / name, precision, dtype)
-        plan.append(_Component(name, kind, precision))
+    for name in present:
+        precision = None
+        if name in configs:
+            precision = dtype or _source_precision(src / name)
+            _check_builds(src / name, configs[name], precision, dtype)
+        plan.append(_Component(name, component_kind(name), precision))
     return plan
 
 
-def _check_builds(name: str, folder: Path, precision: str, dtype: str | None) -> None:
-    from fastvideo_jax.models.loader.component_loader import build_abstract, read_config
+def _check_builds(folder: Path, raw: dict, precision: str, dtype: str | None) -> None:
+    from fastvideo_jax.models.loader.component_loader import build_abstract
     from fastvideo_jax.models.registry import resolve_model_cls
 
-    raw = read_config(folder)
     cls, arch = resolve_model_cls(raw, str(folder / "config.json"))
     config = cls.config_class().update_model_arch(raw).update_model_config(precision=precision)
     try:
