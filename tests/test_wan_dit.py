@@ -272,3 +272,15 @@ def test_matmul_precision_knob_reaches_every_matmul(t2v, matmul_precisions, prec
     assert len(found) >= 12, f"expected every projection and attention matmul, found {len(found)}"
     names = set(found)
     assert names == {expect}, f"matmul precisions {names}, expected only {expect}"
+
+
+def test_parity_at_real_head_size(tmp_path):
+    """Head dim 128 (the RoPE split 44/42/42 of the real models), 1,024 video tokens, 2 heads, 2 layers: the
+    real-size attention and RoPE code paths, still a few seconds on CPU."""
+    real = dict(num_attention_heads=2, attention_head_dim=128, ffn_dim=256, text_dim=64, rope_max_seq_len=1024)
+    ref_model = tiny_wan_dit(tmp_path, seed=9, **real)
+    model = TransformerLoader().load(tmp_path, precision="fp32")
+    x, t, ctx = _inputs(11, 1, 16, 4, 32, 32, 24, text_dim=64)  # (4, 16, 16) patches = 1,024 tokens
+    ref = torch_out(ref_model, x, t, ctx)
+    err, rel = errors(model(*_jx(x, t, ctx)), ref)
+    assert err < 1e-4, f"max-abs {err:.3e}, relative {rel:.3e}"

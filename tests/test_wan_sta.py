@@ -1,16 +1,30 @@
-"""Sliding-tile attention inside the Wan DiT: full window equals dense; per-layer selection runs the right layers."""
+"""Sliding-tile attention inside the Wan DiT: equal to dense attention under the STA token mask, per-layer
+windows in one scan, runtime window choice without recompiling, padding-aware tile choice."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from fastvideo_jax.models.loader.component_loader import TransformerLoader
+from fastvideo_jax.attention.sliding_tile_mask import TileGeometry, choose_tile, normalize_windows
+from fastvideo_jax.attention.sliding_tile_strategy import load_mask_strategy
+from fastvideo_jax.configs.models.dits.wanvideo import WanVideoConfig, wan_preset
+from fastvideo_jax.models.dits import wanvideo
+from fastvideo_jax.models.dits.wanvideo import WanTransformer3DModel
+from fastvideo_jax.models.layers import compiled
+from fastvideo_jax.models.loader.component_loader import TransformerLoader, build_abstract
 from fastvideo_jax.testing import write_random_dit
+from fastvideo_jax.testing.tiny_checkpoints import random_state
 from tests.oracles import errors
 
 TILE = (1, 2, 2)  # small tiles so the tiny latent grid (3, 3, 5) spans several tiles (with ragged edges)
+SMALL, WIDE = (1, 1, 1), (3, 1, 2)
 
 
 @pytest.fixture(scope="module")
@@ -29,44 +43,146 @@ def _load(d, **overrides):
     return TransformerLoader().load(d, precision="fp32", **overrides)
 
 
+def _sta(d, **overrides):
+    return _load(d, self_attention_backend="sliding_tile", sta_tile=TILE, **overrides)
+
+
 @pytest.fixture(scope="module")
 def dense_out(dit_dir, inputs):
     return np.asarray(_load(dit_dir)(*inputs))
 
 
+def _token_mask(grid, tile, window) -> np.ndarray:
+    """(L, L) bool from the STA definition: tiles of ``tile`` tokens, a query tile's window of ``window`` tiles
+    centred on it and clamped inside the tile grid (even sizes cover w + 1 tiles, as FastVideo)."""
+    coords = np.stack(np.unravel_index(np.arange(math.prod(grid)), grid), axis=1) // np.asarray(tile)  # (L, 3)
+    allowed = np.ones((len(coords), len(coords)), bool)
+    for d in range(3):
+        n, half = -(-grid[d] // tile[d]), window[d] // 2
+        centre = np.clip(coords[:, d], half, max(half, n - 1 - half)) if 2 * half < n else np.full(len(coords), -1)
+        near = np.abs(centre[:, None] - coords[None, :, d]) <= half
+        allowed &= near if 2 * half < n else True
+    return allowed
+
+
+def _masked_dense(q, k, v, *, grid, palette, index, tile):
+    """Dense softmax attention under the test's token mask, the window set chosen at run time like STA's."""
+    masks = np.stack([np.stack([_token_mask(grid, tile, w) for w in windows]) for windows in palette])
+    mask = jnp.asarray(masks)[index][None]  # (1, N, L, L)
+    s = jnp.einsum("bqne,bkne->bnqk", q, k) * q.shape[-1] ** -0.5
+    p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+    return jnp.einsum("bnqk,bkne->bqne", p, v)
+
+
+def test_token_mask_matches_fastvideo_clamping():
+    # 1 x 1 x 5 tiles, window 3 along w: edge tiles see their 3 nearest, clamped inside the grid.
+    m = _token_mask((1, 1, 5), (1, 1, 1), (1, 1, 3))
+    assert m[0].tolist() == [True, True, True, False, False]
+    assert m[2].tolist() == [False, True, True, True, False]
+    assert m[4].tolist() == [False, False, True, True, True]
+
+
+def test_sta_dit_equals_dense_dit_under_the_token_mask(dit_dir, inputs, dense_out, monkeypatch):
+    windows = (((1, 1, 1), (3, 3, 1)), WIDE)  # layer 0: a window per head; layer 1: one window for both
+    ours = np.asarray(_sta(dit_dir, sta_layer_windows=windows)(*inputs))
+    # The same model with its sliding-tile attention replaced by dense attention under the token mask. The
+    # structure is unchanged, so the jit cache must be cleared around the swap.
+    monkeypatch.setattr(wanvideo, "sliding_tile_attention", _masked_dense)
+    compiled._pure_call.clear_cache()
+    try:
+        oracle = np.asarray(_sta(dit_dir, sta_layer_windows=windows)(*inputs))
+    finally:
+        compiled._pure_call.clear_cache()
+    err, rel = errors(ours, oracle)
+    assert err < 1e-4, f"STA DiT vs dense DiT under the STA token mask: max-abs {err:.3e}, relative {rel:.3e}"
+    assert errors(oracle, dense_out)[0] > 1e-3, "the windows must actually restrict attention"
+
+
 def test_sta_full_window_on_all_layers_equals_dense(dit_dir, inputs, dense_out):
-    model = _load(dit_dir, self_attention_backend="sliding_tile", sta_tile=TILE)
-    err, rel = errors(model(*inputs), dense_out)
+    err, rel = errors(_sta(dit_dir)(*inputs), dense_out)
     assert err < 1e-5, f"STA (full window) vs dense: max-abs {err:.3e}, relative {rel:.3e}"
 
 
-def test_small_window_changes_the_output(dit_dir, inputs, dense_out):
-    model = _load(dit_dir, self_attention_backend="sliding_tile", sta_tile=TILE, sta_window=(1, 1, 1))
-    err, _ = errors(model(*inputs), dense_out)
-    assert err > 1e-3, "a 1x1x1-tile window should not reproduce dense attention"
-
-
 def test_per_layer_windows(dit_dir, inputs, dense_out):
-    small = (1, 1, 1)
-    uniform = np.asarray(_load(dit_dir, self_attention_backend="sliding_tile", sta_tile=TILE, sta_window=small)(*inputs))
-    per_layer_same = _load(dit_dir, self_attention_backend="sliding_tile", sta_tile=TILE,
-                           sta_layer_windows=(small, small))(*inputs)
-    full_then_dense = _load(dit_dir, self_attention_backend="sliding_tile", sta_tile=TILE,
-                            sta_layer_windows=((9, 9, 9), None))(*inputs)
-    mixed = _load(dit_dir, self_attention_backend="sliding_tile", sta_tile=TILE,
-                  sta_layer_windows=(small, None))(*inputs)
-    assert errors(per_layer_same, uniform)[0] < 1e-6
-    assert errors(full_then_dense, dense_out)[0] < 1e-5
-    assert min(errors(mixed, dense_out)[0], errors(mixed, uniform)[0]) > 1e-4, "layer 1 must be dense, layer 0 STA"
+    uniform = np.asarray(_sta(dit_dir, sta_window=SMALL)(*inputs))
+    assert errors(_sta(dit_dir, sta_layer_windows=(SMALL, SMALL))(*inputs), uniform)[0] < 1e-6
+    assert errors(_sta(dit_dir, sta_layer_windows=((9, 9, 9), None))(*inputs), dense_out)[0] < 1e-5
+    mixed = _sta(dit_dir, sta_layer_windows=(SMALL, None))(*inputs)
+    assert min(errors(mixed, dense_out)[0], errors(mixed, uniform)[0]) > 1e-4, "layer 1 full, layer 0 STA"
 
 
-def test_per_head_windows_accepted(dit_dir, inputs):
-    model = _load(dit_dir, self_attention_backend="sliding_tile", sta_tile=TILE, sta_window=((1, 1, 1), (3, 3, 3)))
-    assert np.isfinite(np.asarray(model(*inputs))).all()
+def _top_level_scans(jaxpr) -> int:
+    """Scans not nested in another scan (the layer loops; kernels' inner maps are not counted)."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            n += 1
+            continue
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    n += _top_level_scans(sub)
+    return n
 
 
-def test_bad_sta_configs_are_clear(dit_dir):
+def test_three_different_layer_windows_run_as_one_scan(inputs):
+    arch = dataclasses.replace(wan_preset("tiny"), num_layers=3)
+    config = WanVideoConfig(arch_config=arch, precision="fp32", self_attention_backend="sliding_tile",
+                            sta_tile=TILE, sta_layer_windows=(SMALL, WIDE, None))
+    graphdef, abstract = build_abstract(WanTransformer3DModel, config)
+    model = nnx.merge(graphdef, random_state(abstract, 0))
+    scans = _top_level_scans(jax.make_jaxpr(model)(*inputs).jaxpr)
+    assert scans == 1, f"3 layers with 3 different windows compiled as {scans} layer scans"
+
+
+def test_runtime_layer_windows_do_not_recompile(dit_dir, inputs, count_compiles):
+    model = _sta(dit_dir, sta_layer_windows=(SMALL, WIDE))
+    palette = model.sta_plan.palette
+    swapped_ids = jnp.asarray([1, 0], jnp.int32)
+    model(*inputs, sta_layer_ids=jnp.asarray([0, 1], jnp.int32), sta_palette=palette)
+    with count_compiles() as compiles:
+        swapped = np.asarray(model(*inputs, sta_layer_ids=swapped_ids, sta_palette=palette))
+    assert compiles[0] == 0, f"new per-layer windows (same palette) compiled {compiles[0]} times"
+    static = np.asarray(_sta(dit_dir, sta_layer_windows=(WIDE, SMALL))(*inputs))
+    assert errors(swapped, static)[0] < 1e-6
+
+
+def test_mask_strategy_schedule_feeds_the_dit(dit_dir, inputs):
+    strategy = load_mask_strategy({f"{s}_{layer}_{h}": [1 + (s + layer) % 2, 1, 1 + h]
+                                   for s in range(3) for layer in range(2) for h in range(2)})
+    palette, ids = strategy.palette_schedule(3, 2, 2)
+    assert ids.shape == (3, 2) and len(palette) == 2
+    assert palette[ids[1, 0]] == normalize_windows(((2, 1, 1), (2, 1, 2)), 2)
+    model = _sta(dit_dir)
+    step1 = model(*inputs, sta_layer_ids=ids[1], sta_palette=palette)
+    static = _sta(dit_dir, sta_layer_windows=strategy.layer_windows(1))(*inputs)
+    assert errors(step1, static)[0] < 1e-6
+    with pytest.raises(KeyError, match="covers 3 denoising steps"):
+        strategy.palette_schedule(4, 2, 2)
+
+
+def test_auto_tile_cuts_480p_padding():
+    grid = (21, 30, 52)  # 81 frames at 480x832 after the VAE and the (1, 2, 2) patch
+    assert TileGeometry(grid, (6, 8, 8)).padded_video_len == 43008
+    for align in (1, 128):
+        tile = choose_tile(grid, align=align)
+        padded = TileGeometry(grid, tile, 0, align).padded_video_len
+        assert padded <= 33792, f"align {align}: tile {tile} pads {math.prod(grid)} tokens to {padded}"
+    assert TileGeometry(grid, choose_tile(grid), 0, 1).padded_video_len == math.prod(grid)  # no padding at all
+
+
+def test_auto_tile_in_the_dit(dit_dir, inputs, dense_out):
+    model = _load(dit_dir, self_attention_backend="sliding_tile", sta_tile="auto")
+    assert errors(model(*inputs), dense_out)[0] < 1e-5  # full window whatever the tile
+
+
+def test_bad_sta_configs_are_clear(dit_dir, inputs):
     with pytest.raises(ValueError, match="2 layers"):
         _load(dit_dir, self_attention_backend="sliding_tile", sta_layer_windows=((1, 1, 1),))
     with pytest.raises(ValueError, match="self_attention_backend"):
         _load(dit_dir, self_attention_backend="sparse-ish")
+    with pytest.raises(ValueError, match="must index"):
+        _sta(dit_dir)(*inputs, sta_layer_ids=np.asarray([0, 3], np.int32))
+    with pytest.raises(ValueError, match="sliding-tile model"):
+        _load(dit_dir)(*inputs, sta_layer_ids=np.asarray([0, 0], np.int32))

@@ -25,6 +25,7 @@ The oracle for tests is :func:`sta_reference_dense` (dense softmax under the tok
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -38,6 +39,7 @@ from fastvideo_jax.attention.sliding_tile_mask import (
     DEFAULT_TILE,
     Int3,
     TileGeometry,
+    choose_tile,
     dense_token_mask,
     normalize_windows,
     slot_valid,
@@ -53,8 +55,8 @@ from fastvideo_jax.attention.sliding_tile_strategy import MaskStrategy, load_mas
 FULL_WINDOW: Int3 = (1 << 20, 1 << 20, 1 << 20)
 
 __all__ = [
-    "FULL_WINDOW", "MaskStrategy", "TileGeometry", "from_tile_major", "load_mask_strategy", "resolve_sta_backend",
-    "sliding_tile_attention", "sta_density", "sta_geometry", "sta_reference_dense", "tile_permutation",
+    "FULL_WINDOW", "MaskStrategy", "TileGeometry", "auto_sta_tile", "from_tile_major", "load_mask_strategy",
+    "resolve_sta_backend", "sliding_tile_attention", "sta_density", "sta_geometry", "sta_reference_dense", "tile_permutation",
     "to_tile_major",
 ]
 
@@ -118,6 +120,12 @@ def sta_geometry(grid, tile=DEFAULT_TILE, text_len: int = 0, backend: AttentionB
     return TileGeometry(tuple(grid), tuple(tile), int(text_len), align)
 
 
+def auto_sta_tile(grid, like, base=DEFAULT_TILE, backend: AttentionBackend | None = None) -> tuple[int, int, int]:
+    """The tile that pads ``grid`` least on the backend that will run q/k/v shaped like ``like`` (B, L, N, E)."""
+    chosen = resolve_sta_backend(backend, like, like, like)
+    return choose_tile(tuple(grid), tuple(base), sta_geometry(grid, base, 0, chosen).align)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Dispatch
 # ----------------------------------------------------------------------------------------------------------
@@ -178,14 +186,15 @@ def _valid_mask(geom: TileGeometry, batch: int, text_mask: jax.Array | None) -> 
     return valid
 
 
-def _gathered_reference(qt, kt, vt, valid, geom: TileGeometry, windows, scale: float) -> jax.Array:
-    """STA in jnp: for each q block (one tile slot), softmax over the gathered blocks of its window."""
+def _gathered_reference(qt, kt, vt, valid, geom: TileGeometry, kv_table, scale: float) -> jax.Array:
+    """STA in jnp: for each q block (one tile slot), softmax over the gathered blocks of its window.
+
+    ``kv_table``: int32 (H', num_blocks, 1 + max_kv) block table with block = slot (may be traced)."""
     block = geom.slot
-    tables = sta_block_tables(geom, windows, block, block)
     B, Lp, N, E = qt.shape
     nb = Lp // block
-    ids = jnp.asarray(np.broadcast_to(tables.kv[..., 1:], (N,) + tables.kv.shape[1:2] + (tables.max_kv,)))
-    cnt = jnp.asarray(np.broadcast_to(tables.kv[..., 0], (N, nb)))
+    kv_table = jnp.broadcast_to(jnp.asarray(kv_table, jnp.int32), (N,) + tuple(kv_table.shape[1:]))
+    ids, cnt = kv_table[..., 1:], kv_table[..., 0]  # (N, nb, maxK), (N, nb)
     qb = qt.reshape(B, nb, block, N, E).swapaxes(0, 1)  # (nb, B, block, N, E)
     kb = kt.reshape(B, nb, block, N, E)
     vb = vt.reshape(B, nb, block, N, E)
@@ -213,6 +222,27 @@ def _gathered_reference(qt, kt, vt, valid, geom: TileGeometry, windows, scale: f
     return out.swapaxes(0, 1).reshape(B, Lp, N, E)
 
 
+@functools.lru_cache(maxsize=32)
+def palette_tables(geom: TileGeometry, palette: tuple[tuple[Int3, ...], ...], block_q: int, block_k: int,
+                   prune_padding: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Block tables of every window set in ``palette``, stacked: kv (K, H', nQb, 1 + max_kv), q (K, H', nKb, ...).
+
+    Widths are padded to the widest entry by repeating the last id (the count column keeps each entry exact);
+    ``H'`` is 1 when every entry has one mask for all heads, else the number of heads."""
+    tabs = [sta_block_tables(geom, windows, block_q, block_k, prune_padding=prune_padding) for windows in palette]
+    heads = max(t.num_heads for t in tabs)
+
+    def stack(arrays):
+        width = max(a.shape[2] for a in arrays)
+        return np.stack([np.pad(np.broadcast_to(a, (heads,) + a.shape[1:]), ((0, 0), (0, 0), (0, width - a.shape[2])),
+                                mode="edge") for a in arrays])
+
+    kv, q = stack([t.kv for t in tabs]), stack([t.q for t in tabs])
+    kv.setflags(write=False)
+    q.setflags(write=False)
+    return kv, q
+
+
 def _splash_sta(qt, kt, vt, valid, geom, windows, scale, config, mesh, head_axis, batch_axes):
     B, Lp, N, E = qt.shape
     cur = config or splash_tpu.current_config()
@@ -236,10 +266,27 @@ def _splash_sta(qt, kt, vt, valid, geom, windows, scale, config, mesh, head_axis
     return jnp.swapaxes(out[..., :E], 1, 2).astype(qt.dtype)
 
 
-def _triton_sta(qt, kt, vt, valid, geom, windows, scale, config):
+def _triton_sta(qt, kt, vt, valid, geom, palette, index, scale, config):
     config = config or pallas_gpu.current_triton_config()
-    tables = sta_block_tables(geom, windows, config.block_q, config.block_k, prune_padding=True)
+    kv, q = palette_tables(geom, palette, config.block_q, config.block_k, prune_padding=True)
+    tables = (jnp.asarray(kv)[index], jnp.asarray(q)[index])
     return block_sparse_gpu.block_sparse_attention(qt, kt, vt, valid, tables, scale=scale, config=config)
+
+
+def _reference_sta(qt, kt, vt, valid, geom, palette, index, scale):
+    kv, _ = palette_tables(geom, palette, geom.slot, geom.slot)
+    return _gathered_reference(qt, kt, vt, valid, geom, jnp.asarray(kv)[index], scale)
+
+
+def _splash_palette(qt, kt, vt, valid, geom, palette, index, scale, config, mesh, head_axis, batch_axes):
+    """Splash masks are static: one branch per window set, chosen by ``index`` at run time."""
+
+    def branch(windows):
+        return lambda: _splash_sta(qt, kt, vt, valid, geom, windows, scale, config, mesh, head_axis, batch_axes)
+
+    if len(palette) == 1:
+        return branch(palette[0])()
+    return jax.lax.switch(index, [branch(w) for w in palette])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,7 +300,9 @@ def sliding_tile_attention(
     v: jax.Array,
     *,
     grid: Sequence[int],
-    window,  # (wt, wh, ww) in tiles, or one such window per head
+    window=None,  # (wt, wh, ww) in tiles, or one such window per head
+    palette: Sequence | None = None,  # instead of ``window``: static window sets, ``palette[index]`` is used
+    index: jax.Array | int = 0,  # int32 scalar, may be traced (e.g. a per-layer table under a scan)
     tile: Sequence[int] = DEFAULT_TILE,
     text_len: int = 0,
     text_mask: jax.Array | None = None,  # (B, text_len) bool
@@ -265,10 +314,17 @@ def sliding_tile_attention(
     head_axis: str = "tensor",
     batch_axes=("data", "fsdp"),
 ) -> jax.Array:  # (B, L, N, E), caller's order
+    """STA with one window set (``window``), or with ``palette[index]`` chosen at run time: the window sets are
+    static (their block tables are stacked constants, or splash branches), the choice is data, so layers or
+    denoising steps with different windows share one compiled kernel configuration."""
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"sliding_tile_attention expects equal (B, L, N, E) q/k/v, got {q.shape}, {k.shape}, {v.shape}")
     B, L, N, E = q.shape
-    windows = normalize_windows(window, N)
+    if (window is None) == (palette is None):
+        raise ValueError("sliding_tile_attention needs exactly one of window= or palette= (windows in tiles)")
+    palette = (normalize_windows(window, N),) if window is not None else tuple(normalize_windows(w, N) for w in palette)
+    if not palette:
+        raise ValueError("sliding_tile_attention: empty palette")
     if text_mask is not None and (text_len == 0 or text_mask.shape != (B, text_len)):
         raise ValueError(f"text_mask must be (B, text_len) = {(B, text_len)}, got {getattr(text_mask, 'shape', None)}")
     chosen = resolve_sta_backend(backend, q, k, v, splash_config=splash_config, triton_config=triton_config)
@@ -276,14 +332,16 @@ def sliding_tile_attention(
     if L != geom.seq_len:
         raise ValueError(f"sequence length {L} != T*H*W + text_len = {geom.seq_len} for grid {geom.grid}")
     scale = E ** -0.5 if scale is None else float(scale)
+    index = jnp.asarray(index, jnp.int32)
     qt, kt, vt = (to_tile_major(x, geom) for x in (q, k, v))
     valid = _valid_mask(geom, B, text_mask)
     if chosen is AttentionBackend.SPLASH_TPU:
-        out = _splash_sta(qt, kt, vt, valid, geom, windows, scale, splash_config, mesh, head_axis, batch_axes)
+        out = _splash_palette(qt, kt, vt, valid, geom, palette, index, scale, splash_config, mesh, head_axis,
+                              batch_axes)
     elif chosen is AttentionBackend.PALLAS_GPU_TRITON:
-        out = _triton_sta(qt, kt, vt, valid, geom, windows, scale, triton_config)
+        out = _triton_sta(qt, kt, vt, valid, geom, palette, index, scale, triton_config)
     else:
-        out = _gathered_reference(qt, kt, vt, valid, geom, windows, scale)
+        out = _reference_sta(qt, kt, vt, valid, geom, palette, index, scale)
     return from_tile_major(out, geom)
 
 

@@ -26,6 +26,7 @@ splash (TPU) mask is built by ``sliding_tile_splash_mask``.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -184,6 +185,22 @@ def normalize_windows(window, num_heads: int) -> tuple[Int3, ...]:
     if len(seq) != num_heads:
         raise ValueError(f"got {len(seq)} per-head windows for {num_heads} heads")
     return tuple(_int3("window", w) for w in seq)
+
+
+@functools.lru_cache(maxsize=64)
+def choose_tile(grid: Int3, base: Int3 = DEFAULT_TILE, align: int = 1) -> Int3:
+    """The tile with the least padded video length for ``grid`` (slots rounded up to ``align``), each side within
+    [base / 2, 2 * base] (capped by the grid); ties go to the tile closest to ``base`` in log scale. For a
+    480x832 Wan latent grid (21, 30, 52) the 6x8x8 base pads 32,760 tokens to 43,008; a chosen tile pads less."""
+    grid, base = _int3("grid", grid), _int3("base tile", base)
+    sides = [range(max(1, min(g, b // 2)), max(1, min(g, 2 * b)) + 1) for g, b in zip(grid, base)]
+    best = None
+    for tile in itertools.product(*sides):
+        tiles = math.prod(-(-g // t) for g, t in zip(grid, tile))
+        key = (tiles * round_up(math.prod(tile), align), sum(abs(math.log(t / b)) for t, b in zip(tile, base)))
+        if best is None or key < best[0]:
+            best = (key, tile)
+    return best[1]
 
 
 def full_window(geom: TileGeometry) -> Int3:

@@ -11,6 +11,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from fastvideo_jax.attention.sliding_tile_mask import Int3, _int3
 
 
@@ -44,6 +46,19 @@ class MaskStrategy:
         """Per-layer per-head windows for one step: tuple (num_layers) of tuples (num_heads)."""
         L = self.num_layers if num_layers is None else num_layers
         return tuple(self.windows(step, layer, num_heads) for layer in range(L))
+
+    def palette_schedule(self, num_steps: int, num_layers: int, num_heads: int):
+        """``(palette, ids)``: the distinct per-head window sets (static, a tuple) and, for every step and layer,
+        the index of its set (int32 (num_steps, num_layers), runtime data: steps then share one executable).
+        A step, layer or head the strategy does not cover is a KeyError naming it."""
+        if num_steps > self.num_steps:
+            raise KeyError(f"mask strategy covers {self.num_steps} denoising steps; {num_steps} were requested")
+        palette: dict = {}
+        ids = np.empty((num_steps, num_layers), np.int32)
+        for step in range(num_steps):
+            for layer, windows in enumerate(self.layer_windows(step, num_layers, num_heads)):
+                ids[step, layer] = palette.setdefault(windows, len(palette))
+        return tuple(palette), ids
 
 
 def load_mask_strategy(source: str | os.PathLike | Mapping) -> MaskStrategy:

@@ -17,6 +17,7 @@ from einops import rearrange
 from flax import nnx
 
 from fastvideo_jax.attention import FULL_WINDOW, attention, sliding_tile_attention
+from fastvideo_jax.attention.sliding_tile import auto_sta_tile
 from fastvideo_jax.attention.sliding_tile_mask import normalize_windows
 from fastvideo_jax.configs.models.dits.wanvideo import WanVideoArchConfig, WanVideoConfig
 from fastvideo_jax.dtypes import to_dtype
@@ -35,51 +36,54 @@ F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
-class SelfAttentionSpec:
-    """How one layer's self-attention runs: dense, or sliding-tile with ``window`` (per head allowed)."""
+class StaPlan:
+    """Sliding-tile self-attention in every layer. ``palette``: the distinct per-head window sets (static);
+    ``layer_ids[i]``: layer i's entry. The layers run as ONE scan that takes each layer's entry as scanned data,
+    so per-layer (and, from the pipeline, per-step) windows never add a compile. ``tile``: (t, h, w) tokens,
+    or "auto" (the tile that pads the latent grid least, see ``choose_tile``; windows count in those tiles)."""
 
-    sliding_tile: bool = False
-    window: tuple | None = None
-    tile: tuple[int, int, int] = (6, 8, 8)
+    tile: tuple[int, int, int] | str
+    palette: tuple[tuple[tuple[int, int, int], ...], ...]
+    layer_ids: tuple[int, ...]
 
 
-def self_attention_specs(config: WanVideoConfig) -> tuple[SelfAttentionSpec, ...]:
-    """One spec per layer from the config (see ``WanVideoConfig``)."""
-    num_layers = config.arch_config.num_layers
+def palette_of(layer_windows, num_heads: int) -> tuple[tuple, tuple[int, ...]]:
+    """``(palette, ids)`` for per-layer windows (a (wt, wh, ww), per-head windows, or None = full)."""
+    palette: dict = {}
+    ids = []
+    for w in layer_windows:
+        windows = normalize_windows(FULL_WINDOW if w is None else w, num_heads)
+        ids.append(palette.setdefault(windows, len(palette)))
+    return tuple(palette), tuple(ids)
+
+
+def sta_plan(config: WanVideoConfig) -> StaPlan | None:
+    """The config's sliding-tile plan, or None for dense self-attention (see ``WanVideoConfig``)."""
+    cfg = config.arch_config
     if config.self_attention_backend in (None, "dense"):
-        return (SelfAttentionSpec(),) * num_layers
+        return None
     if config.self_attention_backend != "sliding_tile":
         raise ValueError(f"self_attention_backend must be None, 'dense' or 'sliding_tile', "
                          f"got {config.self_attention_backend!r}")
     windows = config.sta_layer_windows
     if windows is None:
-        windows = (config.sta_window if config.sta_window is not None else FULL_WINDOW,) * num_layers
-    if len(windows) != num_layers:
-        raise ValueError(f"sta_layer_windows has {len(windows)} entries for {num_layers} layers")
-    tile = tuple(config.sta_tile)
-    return tuple(SelfAttentionSpec() if w is None else SelfAttentionSpec(True, _freeze_window(w), tile) for w in windows)
+        windows = (config.sta_window,) * cfg.num_layers
+    if len(windows) != cfg.num_layers:
+        raise ValueError(f"sta_layer_windows has {len(windows)} entries for {cfg.num_layers} layers")
+    tile = config.sta_tile if isinstance(config.sta_tile, str) else tuple(int(t) for t in config.sta_tile)
+    if isinstance(tile, str) and tile != "auto":
+        raise ValueError(f"sta_tile must be (t, h, w) or 'auto', got {tile!r}")
+    return StaPlan(tile, *palette_of(windows, cfg.num_attention_heads))
 
 
-def _freeze_window(window) -> tuple:
-    return tuple(int(x) for x in window) if all(isinstance(x, int) for x in window) else tuple(
-        tuple(int(y) for y in w) for w in window
-    )
+@dataclasses.dataclass(frozen=True)
+class _StaLayer:
+    """What one scanned layer's self-attention needs: static geometry and palette, and its traced index."""
 
-
-def _segments(specs: tuple[SelfAttentionSpec, ...]) -> list[tuple[int, int, SelfAttentionSpec]]:
-    """Runs of consecutive layers that share a spec: each runs as one scan."""
-    out: list[tuple[int, int, SelfAttentionSpec]] = []
-    for i, spec in enumerate(specs):
-        if out and out[-1][2] == spec:
-            out[-1] = (out[-1][0], i + 1, spec)
-        else:
-            out.append((i, i + 1, spec))
-    return out
-
-
-def _slice_layers(blocks: nnx.Module, start: int, end: int) -> nnx.Module:
-    graphdef, state = nnx.split(blocks)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[start:end], state))
+    grid: tuple[int, int, int]
+    tile: tuple[int, int, int]
+    palette: tuple
+    index: jax.Array
 
 
 class MLP(nnx.Module):
@@ -221,27 +225,27 @@ class WanTransformerBlock(_QKNormProjections):
             rngs, nnx.initializers.normal(dim**-0.5), (1, 6, dim), F32, (None, None, "embed")
         )
 
-    def _self_attention(self, x, cos, sin, spec: SelfAttentionSpec, grid, kv_mask):
+    def _self_attention(self, x, cos, sin, sta: _StaLayer | None, kv_mask):
         # RoPE on the sequence-sharded q/k (tables sharded alike), then Ulysses: each device attends N/sp heads
         q = apply_rope(self._heads(self.norm_q(self.to_q(x))), cos, sin)
         k = apply_rope(self._heads(self.norm_k(self.to_k(x))), cos, sin)
         v = self._heads(self.to_v(x))
-        if spec.sliding_tile:
-            attend = _sliding_tile_attend(spec, grid, self.num_heads, padded=kv_mask is not None)
+        if sta is not None:
+            attend = _sliding_tile_attend(sta, self.num_heads, padded=kv_mask is not None)
         else:
             def attend(q, k, v, kv_mask):
                 return attention(q, k, v, kv_mask, backend=self.attention_backend)
         return self._merge_heads_out(ulysses_attention(q, k, v, attend, kv_mask))
 
-    def __call__(self, x, context, image_context, temb_proj, cos, sin, spec=SelfAttentionSpec(), grid=None,
-                 kv_mask=None):
-        # x (B, L, D), temb_proj (B, 6, D); spec and grid (F', H', W') are static; kv_mask (B, L): real tokens
+    def __call__(self, x, context, image_context, temb_proj, cos, sin, sta: _StaLayer | None = None, kv_mask=None):
+        # x (B, L, D), temb_proj (B, 6, D); sta: this layer's sliding-tile windows (None = dense);
+        # kv_mask (B, L): real tokens
         x = constrain(x, ("batch", "length", "embed"))
         mod = self.scale_shift_table[...] + temb_proj.astype(F32)
         shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, i : i + 1] for i in range(6))
         dtype = x.dtype
         h = (self.norm(x.astype(F32)) * (1 + scale) + shift).astype(dtype)
-        x = (x.astype(F32) + self._self_attention(h, cos, sin, spec, grid, kv_mask) * gate).astype(dtype)
+        x = (x.astype(F32) + self._self_attention(h, cos, sin, sta, kv_mask) * gate).astype(dtype)
         h = x if self.self_attn_residual_norm is None else self.self_attn_residual_norm.norm(x.astype(F32)).astype(dtype)
         x = x + self.attn2(h, context, image_context, self.attention_backend)
         h = (self.norm(x.astype(F32)) * (1 + c_scale) + c_shift).astype(dtype)
@@ -249,25 +253,26 @@ class WanTransformerBlock(_QKNormProjections):
         return constrain(x, ("batch", "length", "embed"))
 
 
-def _sliding_tile_attend(spec: SelfAttentionSpec, grid, num_heads: int, padded: bool):
+def _sliding_tile_attend(sta: _StaLayer, num_heads: int, padded: bool):
     """Sliding-tile attention on the full token grid for the heads this device holds. Under Ulysses each
-    device has every token for N/chunks heads; per-head windows are chosen per chunk with ``lax.switch``."""
+    device has every token for N/chunks heads: the palette is cut per head chunk and the entry is picked by
+    (chunk, layer index) at run time."""
+    grid = sta.grid
     if padded:
         raise UserError(f"sliding-tile attention needs the whole token grid {grid} ({grid[0] * grid[1] * grid[2]} "
                          f"tokens), which the sequence mesh axis does not divide; use dense attention or a "
                          f"sequence size that divides the token count")
-    windows = normalize_windows(spec.window, num_heads)
     chunks = head_chunks()
     per = num_heads // chunks
+    palette, index = sta.palette, sta.index
+    if chunks > 1:  # entry c * K + k: heads of chunk c under window set k
+        palette = tuple(w[c * per:(c + 1) * per] for c in range(chunks) for w in sta.palette)
+        index = head_chunk_index() * len(sta.palette) + index
 
-    def run(window):
-        return lambda q, k, v: sliding_tile_attention(q, k, v, grid=grid, window=window, tile=spec.tile)
+    def attend(q, k, v, kv_mask):
+        return sliding_tile_attention(q, k, v, grid=grid, palette=palette, index=index, tile=sta.tile)
 
-    if chunks == 1 or len(set(windows)) == 1:
-        branch = run(windows[:per])
-        return lambda q, k, v, kv_mask: branch(q, k, v)
-    branches = [run(windows[i * per:(i + 1) * per]) for i in range(chunks)]
-    return lambda q, k, v, kv_mask: jax.lax.switch(head_chunk_index(), branches, q, k, v)
+    return attend
 
 
 class WanTransformer3DModel(nnx.Module):
@@ -289,7 +294,7 @@ class WanTransformer3DModel(nnx.Module):
             return WanTransformerBlock(cfg, dtype, config.attention_backend, rngs)
 
         self.blocks = make_blocks(rngs)
-        self.self_attention_specs = self_attention_specs(config)
+        self.sta_plan = sta_plan(config)
         self.norm_out = LayerNorm(dim, cfg.eps, affine=False, rngs=rngs)
         out = cfg.out_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
         self.proj_out = Linear(dim, out, axes=("embed", None), param_dtype=dtype, rngs=rngs)
@@ -303,11 +308,36 @@ class WanTransformer3DModel(nnx.Module):
         timestep: jax.Array,  # (B,)
         encoder_hidden_states: jax.Array,  # (B, Lt, text_dim)
         encoder_hidden_states_image: jax.Array | None = None,  # (B, Li, image_dim)
+        *,
+        sta_layer_ids: jax.Array | None = None,  # (num_layers,) int32: each layer's entry in sta_palette
+        sta_palette: tuple | None = None,  # static per-head window sets (default: the config's)
     ) -> jax.Array:  # (B, C_out, F, H, W)
-        """The forward under one cached jit (a second eager call with the same shapes does not compile)."""
+        """The forward under one cached jit (a second eager call with the same shapes does not compile).
+
+        A sliding-tile model can take its per-layer windows at run time: ``sta_palette`` (static, e.g. from
+        ``MaskStrategy.palette_schedule``) and ``sta_layer_ids`` (data: new ids do not recompile)."""
         self._check_inputs(hidden_states, encoder_hidden_states_image)
+        palette, ids = self._sta_inputs(sta_layer_ids, sta_palette)
         return compiled_call(_forward, self, hidden_states, timestep, encoder_hidden_states,
-                             encoder_hidden_states_image)
+                             encoder_hidden_states_image, ids, sta_palette=palette)
+
+    def _sta_inputs(self, ids, palette):
+        plan, layers = self.sta_plan, self.config.arch_config.num_layers
+        if plan is None:
+            if ids is not None or palette is not None:
+                raise ValueError("sta_layer_ids / sta_palette need a sliding-tile model "
+                                 "(self_attention_backend='sliding_tile')")
+            return None, None
+        if palette is None:
+            palette = plan.palette
+        else:
+            palette = tuple(normalize_windows(w, self.config.arch_config.num_attention_heads) for w in palette)
+        ids = jnp.asarray(plan.layer_ids if ids is None else ids, jnp.int32)
+        if ids.shape != (layers,):
+            raise ValueError(f"sta_layer_ids must have shape ({layers},), got {ids.shape}")
+        if not isinstance(ids, jax.core.Tracer) and not ((ids >= 0) & (ids < len(palette))).all():
+            raise ValueError(f"sta_layer_ids {ids.tolist()} must index the {len(palette)} window sets of sta_palette")
+        return palette, ids
 
     def _check_inputs(self, hidden_states, encoder_hidden_states_image) -> None:
         cfg = self.config.arch_config
@@ -321,7 +351,8 @@ class WanTransformer3DModel(nnx.Module):
         if (encoder_hidden_states_image is None) != (self.condition_embedder.image_embedder is None):
             raise ValueError("encoder_hidden_states_image must be given exactly when the model has image_dim set")
 
-    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None):
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
+                sta_layer_ids=None, *, sta_palette=None):
         """The traced forward (``__call__`` runs it under jit with the configured matmul precision)."""
         cfg = self.config.arch_config
         B, C, F, H, W = hidden_states.shape
@@ -342,10 +373,14 @@ class WanTransformer3DModel(nnx.Module):
         cos, sin = constrain(cos, ("length", None)), constrain(sin, ("length", None))
         kv_mask = padding_mask(B, L, Lp)
 
-        for start, end, spec in _segments(self.self_attention_specs):
-            whole = (start, end) == (0, cfg.num_layers)
-            blocks = self.blocks if whole else _slice_layers(self.blocks, start, end)
-            x = _run_blocks(x, blocks, context, image_context, temb_proj, cos, sin, spec, grid, kv_mask)
+        sta = None
+        if sta_palette is not None:
+            tile = self.sta_plan.tile
+            if tile == "auto":
+                like = jax.ShapeDtypeStruct((B, L, cfg.num_attention_heads, cfg.attention_head_dim), x.dtype)
+                tile = auto_sta_tile(grid, like)
+            sta = (grid, tile, sta_palette, jnp.clip(sta_layer_ids, 0, len(sta_palette) - 1))
+        x = _run_blocks(x, self.blocks, context, image_context, temb_proj, cos, sin, sta, kv_mask)
         shift, scale = jnp.split(self.scale_shift_table[...] + temb.astype(F32)[:, None, :], 2, axis=1)
         x = (self.norm_out(x.astype(F32)) * (1 + scale) + shift).astype(x.dtype)
         x = self.proj_out(x)[:, :L]
@@ -355,18 +390,27 @@ class WanTransformer3DModel(nnx.Module):
         )
 
 
-def _forward(model: WanTransformer3DModel, *args):
-    return model.forward(*args)
+def _forward(model: WanTransformer3DModel, *args, **static):
+    return model.forward(*args, **static)
 
 
-def _run_blocks(x, blocks, context, image_context, temb_proj, cos, sin, spec, grid, kv_mask):
-    """The stacked blocks under one ``nnx.scan`` (compile time flat in depth)."""
+def _run_blocks(x, blocks, context, image_context, temb_proj, cos, sin, sta, kv_mask):
+    """All stacked blocks under ONE ``nnx.scan`` (compile time flat in depth); with sliding-tile attention each
+    layer's window-set index is scanned data next to its parameters."""
+    if sta is None:
+        @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None, None, None, None), out_axes=nnx.Carry)
+        def run_dense(x, block, context, image_context, temb_proj, cos, sin, kv_mask):
+            return block(x, context, image_context, temb_proj, cos, sin, None, kv_mask)
 
-    @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None, None, None, None), out_axes=nnx.Carry)
-    def run(x, block, context, image_context, temb_proj, cos, sin, kv_mask):
-        return block(x, context, image_context, temb_proj, cos, sin, spec, grid, kv_mask)
+        return run_dense(x, blocks, context, image_context, temb_proj, cos, sin, kv_mask)
+    grid, tile, palette, ids = sta
 
-    return run(x, blocks, context, image_context, temb_proj, cos, sin, kv_mask)
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0, None, None, None, None, None, None), out_axes=nnx.Carry)
+    def run(x, block, index, context, image_context, temb_proj, cos, sin, kv_mask):
+        sta_layer = _StaLayer(grid, tile, palette, index)
+        return block(x, context, image_context, temb_proj, cos, sin, sta_layer, kv_mask)
+
+    return run(x, blocks, ids, context, image_context, temb_proj, cos, sin, kv_mask)
 
 
 class _PatchEmbedding(nnx.Module):
