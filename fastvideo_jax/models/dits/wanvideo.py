@@ -264,12 +264,11 @@ def _sliding_tile_attend(sta: _StaLayer, num_heads: int, padded: bool):
                          f"sequence size that divides the token count")
     chunks = head_chunks()
     per = num_heads // chunks
-    palette, index = sta.palette, sta.index
-    if chunks > 1:  # entry c * K + k: heads of chunk c under window set k
-        palette = tuple(w[c * per:(c + 1) * per] for c in range(chunks) for w in sta.palette)
-        index = head_chunk_index() * len(sta.palette) + index
+    # Entry c * K + k: the heads of chunk c under window set k (the chunk is known inside the shard_map only).
+    palette = tuple(w[c * per:(c + 1) * per] for c in range(chunks) for w in sta.palette)
 
     def attend(q, k, v, kv_mask):
+        index = sta.index if chunks == 1 else head_chunk_index() * len(sta.palette) + sta.index
         return sliding_tile_attention(q, k, v, grid=grid, palette=palette, index=index, tile=sta.tile)
 
     return attend
