@@ -391,3 +391,34 @@ def test_model_folder_with_a_class_of_another_kind_fails_up_front(src, tmp_path,
     with pytest.raises(CheckpointError, match=r"vae/config.json: class \['WanTransformer3DModel'\] is not a vae"):
         conv_cli.convert(src, tmp_path / "out", progress=False)
     assert stub_writer == [] and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_orbax_reports_held_then_replayed_on_success_dropped_on_a_full_disk(caplog, capsys, monkeypatch):
+    import logging
+
+    from fastvideo_jax.models.loader import orbax_io
+
+    monkeypatch.delenv("FASTVIDEO_JAX_DEBUG", raising=False)
+    stderr = sys.stderr
+
+    def succeeds():
+        logging.getLogger("absl").warning("a warning worth keeping")
+        print("a line worth keeping", file=sys.stderr)
+        return 7
+
+    def disk_full():
+        logging.getLogger("asyncio").error("Task exception was never retrieved")
+        print("Traceback (most recent call last): ...", file=sys.stderr)
+        raise ValueError("RESOURCE_EXHAUSTED: Failed writing: No space left on device [os_error_code='28']")
+
+    def translate(e):
+        return OSError(errno.ENOSPC, "No space left on device", "/dst") if orbax_io.is_no_space(e) else None
+
+    with caplog.at_level("WARNING"):
+        assert orbax_io._quietly(succeeds, translate) == 7
+    assert "a warning worth keeping" in caplog.text and "a line worth keeping" in capsys.readouterr().err
+    caplog.clear()
+    with caplog.at_level("WARNING"), pytest.raises(OSError) as e:
+        orbax_io._quietly(disk_full, translate)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == "/dst"
+    assert caplog.text == "" and capsys.readouterr().err == "" and sys.stderr is stderr

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -38,6 +39,7 @@ RESTORE_CONCURRENT_GB = 4
 RESTORE_GROUP_BYTES = 512 * 2**20
 # Where orbax's and asyncio's background threads report a failed write, once per pending write.
 _NOISY_LOGGERS = ("absl", "asyncio", "concurrent.futures")
+_HOLDING = threading.Lock()  # one holder of sys.stderr and those loggers at a time
 
 __all__ = ["MARKER", "is_converted", "read_marker", "save_params", "restore_params"]
 
@@ -95,20 +97,38 @@ def _debug() -> bool:
     return os.environ.get("FASTVIDEO_JAX_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
+class _Hold(logging.Filter):
+    """Keeps a logger's records instead of emitting them."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
 def _quietly(work: Callable[[], Any], translate: Callable[[Exception], Exception | None]) -> Any:
-    """Run ``work`` holding back what orbax's threads log or print; replayed on success. An error ``translate``
-    turns into a one-line exception drops them: first the original exception is let go and the abandoned
-    writes settle (their tasks report when collected), then the translation is raised. ``translate`` returning
-    None re-raises the original. ``FASTVIDEO_JAX_DEBUG=1``: nothing is held and the original is chained."""
+    """Run ``work`` holding back what orbax's threads log or print (``_NOISY_LOGGERS``, ``sys.stderr``); all of
+    it is replayed on success. An error ``translate`` turns into a one-line exception drops it: first the
+    original exception is let go and the abandoned writes settle (their tasks report when collected), then the
+    translation is raised. ``translate`` returning None re-raises the original (and replays). Not held with
+    ``FASTVIDEO_JAX_DEBUG=1`` (the translation is chained to the original) or while another thread holds."""
     debug = _debug()
-    loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
-    levels = [lg.level for lg in loggers]
+    if debug or not _HOLDING.acquire(blocking=False):
+        try:
+            return work()
+        except Exception as e:
+            failure = translate(e)
+            if failure is None:
+                raise
+            raise failure from e
+    holds = {name: _Hold() for name in _NOISY_LOGGERS}
+    for name, hold in holds.items():
+        logging.getLogger(name).addFilter(hold)
     held, real = io.StringIO(), sys.stderr
-    if not debug:
-        for lg in loggers:
-            lg.setLevel(logging.CRITICAL)
-        sys.stderr = held
-    failure = None
+    sys.stderr, failure = held, None
     try:
         try:
             return work()
@@ -116,26 +136,29 @@ def _quietly(work: Callable[[], Any], translate: Callable[[Exception], Exception
             failure = translate(e)
             if failure is None:
                 raise
-            if debug:
-                raise failure from e
-        _settle(held)  # outside the except block: the original exception, its frames and tasks can go
-        raise failure
+        _settle(lambda: (len(held.getvalue()), sum(len(h.records) for h in holds.values())))
+        raise failure  # outside the except block, so the original exception, its frames and tasks could go
     finally:
         sys.stderr = real
+        for name, hold in holds.items():
+            logging.getLogger(name).removeFilter(hold)
         if failure is None:
             real.write(held.getvalue())
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+            for name, hold in holds.items():
+                for record in hold.records:
+                    logging.getLogger(name).handle(record)
+        _HOLDING.release()
 
 
-def _settle(held: io.StringIO, quiet_s: float = 0.3, max_s: float = 3.0) -> None:
+def _settle(progress: Callable[[], Any], quiet_s: float = 0.3, max_s: float = 3.0) -> None:
     """After a failed save, writes still in flight fail on a closed event loop and their abandoned tasks report
-    when collected: collect them now and wait (bounded) until nothing more is reported, while still held."""
-    deadline, size, last_change = time.monotonic() + max_s, -1, time.monotonic()
+    when collected: collect them now and wait (bounded) until ``progress()`` (what was reported) stops changing."""
+    deadline, last, last_change = time.monotonic() + max_s, None, time.monotonic()
     while time.monotonic() < deadline:
         gc.collect()
-        if len(held.getvalue()) != size:
-            size, last_change = len(held.getvalue()), time.monotonic()
+        now = progress()
+        if now != last:
+            last, last_change = now, time.monotonic()
         elif time.monotonic() - last_change >= quiet_s:
             return
         time.sleep(0.05)
