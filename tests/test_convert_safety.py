@@ -59,9 +59,9 @@ def _digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _run_cli(*args: str, env: dict | None = None, script: str | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "fastvideo_jax.entrypoints.cli", *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+def _run_cli(*args: str, script: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, *(["-c", script] if script else ["-m", "fastvideo_jax.entrypoints.cli"]), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("FASTVIDEO_JAX_DEBUG", None)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 

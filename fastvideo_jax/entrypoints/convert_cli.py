@@ -203,8 +203,10 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
                    help="orbax: our fast-loading format (default); diffusers: safetensors with Diffusers names")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="parameter precision to store (default: the source's; norms and modulation tables "
-                   "stay fp32 as in the original models)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing pipeline directory DST (swapped in only after success)")
+                   "stay fp32 as in the original models; fp16 is refused up front for a model that cannot hold "
+                   "it, such as the UMT5 text encoder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing pipeline directory DST (swapped in only after success)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
