@@ -186,3 +186,49 @@ def test_bad_sta_configs_are_clear(dit_dir, inputs):
         _sta(dit_dir)(*inputs, sta_layer_ids=np.asarray([0, 3], np.int32))
     with pytest.raises(ValueError, match="sliding-tile model"):
         _load(dit_dir)(*inputs, sta_layer_ids=np.asarray([0, 0], np.int32))
+
+
+def _pipeline(transformer, strategy=None):
+    from fastvideo_jax.configs.pipelines.base import PipelineConfig
+    from fastvideo_jax.pipelines.wan import WanT2VPipeline
+    from fastvideo_jax.schedulers.flow_match_euler import FlowMatchEulerScheduler
+
+    return WanT2VPipeline(None, None, transformer, None, FlowMatchEulerScheduler(shift=3.0),
+                          PipelineConfig(dit_precision="fp32"), mask_strategy=strategy)
+
+
+def test_pipeline_applies_per_step_windows_in_one_executable(dit_dir, inputs, monkeypatch):
+    """Each denoising step uses its own windows from the strategy; the step is traced once for all of them."""
+    import fastvideo_jax.pipelines.wan as wan
+
+    strategy = load_mask_strategy({f"{s}_{layer}_{h}": [(SMALL, WIDE, (9, 9, 9))[(s + layer) % 3][0], 1 + s % 2, 1 + h]
+                                   for s in range(3) for layer in range(2) for h in range(2)})
+    traces = []
+    real = wan._denoise_step
+
+    def counting(*args, **kwargs):
+        traces.append(kwargs.get("sta_palette"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(wan, "_denoise_step", counting)
+    x, _, ctx = inputs
+    pipe = _pipeline(_sta(dit_dir), strategy)
+    pipe.denoise(x, ctx, 1, 1.0, progress=False)
+    ours = np.asarray(pipe.denoise(x, ctx, 3, 1.0, progress=False))
+    palette = strategy.palette_schedule(3, 2, 2)[0]
+    assert len(palette) == 5 and traces == [palette], f"traced {len(traces)} times for 4 steps, 5 window sets"
+    # The same steps run by hand, each with a model whose config holds that step's windows.
+    latents, sched = x, pipe.scheduler
+    tables = sched.set_timesteps(3)
+    state = sched.init_state(tables, x.shape)
+    for step in range(3):
+        model = _sta(dit_dir, sta_layer_windows=strategy.layer_windows(step))
+        t = sched.timestep(tables, state)
+        v = model(latents, jnp.broadcast_to(t, (x.shape[0],)), ctx)
+        latents, state = sched.step(tables, state, v, latents)
+    err, rel = errors(ours, latents)
+    assert err < 1e-5, f"pipeline with a mask strategy vs per-step static windows: {err:.3e} ({rel:.3e})"
+    with pytest.raises(ValueError, match="covers 3 denoising steps"):
+        pipe.denoise(x, ctx, 4, 1.0, progress=False)
+    with pytest.raises(ValueError, match="sliding-tile transformer"):
+        _pipeline(_load(dit_dir), strategy).denoise(x, ctx, 1, 1.0, progress=False)

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from fastvideo_jax.attention.sliding_tile_strategy import MaskStrategy
 from fastvideo_jax.configs.pipelines.base import PipelineConfig
 from fastvideo_jax.configs.sample import SamplingParam
 from fastvideo_jax.dtypes import to_dtype
@@ -40,13 +41,16 @@ def pad_tables(tables: Any, num_steps: int, length: int = MAX_STEPS) -> Any:
     return jax.tree.map(pad, tables)
 
 
-def _denoise_step(graphdef, scheduler, use_cfg, dit_state, latents, sched_state, tables, context, guidance):
-    """latents (B, C, F, H, W) fp32; context (2B or B, Lt, D): [cond; uncond] when ``use_cfg``."""
+def _denoise_step(graphdef, scheduler, use_cfg, dit_state, latents, sched_state, tables, context, guidance,
+                  sta_ids=None, *, sta_palette=None):
+    """latents (B, C, F, H, W) fp32; context (2B or B, Lt, D): [cond; uncond] when ``use_cfg``. With a mask
+    strategy, ``sta_ids`` (num_layers,) picks this step's window set per layer from the static ``sta_palette``."""
     model = nnx.merge(graphdef, dit_state)
     batch = latents.shape[0]
     t = scheduler.timestep(tables, sched_state)
     x = jnp.concatenate([latents, latents]) if use_cfg else latents
-    pred = model(x.astype(context.dtype), jnp.broadcast_to(t, (x.shape[0],)), context).astype(jnp.float32)
+    sta = {} if sta_palette is None else dict(sta_layer_ids=sta_ids, sta_palette=sta_palette)
+    pred = model(x.astype(context.dtype), jnp.broadcast_to(t, (x.shape[0],)), context, **sta).astype(jnp.float32)
     if use_cfg:
         cond, uncond = pred[:batch], pred[batch:]
         pred = uncond + guidance * (cond - uncond)
@@ -66,6 +70,8 @@ class WanT2VPipeline:
     vae: nnx.Module
     scheduler: Any
     config: PipelineConfig
+    # FastVideo sliding-tile windows per (step, layer, head) for a sliding-tile DiT; steps run as one executable.
+    mask_strategy: MaskStrategy | None = None
 
     def __post_init__(self) -> None:
         if self.config.flow_shift is not None:
@@ -113,9 +119,32 @@ class WanT2VPipeline:
             (latents, state, tables, context, jnp.asarray(guidance, jnp.float32)), self._replicated
         )
         step = self._steps[use_cfg]
-        for _ in tqdm(range(num_steps), desc="denoising", unit="step", disable=not progress):
-            latents, state = step(self._dit_state, latents, state, tables, context, g)
+        palette, ids = self._sta_schedule(num_steps)
+        if palette is not None:  # one executable per (cfg, palette); the step's window ids are data
+            key = (use_cfg, palette)
+            if key not in self._steps:
+                self._steps[key] = jax.jit(functools.partial(_denoise_step, self._dit_graph, self.scheduler, use_cfg,
+                                                             sta_palette=palette))
+            step = self._steps[key]
+        for i in tqdm(range(num_steps), desc="denoising", unit="step", disable=not progress):
+            sta = () if ids is None else (jax.device_put(ids[i], self._replicated),)
+            latents, state = step(self._dit_state, latents, state, tables, context, g, *sta)
         return latents
+
+    def _sta_schedule(self, num_steps: int):
+        """``(palette, ids (num_steps, num_layers))`` from ``mask_strategy`` (the palette spans every step the
+        strategy covers, so the step compiles once whatever the step count), or ``(None, None)``."""
+        if self.mask_strategy is None:
+            return None, None
+        dit = self.transformer.config
+        if getattr(self.transformer, "sta_plan", None) is None:
+            raise ValueError("a mask strategy needs a sliding-tile transformer (self_attention_backend='sliding_tile')")
+        arch = dit.arch_config
+        palette, ids = self.mask_strategy.palette_schedule(self.mask_strategy.num_steps, arch.num_layers,
+                                                           arch.num_attention_heads)
+        if num_steps > len(ids):
+            raise ValueError(f"the mask strategy covers {len(ids)} denoising steps; {num_steps} were requested")
+        return palette, ids
 
     def decode(self, latents: jax.Array) -> np.ndarray:
         """Latents -> uint8 frames (B, F, H, W, 3), in spatial tiles when ``config.vae_tiling``. NaN or Inf in
