@@ -280,7 +280,11 @@ def test_parity_at_real_head_size(tmp_path):
     real = dict(num_attention_heads=2, attention_head_dim=128, ffn_dim=256, text_dim=64, rope_max_seq_len=1024)
     ref_model = tiny_wan_dit(tmp_path, seed=9, **real)
     model = TransformerLoader().load(tmp_path, precision="fp32")
-    x, t, ctx = _inputs(11, 1, 16, 4, 32, 32, 24, text_dim=64)  # (4, 16, 16) patches = 1,024 tokens
+    x, _, ctx = _inputs(11, 1, 16, 4, 32, 32, 24, text_dim=64)  # (4, 16, 16) patches = 1,024 tokens
+    # A small timestep: at t ~ 1000 one fp32 ulp of a sinusoid frequency (exp rounds differently in XLA and
+    # PyTorch, see test_layers) moves the time embedding enough to give ~1e-4 here whatever the rest does.
+    # Measured at t=1: 1.3e-5 max-abs (PyTorch fp32 is 9.4e-6 from its float64 run). Large t: the tiny tests.
+    t = torch.tensor([1.0])
     ref = torch_out(ref_model, x, t, ctx)
     err, rel = errors(model(*_jx(x, t, ctx)), ref)
     assert err < 1e-4, f"max-abs {err:.3e}, relative {rel:.3e}"

@@ -2,7 +2,9 @@
 
 Module attributes follow FastVideo's names (see ``WAN_PARAM_NAMES_MAPPING``), so a Diffusers checkpoint loads
 through the regex mapping and the standard tensor transforms. Blocks are built stacked (``nnx.vmap``) and run
-with ``nnx.scan``, so compile time does not grow with depth. Precision follows the original: parameters in the
+with ONE ``nnx.scan`` (sliding-tile windows per layer are scanned data), so compile time does not grow with
+depth; ``__call__`` runs the forward under a cached module-level jit (``compiled_call``) at the config's
+``matmul_precision``, so a second eager call with the same shapes does not compile. Precision follows the original: parameters in the
 configured dtype, with the time embedder, the modulation tables and the affine norms kept in fp32; RoPE
 tables are computed in float64 and applied in fp32.
 """
@@ -13,6 +15,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 from flax import nnx
 
@@ -331,11 +334,15 @@ class WanTransformer3DModel(nnx.Module):
             palette = plan.palette
         else:
             palette = tuple(normalize_windows(w, self.config.arch_config.num_attention_heads) for w in palette)
-        ids = jnp.asarray(plan.layer_ids if ids is None else ids, jnp.int32)
-        if ids.shape != (layers,):
-            raise ValueError(f"sta_layer_ids must have shape ({layers},), got {ids.shape}")
-        if not isinstance(ids, jax.core.Tracer) and not ((ids >= 0) & (ids < len(palette))).all():
-            raise ValueError(f"sta_layer_ids {ids.tolist()} must index the {len(palette)} window sets of sta_palette")
+        if ids is None:
+            ids = np.asarray(plan.layer_ids, np.int32)
+        if jnp.shape(ids) != (layers,):
+            raise ValueError(f"sta_layer_ids must have shape ({layers},), got {jnp.shape(ids)}")
+        if not isinstance(ids, jax.core.Tracer):
+            ids = np.asarray(ids, np.int32)  # host data: checked here, no eager device ops
+            if not ((ids >= 0) & (ids < len(palette))).all():
+                raise ValueError(f"sta_layer_ids {ids.tolist()} must index the {len(palette)} window sets "
+                                 "of sta_palette")
         return palette, ids
 
     def _check_inputs(self, hidden_states, encoder_hidden_states_image) -> None:

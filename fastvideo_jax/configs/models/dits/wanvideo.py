@@ -111,14 +111,16 @@ class WanVideoArchConfig(DiTArchConfig):
 @dataclasses.dataclass(frozen=True)
 class WanVideoConfig(DiTConfig):
     """Wan DiT knobs. Self-attention is dense (``attention_backend``) unless ``self_attention_backend`` is
-    ``"sliding_tile"``: then sliding-tile attention with ``sta_tile`` tiles and, per layer, the window
-    ``sta_layer_windows[i]`` if given (a (wt, wh, ww) in tiles, one per head, or None = dense for that layer),
-    else ``sta_window`` for every layer (None = the full window)."""
+    ``"sliding_tile"``: then sliding-tile attention in every layer with ``sta_tile`` tiles ((t, h, w) tokens, or
+    "auto": the tile that pads the latent grid least) and, per layer, the window ``sta_layer_windows[i]`` if
+    given (a (wt, wh, ww) in tiles, one per head, or None = the full window, i.e. dense), else ``sta_window``
+    for every layer (None = the full window). All layers run in one scan whatever their windows; a pipeline
+    can also pick windows per step at run time (``WanT2VPipeline.mask_strategy``)."""
 
     arch_config: WanVideoArchConfig = dataclasses.field(default_factory=WanVideoArchConfig)
     prefix: str = "Wan"
     self_attention_backend: str | None = None
-    sta_tile: tuple[int, int, int] = (6, 8, 8)
+    sta_tile: tuple[int, int, int] | str = (6, 8, 8)
     sta_window: Any = None
     sta_layer_windows: tuple | None = None
 
