@@ -3,6 +3,11 @@
 The DiT is split into (graph, state) once. One denoising step (batched cond + uncond forward, guidance, and
 the scheduler update) is a single jitted pure function, compiled once per latent/text shape: the number of
 steps (scheduler tables are padded to a fixed length), the guidance scale and the seed are runtime values.
+
+On a mesh (the one the DiT's parameters live on) the step runs with that mesh in scope: the CFG batch
+[cond; uncond] goes over ``data`` (cond on one half of the devices, uncond on the other when data is even),
+the video tokens over ``sequence`` (Ulysses inside the DiT), and the latents / scheduler state keep one layout
+across steps so the step compiles once.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from fastvideo_jax.configs.sample import SamplingParam
 from fastvideo_jax.dtypes import to_dtype
 from fastvideo_jax.errors import NonFiniteError
 from fastvideo_jax.models.encoders.text import encode_prompts
+from fastvideo_jax.parallel.activations import constrain, mesh_scope, spec_for
 
 # Scheduler tables are padded to this many steps so a new step count does not recompile the step.
 MAX_STEPS = 1000
@@ -49,12 +55,22 @@ def _denoise_step(graphdef, scheduler, use_cfg, dit_state, latents, sched_state,
     batch = latents.shape[0]
     t = scheduler.timestep(tables, sched_state)
     x = jnp.concatenate([latents, latents]) if use_cfg else latents
+    x = constrain(x, _BATCH_FIRST[: x.ndim])  # CFG parallel: cond and uncond on the two halves of data
     sta = {} if sta_palette is None else dict(sta_layer_ids=sta_ids, sta_palette=sta_palette)
     pred = model(x.astype(context.dtype), jnp.broadcast_to(t, (x.shape[0],)), context, **sta).astype(jnp.float32)
     if use_cfg:
         cond, uncond = pred[:batch], pred[batch:]
         pred = uncond + guidance * (cond - uncond)
-    return scheduler.step(tables, sched_state, pred, latents)
+    latents, sched_state = scheduler.step(tables, sched_state, pred, latents)
+    return jax.tree.map(lambda a: constrain(a, _state_axes(a, batch)), (latents, sched_state))
+
+
+_BATCH_FIRST = ("batch", None, None, None, None)
+
+
+def _state_axes(a, batch: int) -> tuple:
+    """Latent-shaped leaves (leading axis = batch) go over the batch axes; the rest is replicated."""
+    return _BATCH_FIRST[: a.ndim] if a.ndim and a.ndim <= 5 and a.shape[0] == batch else (None,) * a.ndim
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -77,6 +93,7 @@ class WanT2VPipeline:
         if self.config.flow_shift is not None:
             self.scheduler = dataclasses.replace(self.scheduler, shift=float(self.config.flow_shift))
         self._dit_graph, self._dit_state = nnx.split(self.transformer)
+        self.mesh = _mesh_of(self._dit_state)
         self._replicated = _replicated_like(self._dit_state)
         self._steps = {
             use_cfg: jax.jit(functools.partial(_denoise_step, self._dit_graph, self.scheduler, use_cfg))
@@ -114,10 +131,12 @@ class WanT2VPipeline:
         use_cfg = context.shape[0] == 2 * latents.shape[0]
         tables = pad_tables(self.scheduler.set_timesteps(num_steps), num_steps)
         state = self.scheduler.init_state(tables, latents.shape)
-        # Inputs live on the DiT's mesh like the step's outputs, so the second step hits the compile cache.
-        latents, state, tables, context, g = jax.device_put(
-            (latents, state, tables, context, jnp.asarray(guidance, jnp.float32)), self._replicated
-        )
+        # Inputs live on the DiT's mesh in the layout of the step's outputs, so the second step hits the compile
+        # cache: latent-shaped leaves and the text batch over the batch axes, the rest replicated.
+        batch = latents.shape[0]
+        latents, state = jax.device_put((latents, state), self._placement((latents, state), batch))
+        context = jax.device_put(context, self._placement(context, context.shape[0]))
+        tables, g = jax.device_put((tables, jnp.asarray(guidance, jnp.float32)), self._replicated)
         step = self._steps[use_cfg]
         palette, ids = self._sta_schedule(num_steps)
         if palette is not None:  # one executable per (cfg, palette); the step's window ids are data
@@ -126,10 +145,18 @@ class WanT2VPipeline:
                 self._steps[key] = jax.jit(functools.partial(_denoise_step, self._dit_graph, self.scheduler, use_cfg,
                                                              sta_palette=palette))
             step = self._steps[key]
-        for i in tqdm(range(num_steps), desc="denoising", unit="step", disable=not progress):
-            sta = () if ids is None else (jax.device_put(ids[i], self._replicated),)
-            latents, state = step(self._dit_state, latents, state, tables, context, g, *sta)
+        with mesh_scope(self.mesh):
+            for i in tqdm(range(num_steps), desc="denoising", unit="step", disable=not progress):
+                sta = () if ids is None else (jax.device_put(ids[i], self._replicated),)
+                latents, state = step(self._dit_state, latents, state, tables, context, g, *sta)
         return latents
+
+    def _placement(self, tree, batch: int):
+        """Shardings for ``tree`` on the DiT's mesh (batch-leading leaves over the batch axes)."""
+        if self.mesh is None:
+            return jax.tree.map(lambda a: self._replicated, tree)
+        return jax.tree.map(
+            lambda a: NamedSharding(self.mesh, spec_for(_state_axes(a, batch), a.shape, self.mesh)), tree)
 
     def _sta_schedule(self, num_steps: int):
         """``(palette, ids (num_steps, num_layers))`` from ``mask_strategy`` (the palette spans every step the
@@ -173,6 +200,14 @@ class WanT2VPipeline:
         z = self.prepare_latents(shape, param.seed, latents)
         z = self.denoise(z, context, param.num_inference_steps, param.guidance_scale, progress)
         return {"latents": z, "frames": self.decode(z)}
+
+
+def _mesh_of(state: nnx.State):
+    """The multi-device mesh the parameters live on, or None."""
+    sharding = getattr(jax.tree.leaves(state)[0], "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.devices.size > 1:
+        return sharding.mesh
+    return None
 
 
 def _replicated_like(state: nnx.State):
