@@ -18,6 +18,8 @@ from fastvideo_jax.configs.pipelines.base import PipelineConfig
 from fastvideo_jax.configs.sample import SamplingParam
 from fastvideo_jax.entrypoints.model_spec import NEEDED_COMPONENTS, ModelSpec, check_request
 from fastvideo_jax.models.loader.pipeline_loader import load_components
+from fastvideo_jax.parallel.mesh import MeshConfig
+from fastvideo_jax.parallel.spec import resolve_mesh
 from fastvideo_jax.pipelines.wan import WanT2VPipeline
 from fastvideo_jax.utils.compile_cache import enable_persistent_cache
 from fastvideo_jax.utils.paths import cache_dir
@@ -31,19 +33,22 @@ class VideoGenerator:
         self.model_path = model_path
 
     @classmethod
-    def from_pretrained(cls, model: str | Path, *, mesh: Mesh | None = None,
+    def from_pretrained(cls, model: str | Path, *, mesh: Mesh | MeshConfig | str | None = None,
                         pipeline_config: PipelineConfig | None = None, **overrides: Any) -> "VideoGenerator":
         """Load a pipeline from a local directory, a Hugging Face repo id (via the hub cache) or ``"tiny-wan"``
-        (random weights, for smoke tests). ``overrides`` replace PipelineConfig fields (``flow_shift``,
-        ``dit_precision``, ``vae_decode_precision``, ``vae_tiling``, ``text_len``, ...). Defaults come from the
+        (random weights, for smoke tests). ``mesh``: a Mesh, a MeshConfig or a spec such as "data=2,sequence=4",
+        checked against the devices and the DiT's heads before any weight is read; None on several devices picks
+        and logs a default (CFG on data, tokens on sequence). ``overrides`` replace PipelineConfig fields
+        (``flow_shift``, ``dit_precision``, ``vae_decode_precision``, ``vae_tiling``, ``text_len``, ...). Defaults come from the
         model's id or, for a directory, from its DiT config. Configs, tokenizer and scheduler are checked
         before any weight is read. Turns on JAX's persistent compilation cache
         (``FASTVIDEO_JAX_COMPILATION_CACHE``: a directory, or 0 for off)."""
         return cls.from_spec(ModelSpec.open(model, pipeline_config=pipeline_config, **overrides), mesh=mesh)
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec, *, mesh: Mesh | None = None) -> "VideoGenerator":
+    def from_spec(cls, spec: ModelSpec, *, mesh: Mesh | MeshConfig | str | None = None) -> "VideoGenerator":
         """Load the weights of a model already opened (and requests already checked) with ``ModelSpec.open``."""
+        mesh = resolve_mesh(mesh, num_heads=spec.dit_arch.num_attention_heads)  # before any weight is read
         enable_persistent_cache(cache_dir() / "xla")
         config = spec.config
         precisions = {"transformer": config.dit_precision, "text_encoder": config.text_encoder_precisions[0],
