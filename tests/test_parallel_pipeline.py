@@ -67,3 +67,15 @@ def test_bad_mesh_fails_before_any_weight_is_read(tiny_wan_4_heads, tmp_path, mo
     for spec, message in cases.items():
         with pytest.raises(UserError, match=message):
             VideoGenerator.from_pretrained(tiny_wan_4_heads, mesh=spec)
+
+
+def test_generate_cli_mesh_flag_errors_in_one_line(tiny_wan_4_heads, tmp_path, capsys):
+    from fastvideo_jax.entrypoints.cli import main as cli_main
+
+    out = tmp_path / "x.mp4"
+    code = cli_main(["generate", "--model", str(tiny_wan_4_heads), "--prompt", "a cat", "--output", str(out),
+                     "--mesh", "sequence=8"])
+    assert code == 2 and not out.exists()
+    assert capsys.readouterr().err.strip() == (
+        "error: the DiT's 4 attention heads do not divide over mesh tensor=1 x sequence=8 = 8; "
+        "pick sizes that divide 4")

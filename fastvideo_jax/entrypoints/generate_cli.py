@@ -41,6 +41,10 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--vae-tiling", action="store_true",
                    help="decode in overlapping spatial tiles (less device memory for large frames; tile seams "
                    "are blended, so the result differs slightly from an untiled decode)")
+    p.add_argument("--mesh", default=None,
+                   help="split the work over devices, e.g. data=2,sequence=4 (axes data, fsdp, tensor, sequence; "
+                        "CFG runs on data, video tokens on sequence). Default with several devices: CFG on data, "
+                        "the rest on sequence")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run_generate)
 
@@ -60,7 +64,7 @@ def run_generate(args: argparse.Namespace) -> int:
                                    "vae_tiling": args.vae_tiling or None}.items() if v is not None}
     spec = ModelSpec.open(args.model, **overrides)  # configs, tokenizer folder, scheduler class; no weights yet
     spec.sampling_param(prompt=args.prompt, **sampling)  # fits the model (RoPE table), before loading weights
-    generator = VideoGenerator.from_spec(spec)
+    generator = VideoGenerator.from_spec(spec, mesh=args.mesh)
     out = generator.generate_video(args.prompt, output_path=args.output, progress=not args.no_progress, **sampling)
     frames = out["frames"]
     print(f"wrote {out['path']} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
