@@ -74,7 +74,7 @@ def test_generate_cli_mesh_flag_errors_in_one_line(tiny_wan_4_heads, tmp_path, c
 
     out = tmp_path / "x.mp4"
     code = cli_main(["generate", "--model", str(tiny_wan_4_heads), "--prompt", "a cat", "--output", str(out),
-                     "--mesh", "sequence=8"])
+                     "--height", "32", "--width", "48", "--num-frames", "5", "--mesh", "sequence=8"])
     assert code == 2 and not out.exists()
     assert capsys.readouterr().err.strip() == (
         "error: the DiT's 4 attention heads do not divide over mesh tensor=1 x sequence=8 = 8; "

@@ -15,11 +15,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rules = Mapping[str, "str | tuple[str, ...] | None"]
 
-# DiT: FSDP shards the model dim; tensor parallelism splits heads and the MLP hidden dim.
+# DiT: the model dim of the weights is sharded over fsdp and, when it divides, sequence too (ZeRO-3 style: a
+# sequence-parallel mesh holds 1/(fsdp x sp) of the weights, gathered layer by layer); tensor parallelism splits
+# heads and the MLP hidden dim.
 DIT_RULES: Rules = MappingProxyType(
     {
         "layers": None,
-        "embed": "fsdp",
+        "embed": ("fsdp", "sequence"),
         "heads": "tensor",
         "mlp": "tensor",
         "modulation": "tensor",
@@ -44,8 +46,8 @@ ACTIVATION_RULES: Rules = MappingProxyType(
     }
 )
 
-# Text encoders (UMT5/T5): same vocabulary.
-TEXT_ENCODER_RULES: Rules = DIT_RULES
+# Text encoders (UMT5/T5): same vocabulary, weights over fsdp only.
+TEXT_ENCODER_RULES: Rules = MappingProxyType({**DIT_RULES, "embed": "fsdp"})
 
 # VAE: convolutions are small next to activations; keep weights replicated.
 VAE_RULES: Rules = MappingProxyType({})

@@ -1,0 +1,243 @@
+"""Real-size denoise step split over a mesh, simulated on fake CPU devices: per-device FLOPs and bytes.
+
+    python benchmarks/parallel.py --model 1.3b                 # Wan2.1-1.3B 480x832x81, 8 and 16 devices
+    python benchmarks/parallel.py --model 14b --devices 8      # Wan2.1-14B 720x1280x81
+    python benchmarks/parallel.py --model tiny --devices 8     # seconds: a smoke run of this script
+
+Nothing real is allocated: the DiT's parameters are ``jax.ShapeDtypeStruct``s carrying their shardings
+(``nnx.eval_shape`` + the DIT rules), and the pipeline's jitted CFG denoise step (batch 2: cond + uncond,
+the UniPC update included) is lowered and compiled for each mesh. Mesh per row: ``sequence = sp``, ``data = 2``
+(CFG parallel) while devices remain, ``fsdp`` = the rest. Rows whose sp does not divide the heads are skipped.
+
+How the numbers are counted:
+- bytes/device: ``compiled.memory_analysis()`` of the whole step (all layers under one scan, the memory-safe
+  blocked reference attention, bf16 weights): arguments (weights, latents, text, scheduler state) + temporaries.
+- FLOPs/device: ``compiled.cost_analysis()`` counts a while-loop (scan) body once, whatever its trip count. So
+  FLOPs = cost(the step with ONE layer) + (layers - 1) x cost(one block alone, same mesh and input
+  shardings). Both are compiled with dense attention (the blocked reference attention is itself a scan, which
+  would be undercounted the same way), so every attention FLOP is counted.
+- "ideal" is the one-device step's FLOPs / devices; the ratio is FLOPs/device over ideal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _set_device_count(n: int) -> None:
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+MODELS = {
+    # preset of WAN_PRESETS, latents (B, C, F, H, W) for the request, text tokens
+    "1.3b": ("wan2.1-t2v-1.3b", (1, 16, 21, 60, 104), 512, "480x832x81"),
+    "14b": ("wan2.1-t2v-14b", (1, 16, 21, 90, 160), 512, "720x1280x81"),
+    "tiny": ("tiny", (1, 16, 3, 16, 16), 16, "128x128x9"),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="1.3b")
+    p.add_argument("--devices", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--sp", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--no-flops", action="store_true", help="memory only (skips the FLOP compiles)")
+    args = p.parse_args(argv)
+    _set_device_count(max(args.devices))
+    run(args)
+    return 0
+
+
+def run(args) -> None:
+    import jax
+
+    from fastvideo_jax.configs.models.dits.wanvideo import WAN_PRESETS
+
+    preset, latent_shape, text_len, label = MODELS[args.model]
+    arch = dict(WAN_PRESETS[preset])
+    heads, layers = arch["num_attention_heads"], arch["num_layers"]
+    tokens = latent_shape[2] * latent_shape[3] // 2 * latent_shape[4] // 2
+    print(f"Wan {args.model} {label}: {tokens} tokens, {heads} heads, {layers} layers, CFG batch 2, bf16 weights; "
+          f"jax {jax.__version__}")
+    single = None if args.no_flops else step_flops(arch, latent_shape, text_len, None)
+    if single is not None:
+        print(f"one device: {single / 1e12:.2f} TFLOP per step")
+    print(f"{'devices':>7} {'mesh':<34} {'TFLOP/dev':>9} {'x ideal':>7} {'args GiB':>8} {'temp GiB':>8} "
+          f"{'total GiB':>9} {'compile s':>9}")
+    for n in args.devices:
+        for sp in args.sp:
+            if sp > n or n % sp:
+                continue
+            if heads % sp:
+                print(f"{n:>7} sequence={sp:<25} skipped: {heads} heads do not divide by sp={sp}")
+                continue
+            mesh = _mesh(n, sp)
+            t0 = time.perf_counter()
+            mem = step_memory(arch, latent_shape, text_len, mesh)
+            flops = None if args.no_flops else step_flops(arch, latent_shape, text_len, mesh)
+            seconds = time.perf_counter() - t0
+            args_gib, temp_gib = mem.argument_size_in_bytes / 2**30, mem.temp_size_in_bytes / 2**30
+            shape = ",".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1)
+            tflop = "-" if flops is None else f"{flops / 1e12:.3f}"
+            ratio = "-" if flops is None else f"{flops / (single / n):.3f}"
+            print(f"{n:>7} {shape:<34} {tflop:>9} {ratio:>7} {args_gib:>8.2f} {temp_gib:>8.2f} "
+                  f"{args_gib + temp_gib:>9.2f} {seconds:>9.1f}", flush=True)
+            _record(args.model, label, n, shape, flops, single, mem)
+
+
+def _mesh(n: int, sp: int):
+    from fastvideo_jax.parallel.mesh import MeshConfig, make_mesh
+
+    import jax
+
+    data = 2 if n // sp >= 2 else 1
+    return make_mesh(MeshConfig(data=data, fsdp=n // (sp * data), sequence=sp), jax.devices()[:n])
+
+
+def _abstract_dit(arch: dict, layers: int, mesh):
+    """(graphdef, abstract state with shardings) of a bf16 Wan DiT with ``layers`` layers."""
+    import jax
+    from flax import nnx
+
+    from fastvideo_jax.configs.models.dits.wanvideo import WanVideoConfig
+    from fastvideo_jax.models.dits.wanvideo import WanTransformer3DModel
+    from fastvideo_jax.models.loader.component_loader import build_abstract, state_shardings
+    from fastvideo_jax.parallel.mesh import make_mesh
+    from fastvideo_jax.parallel.rules import DIT_RULES
+    from fastvideo_jax.utils.nnx_vars import var_value
+
+    config = WanVideoConfig(precision="bf16", attention_backend="reference").update_model_arch(
+        {**arch, "num_layers": layers})
+    graphdef, abstract = build_abstract(WanTransformer3DModel, config)
+    shardings = state_shardings(abstract, DIT_RULES, mesh if mesh is not None else make_mesh())
+    flat = [(p, v.replace(jax.ShapeDtypeStruct(var_value(v).shape, var_value(v).dtype, sharding=shardings[p])))
+            for p, v in nnx.to_flat_state(abstract)]
+    return graphdef, nnx.from_flat_state(flat)
+
+
+def _step_inputs(latent_shape, text_len: int, text_dim: int, mesh):
+    """Abstract (latents, scheduler state, tables, context, guidance) placed as the pipeline places them."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from fastvideo_jax.parallel.activations import spec_for
+    from fastvideo_jax.pipelines.wan import _state_axes, pad_tables
+    from fastvideo_jax.schedulers.flow_unipc import FlowUniPCMultistepScheduler
+    from fastvideo_jax.testing.tiny_pipeline import UNIPC_FLOW_CONFIG
+
+    scheduler = FlowUniPCMultistepScheduler.from_config(UNIPC_FLOW_CONFIG)
+    tables = jax.eval_shape(lambda: pad_tables(scheduler.set_timesteps(50), 50))
+    state = jax.eval_shape(lambda: scheduler.init_state(pad_tables(scheduler.set_timesteps(50), 50), latent_shape))
+    latents = jax.ShapeDtypeStruct(latent_shape, jnp.float32)
+    context = jax.ShapeDtypeStruct((2 * latent_shape[0], text_len, text_dim), jnp.bfloat16)
+    guidance = jax.ShapeDtypeStruct((), jnp.float32)
+    batch = latent_shape[0]
+
+    def place(a, axes_batch):
+        if mesh is None:
+            return a
+        axes = _state_axes(a, axes_batch) if axes_batch else (None,) * a.ndim
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec_for(axes, a.shape, mesh)))
+
+    replicated = functools.partial(place, axes_batch=0)
+    return scheduler, (place(latents, batch), jax.tree.map(lambda a: place(a, batch), state),
+                       jax.tree.map(replicated, tables), place(context, context.shape[0]), replicated(guidance))
+
+
+def _compile_step(arch, layers, latent_shape, text_len, mesh):
+    import jax
+
+    from fastvideo_jax.parallel.activations import mesh_scope
+    from fastvideo_jax.pipelines.wan import _denoise_step
+
+    graphdef, state = _abstract_dit(arch, layers, mesh)
+    scheduler, inputs = _step_inputs(latent_shape, text_len, arch["text_dim"], mesh)
+    step = jax.jit(functools.partial(_denoise_step, graphdef, scheduler, True))
+    with mesh_scope(mesh):
+        return step.lower(state, *inputs).compile()
+
+
+def step_memory(arch, latent_shape, text_len, mesh):
+    return _compile_step(arch, arch["num_layers"], latent_shape, text_len, mesh).memory_analysis()
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
+def step_flops(arch, latent_shape, text_len, mesh) -> float:
+    """cost(step with one layer) + (layers - 1) x cost(one block), with dense attention (see the module doc)."""
+    from fastvideo_jax.attention import reference
+
+    saved = reference.DENSE_MAX_LOGITS
+    reference.DENSE_MAX_LOGITS = 1 << 62  # dense logits: compiled only, never run; every FLOP visible
+    try:
+        one_layer = _flops(_compile_step(arch, 1, latent_shape, text_len, mesh))
+        block = _flops(_compile_block(arch, latent_shape, text_len, mesh))
+    finally:
+        reference.DENSE_MAX_LOGITS = saved
+    return one_layer + (arch["num_layers"] - 1) * block
+
+
+def _compile_block(arch, latent_shape, text_len, mesh):
+    """One transformer block on the step's (CFG batch 2) activations, laid out as inside the DiT."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fastvideo_jax.models.layers.embeddings import rope_3d_tables
+    from fastvideo_jax.parallel.activations import constrain, mesh_scope
+    from fastvideo_jax.parallel.sequence import pad_length, padding_mask
+
+    graphdef, state = _abstract_dit(arch, 1, mesh)
+    B = 2 * latent_shape[0]
+    grid = (latent_shape[2], latent_shape[3] // 2, latent_shape[4] // 2)
+    L = grid[0] * grid[1] * grid[2]
+    D = arch["num_attention_heads"] * arch["attention_head_dim"]
+
+    def block_fn(state, x, context, temb_proj):
+        model = nnx.merge(graphdef, state)
+        block = nnx.merge(*nnx.split(model.blocks))
+        block = jax.tree.map(lambda a: a[0], block)
+        cos, sin = rope_3d_tables(arch["attention_head_dim"], grid, arch.get("rope_max_seq_len", 1024))
+        Lp = pad_length(L)
+        x, cos, sin = (jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, Lp - L), (0, 0)]) for a in (x, cos, sin))
+        x = constrain(x, ("batch", "length", "embed"))
+        cos, sin = constrain(cos, ("length", None)), constrain(sin, ("length", None))
+        context = constrain(context, ("batch", "text_length", "embed"))
+        temb_proj = constrain(temb_proj, ("batch", None, "embed"))
+        return block(x, context, None, temb_proj, cos, sin, kv_mask=padding_mask(B, L, Lp))
+
+    x = jax.ShapeDtypeStruct((B, L, D), jnp.bfloat16)
+    context = jax.ShapeDtypeStruct((B, text_len, D), jnp.bfloat16)
+    temb_proj = jax.ShapeDtypeStruct((B, 6, D), jnp.float32)
+    with mesh_scope(mesh):
+        return jax.jit(block_fn).lower(state, x, context, temb_proj).compile()
+
+
+def _record(model, label, n, shape, flops, single, mem) -> None:
+    try:
+        from _results import record
+    except ImportError:  # run from elsewhere
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _results import record
+    record(f"parallel {model} {label}", f"{n} devices {shape}",
+           tflop_per_device=None if flops is None else round(flops / 1e12, 4),
+           x_ideal=None if flops is None else round(flops / (single / n), 4),
+           argument_gib=round(mem.argument_size_in_bytes / 2**30, 3), temp_gib=round(mem.temp_size_in_bytes / 2**30, 3))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
