@@ -236,8 +236,9 @@ class WanTransformerBlock(_QKNormProjections):
         if sta is not None:
             attend = _sliding_tile_attend(sta, self.num_heads, padded=kv_mask is not None)
         else:
-            def attend(q, k, v, kv_mask):
-                return attention(q, k, v, kv_mask, backend=self.attention_backend)
+            def attend(q, k, v, kv_mask):  # the padding mask is a prefix: as lengths, cuDNN can take it
+                lengths = None if kv_mask is None else kv_mask.sum(-1, dtype=jnp.int32)
+                return attention(q, k, v, kv_lengths=lengths, backend=self.attention_backend)
         return self._merge_heads_out(ulysses_attention(q, k, v, attend, kv_mask))
 
     def __call__(self, x, context, image_context, temb_proj, cos, sin, sta: _StaLayer | None = None, kv_mask=None):
