@@ -15,13 +15,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rules = Mapping[str, "str | tuple[str, ...] | None"]
 
-# DiT: the model dim of the weights is sharded over fsdp and, when it divides, sequence too (ZeRO-3 style: a
-# sequence-parallel mesh holds 1/(fsdp x sp) of the weights, gathered layer by layer); tensor parallelism splits
-# heads and the MLP hidden dim.
+# DiT: the model dim of the weights is sharded over fsdp, then sequence, then data as far as it divides (ZeRO-3
+# style: on a data=2, sequence=4 mesh each device holds 1/8 of the weights, gathered layer by layer inside the
+# scan); tensor parallelism splits heads and the MLP hidden dim.
 DIT_RULES: Rules = MappingProxyType(
     {
         "layers": None,
-        "embed": ("fsdp", "sequence"),
+        "embed": ("fsdp", "sequence", "data"),
         "heads": "tensor",
         "mlp": "tensor",
         "modulation": "tensor",
