@@ -74,8 +74,9 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-MESHES = [MeshConfig(sequence=2), MeshConfig(data=2, sequence=4), MeshConfig(sequence=8),
-          MeshConfig(data=2, fsdp=2, sequence=2), MeshConfig(tensor=2, sequence=4)]
+# sp = 2, 4, 8; data = 1, 2; mixed with fsdp and tensor
+MESHES = [MeshConfig(data=2, sequence=4), MeshConfig(sequence=8), MeshConfig(data=2, fsdp=2, sequence=2),
+          MeshConfig(tensor=2, sequence=4)]
 
 
 def test_meshes_equal_one_device(model):

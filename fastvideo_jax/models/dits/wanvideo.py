@@ -366,7 +366,9 @@ class WanTransformer3DModel(nnx.Module):
         pt, ph, pw = cfg.patch_size
         grid = (F // pt, H // ph, W // pw)
         cos, sin = rope_3d_tables(cfg.attention_head_dim, grid, cfg.rope_max_seq_len)
-        x = rearrange(self.patch_embedding.proj(hidden_states), "b f h w d -> b (f h w) d")
+        # the patch embedding's output whole on each device (its small weight gathered), then split by tokens
+        x = constrain(self.patch_embedding.proj(hidden_states), ("batch", None, None, None, "embed"))
+        x = rearrange(x, "b f h w d -> b (f h w) d")
         temb, temb_proj, context, image_context = self.condition_embedder(
             jnp.broadcast_to(timestep, (B,)), encoder_hidden_states, encoder_hidden_states_image
         )
