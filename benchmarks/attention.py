@@ -32,11 +32,13 @@ from fastvideo_jax.attention import (  # noqa: E402
     FULL_WINDOW,
     MosaicConfig,
     SplashConfig,
+    TokamaxConfig,
     TritonConfig,
     attention,
     mosaic_config_scope,
     sliding_tile_attention,
     splash_config_scope,
+    tokamax_config_scope,
     triton_config_scope,
 )
 from fastvideo_jax.attention import api, sliding_tile  # noqa: E402
@@ -77,6 +79,7 @@ PRESETS = {
 DENSE = (AttentionBackend.REFERENCE, AttentionBackend.CUDNN, AttentionBackend.SPLASH_TPU,
          AttentionBackend.PALLAS_GPU_TRITON, AttentionBackend.PALLAS_GPU_MOSAIC)
 STA = (AttentionBackend.REFERENCE, AttentionBackend.SPLASH_TPU, AttentionBackend.PALLAS_GPU_TRITON)
+TOKAMAX_IMPLS = (None, "mosaic", "triton", "cudnn")  # None: tokamax picks
 REFERENCE_MAX_BYTES = 8 << 30  # the dense reference materialises B x N x L x L fp32 logits
 
 
@@ -105,6 +108,13 @@ def _scopes(preset: Preset):
     return stack
 
 
+def _dense_call(q, k, v, backend, impl):
+    if backend is not AttentionBackend.TOKAMAX:
+        return attention(q, k, v, backend=backend)
+    with tokamax_config_scope(TokamaxConfig(implementation=impl)):
+        return attention(q, k, v, backend=backend)
+
+
 def _reason(check, *args) -> str | None:
     try:
         return check(*args)
@@ -127,19 +137,24 @@ def run(preset: Preset, backward: bool, only: set[str] | None) -> list[dict]:
         return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
 
     with _scopes(preset):
-        for backend in DENSE:
+        for backend, impl in [(b, None) for b in DENSE] + [(AttentionBackend.TOKAMAX, i) for i in TOKAMAX_IMPLS]:
             if only and backend.value not in only:
                 continue
-            row = {"case": "dense", "backend": backend.value}
+            label = backend.value if backend is not AttentionBackend.TOKAMAX else f"tokamax[{impl or 'auto'}]"
+            row = {"case": "dense", "backend": label}
             entry = api._BACKENDS.get(backend)
             reason = _reason(entry.check, q, k, v, None) if entry else "not registered"
             if reason is None and backend is AttentionBackend.REFERENCE and B * N * L * L * 4 > REFERENCE_MAX_BYTES:
-                reason = f"dense logits need {B * N * L * L * 4 / 2**30:.0f} GiB"
+                reason = f"dense logits need {B * N * L * L * 4 / 2**30:.0f} GiB (the blocked reference is slower still)"
             if reason is not None:
                 rows.append({**row, "skip": reason})
                 continue
-            fn = wrap(lambda q, k, v, b=backend: attention(q, k, v, backend=b))
-            t = _time(fn, (q, k, v), preset.iters, preset.warmup)
+            fn = wrap(lambda q, k, v, b=backend, i=impl: _dense_call(q, k, v, b, i))
+            try:
+                t = _time(fn, (q, k, v), preset.iters, preset.warmup)
+            except Exception as e:  # an implementation tokamax cannot run here: report it, keep going
+                rows.append({**row, "skip": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+                continue
             rows.append({**row, "ms": t * 1e3, "tflops": dense_flops / t / 1e12})
 
         for window in preset.windows:

@@ -44,7 +44,7 @@ from fastvideo_jax.attention import (
     sta_reference_dense,
     triton_config_scope,
 )
-from fastvideo_jax.attention import _common, block_sparse_gpu, pallas_gpu, sliding_tile, splash_tpu
+from fastvideo_jax.attention import _common, block_sparse_gpu, pallas_gpu, sliding_tile, splash_tpu, tokamax_dpa
 from fastvideo_jax.attention._gpu_common import LOG2E
 from fastvideo_jax.attention.sliding_tile_mask import (
     TileGeometry,
@@ -161,10 +161,19 @@ def _kv_mask(B, L, seed):
 # Dense backends vs the reference: forward and gradients
 # ----------------------------------------------------------------------------------------------------------
 
+def tokamax_or_skip():
+    """tokamax where it is installed and has hardware to run on (no stand-in: its 'xla' path is not a kernel)."""
+    reason = tokamax_dpa.check_tokamax(*(jnp.zeros((1, 8, 1, 8), jnp.bfloat16),) * 3)
+    if reason is not None:
+        pytest.skip(f"tokamax: {reason}")
+    return contextlib.nullcontext()
+
+
 BACKENDS = {
     AttentionBackend.SPLASH_TPU: lambda: splash_config_scope(SPLASH_CPU),
     AttentionBackend.PALLAS_GPU_TRITON: lambda: triton_config_scope(TRITON_CPU),
     AttentionBackend.PALLAS_GPU_MOSAIC: mosaic_kernel_or_stand_in,
+    AttentionBackend.TOKAMAX: tokamax_or_skip,
 }
 
 
@@ -480,15 +489,13 @@ def test_mask_strategy_json(tmp_path):
 def test_triton_config_scope_change_retraces_a_jitted_caller(monkeypatch):
     """One jitted function called under two Triton configs runs the kernel with each config's blocks (not the
     blocks it was first compiled with), and a config seen before is a cache hit again."""
-    from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+    used, real = [], pallas_gpu.dense_block_sparse_attention
 
-    used, real = [], gpu_attention.mha
+    def spy(*args, config, **kwargs):
+        used.append(config.block_q)
+        return real(*args, config=config, **kwargs)
 
-    def spy(*args, block_sizes, **kwargs):
-        used.append(block_sizes.block_q)
-        return real(*args, block_sizes=block_sizes, **kwargs)
-
-    monkeypatch.setattr(gpu_attention, "mha", spy)
+    monkeypatch.setattr(pallas_gpu, "dense_block_sparse_attention", spy)
     q, k, v, _ = _inputs(1, 64, 1, 16, jnp.float32, seed=3)
     f = jax.jit(lambda q, k, v: attention(q, k, v, backend=AttentionBackend.PALLAS_GPU_TRITON))
     outs = []

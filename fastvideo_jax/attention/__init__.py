@@ -12,6 +12,7 @@ from fastvideo_jax.attention.sliding_tile_mask import TileGeometry
 from fastvideo_jax.attention.sliding_tile_strategy import MaskStrategy, load_mask_strategy
 from fastvideo_jax.attention.splash_tpu import SplashConfig
 from fastvideo_jax.attention.splash_tpu import config_scope as splash_config_scope
+from fastvideo_jax.attention.tokamax_dpa import TokamaxConfig, tokamax_config_scope
 
 __all__ = [
     "AttentionBackend",
@@ -20,6 +21,7 @@ __all__ = [
     "MosaicConfig",
     "SplashConfig",
     "TileGeometry",
+    "TokamaxConfig",
     "TritonConfig",
     "attention",
     "block_sparse_attention",
@@ -33,5 +35,6 @@ __all__ = [
     "sliding_tile_attention",
     "splash_config_scope",
     "sta_reference_dense",
+    "tokamax_config_scope",
     "triton_config_scope",
 ]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from fastvideo_jax.attention import pallas_gpu, splash_tpu
+from fastvideo_jax.attention import pallas_gpu, splash_tpu, tokamax_dpa
 from fastvideo_jax.attention._common import platform, warn_once
 from fastvideo_jax.attention.cudnn import cudnn_attention
 from fastvideo_jax.attention.reference import reference_attention
@@ -35,6 +35,7 @@ class AttentionBackend(enum.Enum):
     SPLASH_TPU = "splash_tpu"  # TPU splash (Pallas Mosaic TPU); interpret mode via splash_tpu.config_scope
     PALLAS_GPU_TRITON = "pallas_gpu_triton"  # Pallas flash kernel lowered through Triton (any CUDA GPU)
     PALLAS_GPU_MOSAIC = "pallas_gpu_mosaic"  # Pallas Mosaic-GPU FlashAttention-3 (Hopper sm90)
+    TOKAMAX = "tokamax"  # tokamax.dot_product_attention (optional package; GPU and TPU)
     # Sliding-tile attention is not a dense backend: it needs the token grid and windows, so it is its own op,
     # ``sliding_tile_attention(q, k, v, grid=..., window=..., backend=<one of the above or None>)``.
 
@@ -89,6 +90,7 @@ register_backend(AttentionBackend.CUDNN, cudnn_attention, _check_cudnn, takes_le
 register_backend(AttentionBackend.SPLASH_TPU, splash_tpu.splash_attention, splash_tpu.check_splash)
 register_backend(AttentionBackend.PALLAS_GPU_TRITON, pallas_gpu.triton_attention, pallas_gpu.check_triton)
 register_backend(AttentionBackend.PALLAS_GPU_MOSAIC, pallas_gpu.mosaic_attention, pallas_gpu.check_mosaic)
+register_backend(AttentionBackend.TOKAMAX, tokamax_dpa.tokamax_attention, tokamax_dpa.check_tokamax)
 
 
 # Per platform, the dense backends to try in order when none is requested (e.g. fp32 on a GPU, which cuDNN

@@ -1,11 +1,7 @@
 """GPU Pallas attention: JAX's Triton flash kernel and the Mosaic-GPU FA3 kernel.
 
-* ``triton_attention``: ``jax.experimental.pallas.ops.gpu.attention.mha``. The kernel needs lengths that are a
-  multiple of its blocks, so q/k/v are zero-padded and the padded keys are masked with segment ids (valid
-  tokens 1, padding 0; padded query rows attend to padding only and are sliced off). ``mha``'s segment ids are
-  shared by queries and keys, which cannot express a key-only mask when ``kv_mask`` is given or when q and kv
-  lengths differ; those calls run on our block-sparse kernel (``block_sparse_gpu``, same Triton lowering) with a
-  dense block table.
+* ``triton_attention``: our block-sparse Triton-lowered flash kernel (``block_sparse_gpu``) with a dense block
+  table: lengths padded to its blocks, padded and masked keys excluded per key, cross lengths allowed.
 * ``mosaic_attention``: ``attention_mgpu`` (FlashAttention-3 on Hopper, sm90 only). Its shared-memory buffers
   are fp16 whatever the input dtype, so bf16 inputs fail with a dtype mismatch (jax 0.11.2). Work-around: bf16
   inputs are cast to fp16 (clipped to +-65504; every bf16 value in [6.1e-5, 65504] is exactly representable in
@@ -150,37 +146,20 @@ def check_mosaic(q, k, v, kv_mask=None, config: MosaicConfig | None = None) -> s
 
 
 # ==========================================================================================================
-# Triton: JAX's mha with padding + segment ids
+# Triton: our flash kernel with a dense block table
 # ==========================================================================================================
 
 
 def triton_attention(q, k, v, kv_mask=None, scale=None, *, config: TritonConfig | None = None):
-    """Dense attention on the Triton-lowered Pallas flash kernel, any lengths, optional key mask."""
+    """Dense attention on our Triton-lowered Pallas flash kernel (the block-sparse kernel with every block
+    listed): any lengths, cross lengths, optional key mask.
+
+    JAX's own ``pallas.ops.gpu.attention.mha`` is deprecated from jax 0.12 (in favour of tokamax) and could not
+    express key-only masks anyway; on an H200 our kernel ran the Wan 1.3B 480p full window at 394 kernel TFLOP/s
+    (kernel rate, padded tokens) where ``mha`` ran 351 (benchmarks/RESULTS.md, 2026-12-01)."""
     config = config or current_triton_config()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    B, Lq, N, E = q.shape
-    Lk = k.shape[1]
-    if kv_mask is not None or Lq != Lk:
-        # Key-only masking (or cross lengths): our kernel with a dense block table.
-        return dense_block_sparse_attention(q, k, v, kv_mask, scale=scale, config=config)
-
-    from jax.experimental.pallas.ops.gpu import attention as gpu_attention
-
-    Lp = round_up(Lq, config.multiple)
-    qp, kp, vp = (_pad_axis(t, 1, Lp) for t in (q, k, v))
-    segment_ids = None
-    if Lp != Lq:
-        segment_ids = jnp.broadcast_to((jnp.arange(Lp) < Lq).astype(jnp.int32), (B, Lp))
-    block_sizes = gpu_attention.BlockSizes(
-        block_q=config.block_q, block_k=config.block_k,
-        block_q_dkv=config.block_q_bwd, block_kv_dkv=config.block_k_bwd,
-        block_q_dq=config.block_q_bwd, block_kv_dq=config.block_k_bwd,
-    )
-    out = gpu_attention.mha(
-        qp, kp, vp, segment_ids, sm_scale=scale, causal=False, block_sizes=block_sizes,
-        num_warps=config.num_warps, num_stages=config.num_stages, interpret=config.interpret,
-    )
-    return out[:, :Lq]
+    return dense_block_sparse_attention(q, k, v, kv_mask, scale=scale, config=config)
 
 
 # ==========================================================================================================
