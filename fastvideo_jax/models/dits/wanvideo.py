@@ -366,18 +366,18 @@ class WanTransformer3DModel(nnx.Module):
         pt, ph, pw = cfg.patch_size
         grid = (F // pt, H // ph, W // pw)
         cos, sin = rope_3d_tables(cfg.attention_head_dim, grid, cfg.rope_max_seq_len)
-        # the patch embedding's output whole on each device (its small weight gathered), then split by tokens
-        x = constrain(self.patch_embedding.proj(hidden_states), ("batch", None, None, None, "embed"))
-        x = rearrange(x, "b f h w d -> b (f h w) d")
+        # patches (B, L, pt*ph*pw*C) are split by tokens before they are embedded: no (B, L, D) array is ever whole
+        patches = rearrange(self.patch_embedding.proj.patchify(hidden_states), "b f h w k -> b (f h w) k")
         temb, temb_proj, context, image_context = self.condition_embedder(
             jnp.broadcast_to(timestep, (B,)), encoder_hidden_states, encoder_hidden_states_image
         )
         temb_proj = constrain(rearrange(temb_proj, "b (six d) -> b six d", six=6), ("batch", None, "embed"))
         context = constrain(context, ("batch", "text_length", "embed"))
         # Tokens go over the sequence mesh axis: pad to a multiple of it, mask the padded keys, drop them at the end
-        L = x.shape[1]
+        L = patches.shape[1]
         Lp = pad_length(L)
-        x, cos, sin = (jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, Lp - L), (0, 0)]) for a in (x, cos, sin))
+        patches, cos, sin = (jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, Lp - L), (0, 0)]) for a in (patches, cos, sin))
+        x = self.patch_embedding.proj.project(constrain(patches, ("batch", "length", None)))
         x = constrain(x, ("batch", "length", "embed"))
         cos, sin = constrain(cos, ("length", None)), constrain(sin, ("length", None))
         kv_mask = padding_mask(B, L, Lp)

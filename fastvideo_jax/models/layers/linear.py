@@ -71,11 +71,16 @@ class PatchEmbed3D(nnx.Module):
         self.bias = make_param(rngs, init, (dim,), param_dtype, ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, C, F, H, W) -> (B, F', H', W', D)
+        return self.project(self.patchify(x))
+
+    def patchify(self, x: jax.Array) -> jax.Array:  # (B, C, F, H, W) -> (B, F', H', W', pt*ph*pw*C)
         B, C, F, H, W = x.shape
         pt, ph, pw = self.patch_size
         x = x.reshape(B, C, F // pt, pt, H // ph, ph, W // pw, pw)
         x = x.transpose(0, 2, 4, 6, 3, 5, 7, 1)  # B F' H' W' pt ph pw C
-        x = x.reshape(B, F // pt, H // ph, W // pw, pt * ph * pw * C)
+        return x.reshape(B, F // pt, H // ph, W // pw, pt * ph * pw * C)
+
+    def project(self, x: jax.Array) -> jax.Array:  # (..., pt*ph*pw*C) patches -> (..., D)
         kernel = self.kernel[...]
         w = kernel.reshape(-1, kernel.shape[-1])
         y = jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32) + self.bias[...].astype(jnp.float32)
