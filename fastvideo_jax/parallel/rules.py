@@ -46,8 +46,16 @@ ACTIVATION_RULES: Rules = MappingProxyType(
     }
 )
 
-# Text encoders (UMT5/T5): same vocabulary, weights over fsdp only.
-TEXT_ENCODER_RULES: Rules = MappingProxyType({**DIT_RULES, "embed": "fsdp"})
+# Text encoders (UMT5/T5): like the DiT, the model dim over fsdp, sequence and data: the encoder runs once per
+# prompt, so its weights (UMT5-XXL fp32: 22.7 GB) are split over every device and gathered a layer at a time.
+TEXT_ENCODER_RULES: Rules = MappingProxyType({**DIT_RULES, "embed": ("fsdp", "sequence", "data")})
+
+# Text-encoder activations: prompts over data (and fsdp when they divide it), the prompt's tokens over
+# sequence (and fsdp when the batch left it), heads and the MLP hidden dim over tensor. Keys and values of
+# self-attention are whole on every device (a text is short; each device attends its queries to all of it).
+TEXT_ENCODER_ACTIVATION_RULES: Rules = MappingProxyType(
+    {"batch": ("data", "fsdp"), "length": ("sequence", "fsdp"), "heads": "tensor", "mlp": "tensor", "embed": None}
+)
 
 # VAE: convolutions are small next to activations; keep weights replicated.
 VAE_RULES: Rules = MappingProxyType({})

@@ -26,8 +26,16 @@ from fastvideo_jax.dtypes import to_dtype
 from fastvideo_jax.models.layers.activations import gelu_exact, gelu_tanh
 from fastvideo_jax.models.layers.compiled import compiled_call
 from fastvideo_jax.models.layers.linear import Linear, make_param
+from fastvideo_jax.parallel.activations import constrain
+from fastvideo_jax.parallel.rules import TEXT_ENCODER_ACTIVATION_RULES
 
 F32 = jnp.float32
+HIDDEN = ("batch", "length", "embed")  # (B, L, D) between layers
+
+
+def split(x: jax.Array, axes: tuple) -> jax.Array:
+    """``x`` split over the mesh in scope by its logical ``axes`` (text-encoder rules; no-op without a mesh)."""
+    return constrain(x, axes, TEXT_ENCODER_ACTIVATION_RULES)
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_new": gelu_tanh,
@@ -118,7 +126,9 @@ class T5Attention(nnx.Module):
         def heads(t):
             return rearrange(t, "b l (n e) -> b l n e", n=self.num_heads)
 
-        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        q = split(heads(self.q(x)), ("batch", "length", "heads", None))  # this device's queries
+        k = split(heads(self.k(x)), ("batch", None, "heads", None))  # every key and value
+        v = split(heads(self.v(x)), ("batch", None, "heads", None))
         logits = jnp.einsum("bqne,bkne->bnqk", q, k, preferred_element_type=F32) + bias
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bnqk,bkne->bqne", probs, v, preferred_element_type=F32).astype(v.dtype)
@@ -152,8 +162,8 @@ class T5DenseActDense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, L, D) -> (B, L, D)
         if self.wi is not None:
-            return self.wo(self.act(self.wi(x)))
-        return self.wo(self.act(self.wi_0(x)) * self.wi_1(x))
+            return self.wo(split(self.act(self.wi(x)), ("batch", "length", "mlp")))
+        return self.wo(split(self.act(self.wi_0(x)) * self.wi_1(x), ("batch", "length", "mlp")))
 
 
 class T5LayerFF(nnx.Module):
@@ -199,18 +209,18 @@ class T5Stack(nnx.Module):
         buckets = relative_position_buckets(length, cfg.relative_attention_num_buckets,
                                             cfg.relative_attention_max_distance)
         mask_bias = padding_bias(attention_mask)  # (B, 1, 1, L)
-        shared = None
-        if self.relative_attention_bias is not None:
-            shared = relative_position_bias(self.relative_attention_bias.embedding[...], buckets, length) + mask_bias
+
+        def bias_of(table) -> jax.Array:  # (B, N, Lq, Lk) fp32, this device's queries and heads
+            return split(relative_position_bias(table, buckets, length) + mask_bias, ("batch", "heads", "length", None))
+
+        shared = None if self.relative_attention_bias is None else bias_of(self.relative_attention_bias.embedding[...])
 
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
         def run_blocks(h, block):
             table = block.layer[0].SelfAttention.relative_attention_bias
-            if table is None:
-                return block(h, shared)
-            return block(h, relative_position_bias(table.embedding[...], buckets, length) + mask_bias)
+            return split(block(h, shared if table is None else bias_of(table.embedding[...])), HIDDEN)
 
-        return self.final_layer_norm(run_blocks(x, self.block))
+        return split(self.final_layer_norm(run_blocks(split(x, HIDDEN), self.block)), HIDDEN)
 
 
 class _T5EncoderBase(nnx.Module):

@@ -19,6 +19,8 @@ import numpy as np
 from flax import nnx
 
 from fastvideo_jax.errors import NonFiniteError
+from fastvideo_jax.parallel.activations import mesh_scope
+from fastvideo_jax.parallel.memory import params_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +100,8 @@ def encode_prompts(
             "(tokenizer and encoder do not belong together?)"
         )
     mask = jnp.asarray(mask, jnp.int32)
-    embeds = _encode(encoder, jnp.asarray(ids, jnp.int32), mask)
+    with mesh_scope(params_mesh(encoder)):  # the work splits over the mesh the weights live on
+        embeds = _encode(encoder, jnp.asarray(ids, jnp.int32), mask)
     if not bool(jnp.all(jnp.isfinite(embeds))):
         raise NonFiniteError("the text encoder produced NaN or Inf embeddings (try its fp32 precision)")
     if dtype is not None:

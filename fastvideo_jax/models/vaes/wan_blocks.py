@@ -16,6 +16,7 @@ from flax import nnx
 
 from fastvideo_jax.attention import attention
 from fastvideo_jax.models.layers.linear import make_param
+from fastvideo_jax.models.vaes.parallel_decode import constrain_video  # no-op without a mesh in scope
 
 F32 = jnp.float32
 CACHE_T = 2  # past frames a causal conv with temporal kernel 3 needs
@@ -62,9 +63,9 @@ class CausalConv3d(nnx.Module):
         k = self.kernel[...]
         (ph, pw) = self.pad_hw
         y = jax.lax.conv_general_dilated(
-            x.astype(k.dtype), k, self.stride, ((0, 0), (ph, ph), (pw, pw)), dimension_numbers=_CONV3D
+            constrain_video(x.astype(k.dtype)), k, self.stride, ((0, 0), (ph, ph), (pw, pw)), dimension_numbers=_CONV3D
         )
-        return y + self.bias[...]
+        return constrain_video(y + self.bias[...])
 
     def cached(self, x: jax.Array, cache: FeatCache) -> jax.Array:
         """Causal conv (temporal kernel 3) of a chunk: the previous chunk's last ``CACHE_T`` inputs go in front."""
@@ -89,9 +90,9 @@ class Conv2d(nnx.Module):
         k = self.kernel[...][None]  # a (1, 3, 3) 3D kernel: frames stay independent
         s = self.stride
         y = jax.lax.conv_general_dilated(
-            x.astype(k.dtype), k, (1, s, s), ((0, 0), *self.padding), dimension_numbers=_CONV3D
+            constrain_video(x.astype(k.dtype)), k, (1, s, s), ((0, 0), *self.padding), dimension_numbers=_CONV3D
         )
-        return y + self.bias[...]
+        return constrain_video(y + self.bias[...])
 
 
 class PointwiseConv(nnx.Module):
