@@ -9,6 +9,7 @@ prompts (``text_encoder_offload``).
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +20,17 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fastvideo_jax.configs.models.encoders.t5 import T5_PRESETS
+from fastvideo_jax.configs.pipelines.base import PipelineConfig
 from fastvideo_jax.models.encoders.t5 import UMT5EncoderModel
 from fastvideo_jax.models.encoders.text import encode_prompts
+from fastvideo_jax.models.layers.compiled import matmul_precision_scope
 from fastvideo_jax.models.loader.component_loader import TextEncoderLoader, build_abstract
 from fastvideo_jax.models.vaes.parallel_decode import decode_on_mesh, video_spec
 from fastvideo_jax.models.vaes.wanvae import AutoencoderKLWan
 from fastvideo_jax.parallel.activations import mesh_scope
 from fastvideo_jax.parallel.memory import move_params, params_memory_kind
 from fastvideo_jax.parallel.mesh import MeshConfig, make_mesh
+from fastvideo_jax.pipelines.wan import WanT2VPipeline
 from fastvideo_jax.testing.tiny_checkpoints import random_state, write_random_component
 from fastvideo_jax.testing.tokenizer import write_t5_tokenizer
 
@@ -107,6 +111,20 @@ def test_text_encoder_offload_to_host_and_back(text_parts, text_reference):
     assert _rel(embeds, text_reference) <= TOL
 
 
+def test_pipeline_keeps_text_encoder_on_host_between_prompts(text_parts, text_reference):
+    """``text_encoder_offload``: the pipeline's encode stage brings the weights in, encodes, and sends them back."""
+    directory, tokenizer = text_parts
+    mesh = make_mesh(MESHES["data2xsp4"])
+    encoder = TextEncoderLoader().load(directory, mesh=mesh)
+    config = PipelineConfig(text_len=TEXT_LEN, text_encoder_offload=True)
+    stage = SimpleNamespace(tokenizer=tokenizer, text_encoder=encoder, config=config, dit_dtype=jnp.float32)
+    move_params(encoder, "pinned_host")
+    for _ in range(2):
+        embeds = WanT2VPipeline.encode_text(stage, PROMPTS[:1], PROMPTS[1:])
+        assert params_memory_kind(encoder) == {"pinned_host"}
+        assert _rel(embeds, text_reference) <= TOL
+
+
 # ---- VAE ------------------------------------------------------------------------------------------------------
 # A 2x2x2 Wan VAE (one up stage: temporal + spatial upsampling, causal cache, mid-block attention) compiles in a
 # few seconds; tiles of 4x4 latents at a stride of 4x3, so tiled decoding of 4x8 latents has two tile shapes.
@@ -134,7 +152,7 @@ def _latents(height: int, width: int) -> jax.Array:  # (B, z, T, h, w): 2 latent
 def _compiled_decoder(model, mesh, z):
     graph, state = nnx.split(model)
     fn = jax.jit(lambda st, x: nnx.merge(graph, st).decode_cl(x))
-    with mesh_scope(mesh):
+    with mesh_scope(mesh), matmul_precision_scope(model):
         compiled = fn.lower(state, z).compile()
     return compiled, state
 

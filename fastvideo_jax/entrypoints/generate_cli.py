@@ -53,8 +53,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from fastvideo_jax.configs.sample import SamplingParam
     from fastvideo_jax.entrypoints.model_spec import ModelSpec
     from fastvideo_jax.entrypoints.video_generator import VideoGenerator
+    from fastvideo_jax.parallel.distributed import initialize_from_env
     from fastvideo_jax.utils.video import check_output_path
 
+    initialize_from_env()  # multi-host when FASTVIDEO_JAX_COORDINATOR/... or FASTVIDEO_JAX_DISTRIBUTED=auto is set
     check_output_path(args.output)  # a bad path must not throw away a generation
     sampling = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                     num_frames=args.num_frames, num_inference_steps=args.num_inference_steps,
@@ -67,6 +69,7 @@ def run_generate(args: argparse.Namespace) -> int:
     generator = VideoGenerator.from_spec(spec, mesh=args.mesh)
     out = generator.generate_video(args.prompt, output_path=args.output, progress=not args.no_progress, **sampling)
     frames = out["frames"]
-    print(f"wrote {out['path']} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
-          f"{out['seconds']:.1f} s)")
+    if "path" in out:  # multi-host: process 0 writes
+        print(f"wrote {out['path']} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
+              f"{out['seconds']:.1f} s)")
     return 0

@@ -18,6 +18,7 @@ from fastvideo_jax.configs.pipelines.base import PipelineConfig
 from fastvideo_jax.configs.sample import SamplingParam
 from fastvideo_jax.entrypoints.model_spec import NEEDED_COMPONENTS, ModelSpec, check_request
 from fastvideo_jax.models.loader.pipeline_loader import load_components
+from fastvideo_jax.parallel.distributed import initialize_from_env, is_primary
 from fastvideo_jax.parallel.mesh import MeshConfig
 from fastvideo_jax.parallel.spec import resolve_mesh
 from fastvideo_jax.pipelines.wan import WanT2VPipeline
@@ -42,12 +43,15 @@ class VideoGenerator:
         (``flow_shift``, ``dit_precision``, ``vae_decode_precision``, ``vae_tiling``, ``text_len``, ...). Defaults come from the
         model's id or, for a directory, from its DiT config. Configs, tokenizer and scheduler are checked
         before any weight is read. Turns on JAX's persistent compilation cache
-        (``FASTVIDEO_JAX_COMPILATION_CACHE``: a directory, or 0 for off)."""
+        (``FASTVIDEO_JAX_COMPILATION_CACHE``: a directory, or 0 for off). Joins a multi-host run first when
+        ``FASTVIDEO_JAX_COORDINATOR``/... or ``FASTVIDEO_JAX_DISTRIBUTED=auto`` ask for it (parallel.distributed)."""
+        initialize_from_env()
         return cls.from_spec(ModelSpec.open(model, pipeline_config=pipeline_config, **overrides), mesh=mesh)
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, *, mesh: Mesh | MeshConfig | str | None = None) -> "VideoGenerator":
         """Load the weights of a model already opened (and requests already checked) with ``ModelSpec.open``."""
+        initialize_from_env()  # a no-op when already done (or not asked for)
         mesh = resolve_mesh(mesh, num_heads=spec.dit_arch.num_attention_heads)  # before any weight is read
         enable_persistent_cache(cache_dir() / "xla")
         config = spec.config
@@ -81,7 +85,7 @@ class VideoGenerator:
         frames = out["frames"]
         result = {"frames": frames[0] if frames.shape[0] == 1 else frames, "latents": out["latents"],
                   "param": dataclasses.asdict(param), "seconds": time.perf_counter() - start}
-        if paths is not None:
+        if paths is not None and is_primary():  # multi-host: process 0 writes
             result["paths"] = write_videos(paths, list(frames), fps=param.fps)
             result["path"] = result["paths"][0]
         return result

@@ -29,7 +29,10 @@ from fastvideo_jax.configs.sample import SamplingParam
 from fastvideo_jax.dtypes import to_dtype
 from fastvideo_jax.errors import NonFiniteError
 from fastvideo_jax.models.encoders.text import encode_prompts
+from fastvideo_jax.models.vaes.parallel_decode import decode_on_mesh
 from fastvideo_jax.parallel.activations import constrain, mesh_scope, spec_for
+from fastvideo_jax.parallel.distributed import to_host
+from fastvideo_jax.parallel.memory import move_params, params_mesh
 
 # Scheduler tables are padded to this many steps so a new step count does not recompile the step.
 MAX_STEPS = 1000
@@ -108,8 +111,15 @@ class WanT2VPipeline:
     def encode_text(self, prompts: list[str], negative: list[str] | None) -> jax.Array:
         """(B or 2B, text_len, D) in the DiT dtype: cond rows, then uncond rows when ``negative`` is given."""
         texts = prompts + (negative or [])
-        embeds, _ = encode_prompts(self.tokenizer, self.text_encoder, texts, self.config.text_len,
-                                   clean=self.config.clean_prompts, dtype=self.dit_dtype)
+        offload = self.config.text_encoder_offload
+        if offload:  # parameters wait in host memory between prompts
+            move_params(self.text_encoder, None)
+        try:
+            embeds, _ = encode_prompts(self.tokenizer, self.text_encoder, texts, self.config.text_len,
+                                       clean=self.config.clean_prompts, dtype=self.dit_dtype)
+        finally:
+            if offload:
+                move_params(self.text_encoder, "pinned_host")
         return embeds
 
     def latent_shape(self, batch: int, num_frames: int, height: int, width: int) -> tuple[int, ...]:
@@ -181,11 +191,11 @@ class WanT2VPipeline:
                                  "try dit_precision='fp32' / --dit-precision fp32)")
         vae_dtype = to_dtype(self.vae.config.precision)
         z = self.vae.denormalize_latents(latents.astype(jnp.float32)).astype(vae_dtype)
-        video = self.vae.decode(z, tiled=self.config.vae_tiling)
+        video = decode_on_mesh(self.vae, z, params_mesh(self.vae), tiled=self.config.vae_tiling)  # split over the mesh
         if not bool(_all_finite(video)):
             raise NonFiniteError(f"the VAE decoded NaN or Inf from finite latents (VAE precision "
                                  f"{self.vae.config.precision}; try vae_decode_precision='fp32')")
-        return np.asarray(_to_uint8(video))
+        return to_host(_to_uint8(video))
 
     # ---- whole request ------------------------------------------------------------------------------------
     def __call__(self, param: SamplingParam, latents: Any | None = None, progress: bool = True) -> dict[str, Any]:

@@ -26,6 +26,9 @@ class PipelineConfig:
     text_len: int = 512
     # Whether the prompt is cleaned (ftfy + HTML unescape + whitespace) as Diffusers' WanPipeline does.
     clean_prompts: bool = True
+    # Keep the text encoder's parameters in host memory between prompts (moved to the devices to encode), so
+    # denoising has the device memory (UMT5-XXL in fp32: 22.7 GB over the mesh).
+    text_encoder_offload: bool = False
 
     def replace(self, **overrides: Any) -> "PipelineConfig":
         """A copy with fields replaced; an unknown field is an error naming the valid ones."""
@@ -49,7 +52,7 @@ class PipelineConfig:
         check_int("text_len", self.text_len)
         if self.text_len < 1:
             raise UserError(f"text_len must be at least 1, got {self.text_len}")
-        for name in ("vae_tiling", "clean_prompts"):
+        for name in ("vae_tiling", "clean_prompts", "text_encoder_offload"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be True or False, got {getattr(self, name)!r}")
         return self
