@@ -1,10 +1,11 @@
 """Multi-host on JAX's own engine: 2 processes on localhost (4 CPU devices each, gloo collectives) load the tiny
 pipeline on one global 8-device mesh, denoise with CFG and decode; only process 0 writes the video.
 
-Against one process with 8 devices on the same mesh: the denoised latents (fp32) are bit-identical; the frames
-are identical except for uint8 rounding flips. XLA:CPU's convolutions do not give bit-identical results in a
-process with 4 fake devices and one with 8, even on one device without any mesh (measured: the tiny VAE's
-plain decode differs by up to 6.5e-6), so the VAE output can move a value across a rounding boundary.
+Against one process with 8 devices on the same mesh the results agree to fp32 rounding, not bit for bit:
+XLA:CPU's numerics depend on how many devices a process has, even without any mesh (measured: the tiny VAE's
+plain one-device decode differs by 6.5e-6 between a process with 4 fake devices and one with 8). So the
+denoised latents (fp32) must match to 1e-5 relative and the frames to one uint8 level in at most 0.1% of the
+values (a value next to a rounding boundary may flip).
 Also: the environment switches and their errors.
 
 The test runs this file as the worker (``python tests/test_multihost.py worker ...``).
@@ -24,23 +25,21 @@ import pytest
 
 from fastvideo_jax.errors import UserError
 from fastvideo_jax.parallel import distributed
-from fastvideo_jax.parallel.mesh import MeshConfig
 
 REPO = Path(__file__).resolve().parents[1]
-MESH = dict(data=2, sequence=4)
+MESH = "data=2,fsdp=2,sequence=2"  # CFG on data, Ulysses on sequence (tiny-wan has 2 heads), weights over all
 REQUEST = dict(height=32, width=32, num_frames=5, num_inference_steps=2, guidance_scale=5.0, seed=7)
 PROMPT = "a red kite over the sea"
 
 
 def generate(model_dir: str, output: Path | None) -> dict:
-    """What each process runs: join the run (from the environment), build the global mesh, generate."""
+    """What each process runs: VideoGenerator joins the run (from the environment) before it builds the global
+    mesh, then loads and generates."""
     from fastvideo_jax.entrypoints.video_generator import VideoGenerator
-    from fastvideo_jax.parallel.mesh import make_mesh
 
-    distributed.initialize_from_env()  # before the mesh touches jax.devices()
-    mesh = make_mesh(MeshConfig(**MESH))
-    generator = VideoGenerator.from_pretrained(model_dir, mesh=mesh, dit_precision="fp32", vae_decode_precision="fp32")
-    return generator.generate_video(PROMPT, output_path=output, progress=False, **REQUEST)
+    generator = VideoGenerator.from_pretrained(model_dir, mesh=MESH, dit_precision="fp32", vae_decode_precision="fp32")
+    out = generator.generate_video(PROMPT, output_path=output, progress=False, **REQUEST)
+    return {**out, "mesh": dict(generator.pipeline.mesh.shape)}
 
 
 def _worker(model_dir: str, out_dir: str) -> None:
@@ -50,10 +49,9 @@ def _worker(model_dir: str, out_dir: str) -> None:
     pid = jax.process_index()
     np.save(Path(out_dir) / f"frames_p{pid}.npy", out["frames"])
     np.save(Path(out_dir) / f"latents_p{pid}.npy", np.asarray(out["latents"]))
-    local = sorted({d.process_index for d in jax.devices()}), [d.id for d in jax.local_devices()]
     (Path(out_dir) / f"info_p{pid}.json").write_text(json.dumps(
-        {"processes": jax.process_count(), "devices": jax.device_count(), "local": local[1],
-         "collectives": jax.config.jax_cpu_collectives_implementation}))
+        {"processes": jax.process_count(), "devices": jax.device_count(), "local": len(jax.local_devices()),
+         "mesh": out["mesh"], "collectives": jax.config.jax_cpu_collectives_implementation}))
 
 
 def _free_port() -> int:
@@ -93,9 +91,11 @@ def test_two_processes_one_mesh_equal_one_process(tiny_dir, tmp_path):
         assert p.returncode == 0, f"process {pid} failed:\n{log[-4000:]}"
     for pid in range(2):
         info = json.loads((tmp_path / f"info_p{pid}.json").read_text())
-        assert info["processes"] == 2 and info["devices"] == 8 and len(info["local"]) == 4, info
-        np.testing.assert_array_equal(np.load(tmp_path / f"latents_p{pid}.npy"), latents,
-                                      err_msg=f"process {pid}: latents differ from one process")
+        assert info["processes"] == 2 and info["devices"] == 8 and info["local"] == 4, info
+        assert info["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1, "sequence": 2}, info
+        got = np.load(tmp_path / f"latents_p{pid}.npy")
+        rel = np.linalg.norm(got - latents) / np.linalg.norm(latents)
+        assert rel <= 1e-5, f"process {pid}: latents differ from one process by {rel:.2e} (relative)"
         frames = np.load(tmp_path / f"frames_p{pid}.npy")
         assert frames.shape == reference.shape and frames.dtype == np.uint8
         diff = np.abs(frames.astype(np.int16) - reference)
