@@ -6,6 +6,10 @@
 #   echo /.whl/ >> .git/info/exclude
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata lazy-importer
+# and, for the tokamax rows of the attention benchmark and the shared kernel suite (optional; ~27 MB):
+#   pip download ... --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl tokamax==0.0.17 \
+#       einshape qwix pydantic pydantic_core annotated_types typing_inspection xprof fire termcolor immutabledict \
+#       tensorboardX jax-triton
 # Writes $OUT/device_check.log (everything) and $OUT/results.md (markdown tables for benchmarks/RESULTS.md).
 set -u
 cd "$(dirname "$0")/.."
