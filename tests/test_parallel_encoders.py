@@ -88,6 +88,15 @@ def test_text_encoder_on_mesh_equals_one_device(text_parts, text_reference, name
     assert not embeds.sharding.is_fully_replicated, "the encoder's output (and so its work) was not split"
 
 
+def test_text_length_that_sequence_does_not_divide(text_parts):
+    """12 tokens on sequence=8: the tokens stay whole on every device (12 does not split 8 ways); same embeddings."""
+    directory, tokenizer = text_parts
+    reference, _ = encode_prompts(tokenizer, TextEncoderLoader().load(directory), PROMPTS, 12)
+    encoder = TextEncoderLoader().load(directory, mesh=make_mesh(MESHES["sp8"]))
+    embeds, _ = encode_prompts(tokenizer, encoder, PROMPTS, 12)
+    assert _rel(embeds, reference) <= TOL
+
+
 def test_text_encoder_work_is_split(text_parts):
     """Per-device FLOPs on data=2 x sequence=4 are at most 1/4 of one device's (8x fewer rows, minus overheads)."""
     directory, _ = text_parts

@@ -27,10 +27,11 @@ from fastvideo_jax.models.layers.activations import gelu_exact, gelu_tanh
 from fastvideo_jax.models.layers.compiled import compiled_call
 from fastvideo_jax.models.layers.linear import Linear, make_param
 from fastvideo_jax.parallel.activations import constrain
-from fastvideo_jax.parallel.rules import TEXT_ENCODER_ACTIVATION_RULES
+from fastvideo_jax.parallel.rules import TEXT_ENCODER_ACTIVATION_RULES, TEXT_ENCODER_RULES
 
 F32 = jnp.float32
 HIDDEN = ("batch", "length", "embed")  # (B, L, D) between layers
+_LOOKUP_RULES = {"batch": TEXT_ENCODER_ACTIVATION_RULES["batch"], "embed": TEXT_ENCODER_RULES["embed"]}
 
 
 def split(x: jax.Array, axes: tuple) -> jax.Array:
@@ -246,7 +247,11 @@ class _T5EncoderBase(nnx.Module):
 
     def forward(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """The traced forward (``__call__`` runs it under jit with the configured matmul precision)."""
-        return self.encoder(self.shared(input_ids), attention_mask)
+        # The lookup leaves the model dim split as the table's is; then prompts, then tokens, take their axes
+        # from it (one all-to-all each: XLA will not move two dims in one step, it would replicate instead).
+        x = constrain(self.shared(input_ids), (None, None, "embed"), TEXT_ENCODER_RULES)
+        x = constrain(x, ("batch", None, "embed"), _LOOKUP_RULES)
+        return self.encoder(x, attention_mask)
 
 
 def _forward(model: _T5EncoderBase, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
