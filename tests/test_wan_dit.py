@@ -288,3 +288,8 @@ def test_parity_at_real_head_size(tmp_path):
     ref = torch_out(ref_model, x, t, ctx)
     err, rel = errors(model(*_jx(x, t, ctx)), ref)
     assert err < 1e-4, f"max-abs {err:.3e}, relative {rel:.3e}"
+
+
+def test_bad_matmul_precision_is_a_clear_error(t2v):
+    with pytest.raises(ValueError, match="matmul_precision must be one of"):
+        TransformerLoader().load(t2v[0], precision="fp32", matmul_precision="fastest")
