@@ -262,7 +262,8 @@ def test_second_eager_call_does_not_compile(t2v, count_compiles):
 
 
 @pytest.mark.parametrize("precision,knob,expect", [
-    ("fp32", None, "HIGHEST"), ("fp32", "default", "DEFAULT"), ("bf16", None, "DEFAULT"), ("bf16", "highest", "HIGHEST"),
+    ("fp32", None, "HIGHEST"), ("fp32", "default", "DEFAULT"),
+    ("bf16", None, "DEFAULT"), ("bf16", "highest", "HIGHEST"),
 ])
 def test_matmul_precision_knob_reaches_every_matmul(t2v, matmul_precisions, precision, knob, expect):
     """fp32 runs every matmul (attention included) at HIGHEST unless the knob says otherwise; bf16 at DEFAULT."""

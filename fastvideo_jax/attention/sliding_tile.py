@@ -56,8 +56,8 @@ FULL_WINDOW: Int3 = (1 << 20, 1 << 20, 1 << 20)
 
 __all__ = [
     "FULL_WINDOW", "MaskStrategy", "TileGeometry", "auto_sta_tile", "from_tile_major", "load_mask_strategy",
-    "resolve_sta_backend", "sliding_tile_attention", "sta_density", "sta_geometry", "sta_reference_dense", "tile_permutation",
-    "to_tile_major",
+    "palette_tables", "resolve_sta_backend", "sliding_tile_attention", "sta_density", "sta_geometry",
+    "sta_reference_dense", "tile_permutation", "to_tile_major",
 ]
 
 
@@ -234,7 +234,8 @@ def palette_tables(geom: TileGeometry, palette: tuple[tuple[Int3, ...], ...], bl
 
     def stack(arrays):
         width = max(a.shape[2] for a in arrays)
-        return np.stack([np.pad(np.broadcast_to(a, (heads,) + a.shape[1:]), ((0, 0), (0, 0), (0, width - a.shape[2])),
+        pad = ((0, 0), (0, 0), (0, 0))
+        return np.stack([np.pad(np.broadcast_to(a, (heads,) + a.shape[1:]), pad[:2] + ((0, width - a.shape[2]),),
                                 mode="edge") for a in arrays])
 
     kv, q = stack([t.kv for t in tabs]), stack([t.q for t in tabs])

@@ -4,14 +4,12 @@ Module attributes follow FastVideo's names (see ``WAN_PARAM_NAMES_MAPPING``), so
 through the regex mapping and the standard tensor transforms. Blocks are built stacked (``nnx.vmap``) and run
 with ONE ``nnx.scan`` (sliding-tile windows per layer are scanned data), so compile time does not grow with
 depth; ``__call__`` runs the forward under a cached module-level jit (``compiled_call``) at the config's
-``matmul_precision``, so a second eager call with the same shapes does not compile. Precision follows the original: parameters in the
-configured dtype, with the time embedder, the modulation tables and the affine norms kept in fp32; RoPE
-tables are computed in float64 and applied in fp32.
+``matmul_precision``, so a second eager call with the same shapes does not compile. Precision follows the
+original: parameters in the configured dtype, with the time embedder, the modulation tables and the affine
+norms kept in fp32; RoPE tables are computed in float64 and applied in fp32.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +17,13 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from fastvideo_jax.attention import FULL_WINDOW, attention, sliding_tile_attention
+from fastvideo_jax.attention import attention, sliding_tile_attention
 from fastvideo_jax.attention.sliding_tile import auto_sta_tile
 from fastvideo_jax.attention.sliding_tile_mask import normalize_windows
 from fastvideo_jax.configs.models.dits.wanvideo import WanVideoArchConfig, WanVideoConfig
 from fastvideo_jax.dtypes import to_dtype
 from fastvideo_jax.errors import UserError
+from fastvideo_jax.models.dits.wan_sta import StaLayer, sta_plan
 from fastvideo_jax.models.layers.activations import gelu_exact, gelu_tanh
 from fastvideo_jax.models.layers.compiled import compiled_call
 from fastvideo_jax.models.layers.embeddings import apply_rope, rope_3d_tables, timestep_embedding
@@ -36,57 +35,6 @@ from fastvideo_jax.parallel.sequence import (
 )
 
 F32 = jnp.float32
-
-
-@dataclasses.dataclass(frozen=True)
-class StaPlan:
-    """Sliding-tile self-attention in every layer. ``palette``: the distinct per-head window sets (static);
-    ``layer_ids[i]``: layer i's entry. The layers run as ONE scan that takes each layer's entry as scanned data,
-    so per-layer (and, from the pipeline, per-step) windows never add a compile. ``tile``: (t, h, w) tokens,
-    or "auto" (the tile that pads the latent grid least, see ``choose_tile``; windows count in those tiles)."""
-
-    tile: tuple[int, int, int] | str
-    palette: tuple[tuple[tuple[int, int, int], ...], ...]
-    layer_ids: tuple[int, ...]
-
-
-def palette_of(layer_windows, num_heads: int) -> tuple[tuple, tuple[int, ...]]:
-    """``(palette, ids)`` for per-layer windows (a (wt, wh, ww), per-head windows, or None = full)."""
-    palette: dict = {}
-    ids = []
-    for w in layer_windows:
-        windows = normalize_windows(FULL_WINDOW if w is None else w, num_heads)
-        ids.append(palette.setdefault(windows, len(palette)))
-    return tuple(palette), tuple(ids)
-
-
-def sta_plan(config: WanVideoConfig) -> StaPlan | None:
-    """The config's sliding-tile plan, or None for dense self-attention (see ``WanVideoConfig``)."""
-    cfg = config.arch_config
-    if config.self_attention_backend in (None, "dense"):
-        return None
-    if config.self_attention_backend != "sliding_tile":
-        raise ValueError(f"self_attention_backend must be None, 'dense' or 'sliding_tile', "
-                         f"got {config.self_attention_backend!r}")
-    windows = config.sta_layer_windows
-    if windows is None:
-        windows = (config.sta_window,) * cfg.num_layers
-    if len(windows) != cfg.num_layers:
-        raise ValueError(f"sta_layer_windows has {len(windows)} entries for {cfg.num_layers} layers")
-    tile = config.sta_tile if isinstance(config.sta_tile, str) else tuple(int(t) for t in config.sta_tile)
-    if isinstance(tile, str) and tile != "auto":
-        raise ValueError(f"sta_tile must be (t, h, w) or 'auto', got {tile!r}")
-    return StaPlan(tile, *palette_of(windows, cfg.num_attention_heads))
-
-
-@dataclasses.dataclass(frozen=True)
-class _StaLayer:
-    """What one scanned layer's self-attention needs: static geometry and palette, and its traced index."""
-
-    grid: tuple[int, int, int]
-    tile: tuple[int, int, int]
-    palette: tuple
-    index: jax.Array
 
 
 class MLP(nnx.Module):
@@ -228,7 +176,7 @@ class WanTransformerBlock(_QKNormProjections):
             rngs, nnx.initializers.normal(dim**-0.5), (1, 6, dim), F32, (None, None, "embed")
         )
 
-    def _self_attention(self, x, cos, sin, sta: _StaLayer | None, kv_mask):
+    def _self_attention(self, x, cos, sin, sta: StaLayer | None, kv_mask):
         # RoPE on the sequence-sharded q/k (tables sharded alike), then Ulysses: each device attends N/sp heads
         q = apply_rope(self._heads(self.norm_q(self.to_q(x))), cos, sin)
         k = apply_rope(self._heads(self.norm_k(self.to_k(x))), cos, sin)
@@ -241,7 +189,7 @@ class WanTransformerBlock(_QKNormProjections):
                 return attention(q, k, v, kv_lengths=lengths, backend=self.attention_backend)
         return self._merge_heads_out(ulysses_attention(q, k, v, attend, kv_mask))
 
-    def __call__(self, x, context, image_context, temb_proj, cos, sin, sta: _StaLayer | None = None, kv_mask=None):
+    def __call__(self, x, context, image_context, temb_proj, cos, sin, sta: StaLayer | None = None, kv_mask=None):
         # x (B, L, D), temb_proj (B, 6, D); sta: this layer's sliding-tile windows (None = dense);
         # kv_mask (B, L): real tokens
         x = constrain(x, ("batch", "length", "embed"))
@@ -257,7 +205,7 @@ class WanTransformerBlock(_QKNormProjections):
         return constrain(x, ("batch", "length", "embed"))
 
 
-def _sliding_tile_attend(sta: _StaLayer, num_heads: int, padded: bool):
+def _sliding_tile_attend(sta: StaLayer, num_heads: int, padded: bool):
     """Sliding-tile attention on the full token grid for the heads this device holds. Under Ulysses each
     device has every token for N/chunks heads: the palette is cut per head chunk and the entry is picked by
     (chunk, layer index) at run time."""
@@ -416,7 +364,7 @@ def _run_blocks(x, blocks, context, image_context, temb_proj, cos, sin, sta, kv_
 
     @nnx.scan(in_axes=(nnx.Carry, 0, 0, None, None, None, None, None, None), out_axes=nnx.Carry)
     def run(x, block, index, context, image_context, temb_proj, cos, sin, kv_mask):
-        sta_layer = _StaLayer(grid, tile, palette, index)
+        sta_layer = StaLayer(grid, tile, palette, index)
         return block(x, context, image_context, temb_proj, cos, sin, sta_layer, kv_mask)
 
     return run(x, blocks, ids, context, image_context, temb_proj, cos, sin, kv_mask)
