@@ -89,6 +89,32 @@ def test_meshes_equal_one_device(model):
         assert _rel(out, ref) <= 1e-5, config
 
 
+def test_eager_call_of_a_model_on_a_mesh_splits_the_work(model, monkeypatch):
+    """A model loaded on a mesh, called eagerly (no mesh in scope), runs under its parameters' mesh."""
+    from fastvideo_jax.models.dits import wanvideo
+    from fastvideo_jax.parallel import activations
+
+    seen = []
+    real = wanvideo.ulysses_attention
+
+    def spy(*args, **kwargs):
+        mesh = activations.active_mesh()
+        seen.append(None if mesh is None else dict(mesh.shape))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(wanvideo, "ulysses_attention", spy)
+    inputs = _inputs(2, 2, 6, 6)  # a shape no other test traces, so both calls trace here (the spy sees them)
+    ref = np.asarray(model(*inputs))
+    mesh = make_mesh(MeshConfig(data=2, sequence=4))
+    graphdef, state = nnx.split(model)
+    shardings = state_shardings(state, DIT_RULES, mesh)
+    placed = nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(jax.device_put(v[...], shardings[p])))
+                                                      for p, v in nnx.to_flat_state(state)]))
+    out = np.asarray(placed(*inputs))
+    assert seen and seen[0] is None and seen[-1] == {"data": 2, "fsdp": 1, "tensor": 1, "sequence": 4}
+    assert _rel(out, ref) <= 1e-5
+
+
 def _compiled(model, mesh, inputs):
     graphdef, state = nnx.split(model)
     shardings = state_shardings(state, DIT_RULES, mesh)

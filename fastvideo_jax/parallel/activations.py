@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fastvideo_jax.parallel.rules import ACTIVATION_RULES, Rules, logical_to_spec
 
-__all__ = ["active_mesh", "axis_size", "batch_axes", "constrain", "mesh_scope", "spec_for"]
+__all__ = ["active_mesh", "axis_size", "batch_axes", "constrain", "mesh_scope", "params_mesh", "spec_for"]
 
 
 def _abstract_mesh():
@@ -41,6 +41,19 @@ def mesh_scope(mesh: Mesh | None):
     setter = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
     with setter(mesh):
         yield
+
+
+def params_mesh(state) -> Mesh | None:
+    """The multi-device mesh concrete parameters live on, when no mesh is in scope yet (an eager call of a
+    model loaded on a mesh runs its work split the same way as the pipeline does); None otherwise."""
+    if _abstract_mesh() is not None:
+        return None
+    leaf = next(iter(jax.tree.leaves(state)), None)
+    sharding = getattr(leaf, "sharding", None) if isinstance(leaf, jax.Array) and not isinstance(
+        leaf, jax.core.Tracer) else None
+    if isinstance(sharding, NamedSharding) and sharding.mesh.devices.size > 1:
+        return sharding.mesh
+    return None
 
 
 def axis_size(name: str, mesh=None) -> int:

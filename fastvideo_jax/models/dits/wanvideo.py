@@ -29,7 +29,7 @@ from fastvideo_jax.models.layers.compiled import compiled_call
 from fastvideo_jax.models.layers.embeddings import apply_rope, rope_3d_tables, timestep_embedding
 from fastvideo_jax.models.layers.linear import Linear, PatchEmbed3D, make_param
 from fastvideo_jax.models.layers.norms import LayerNorm, RMSNorm
-from fastvideo_jax.parallel.activations import constrain
+from fastvideo_jax.parallel.activations import constrain, mesh_scope, params_mesh
 from fastvideo_jax.parallel.sequence import (
     head_chunk_index, head_chunks, local_attention, pad_length, padding_mask, ulysses_attention,
 )
@@ -269,8 +269,9 @@ class WanTransformer3DModel(nnx.Module):
         ``MaskStrategy.palette_schedule``) and ``sta_layer_ids`` (data: new ids do not recompile)."""
         self._check_inputs(hidden_states, encoder_hidden_states_image)
         palette, ids = self._sta_inputs(sta_layer_ids, sta_palette)
-        return compiled_call(_forward, self, hidden_states, timestep, encoder_hidden_states,
-                             encoder_hidden_states_image, ids, sta_palette=palette)
+        with mesh_scope(params_mesh(nnx.state(self))):  # loaded on a mesh: split the work on it too
+            return compiled_call(_forward, self, hidden_states, timestep, encoder_hidden_states,
+                                 encoder_hidden_states_image, ids, sta_palette=palette)
 
     def _sta_inputs(self, ids, palette):
         plan, layers = self.sta_plan, self.config.arch_config.num_layers
