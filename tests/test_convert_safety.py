@@ -447,3 +447,13 @@ def test_abandoned_no_space_writes_reported_after_the_hold_are_dropped(caplog, m
         asyncio_logger.error("an unrelated asyncio error")
     assert "No space left" not in caplog.text
     assert "KeyError" in caplog.text and "an unrelated asyncio error" in caplog.text
+
+
+def test_converted_dir_gets_ordinary_permissions(src, tmp_path, stub_writer):
+    """The temporary folder is private (mkdtemp: 0700); the published DST has 0777 less the umask, as mkdir."""
+    old = os.umask(0o022)
+    try:
+        conv_cli.convert(src, tmp_path / "dst", progress=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "dst").stat().st_mode & 0o777 == 0o755

@@ -362,3 +362,16 @@ def test_cli_silences_transformers_torch_notice():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert "PyTorch" not in r.stderr and "another transformers warning" in r.stderr, r.stderr
+
+
+def test_written_video_gets_ordinary_permissions(tmp_path):
+    """Written under a mkstemp name (0600) and renamed: the video must read as a plainly created file (0644
+    under umask 022), not a private one."""
+    from fastvideo_jax.utils.video import write_videos
+
+    old = os.umask(0o022)
+    try:
+        paths = write_videos([tmp_path / "v.mp4"], [np.zeros((5, 32, 48, 3), np.uint8)], fps=8)
+    finally:
+        os.umask(old)
+    assert [p.stat().st_mode & 0o777 for p in paths] == [0o644]

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from fastvideo_jax.entrypoints.output_dir import (DirLock, check_separate, clean_stale, identity,
                                                   partial_prefix, publish, terminate_as_interrupt)
 from fastvideo_jax.errors import CheckpointError, OutputPathError, UserError
+from fastvideo_jax.utils.paths import give_ordinary_mode
 
 __all__ = ["convert", "add_convert_arguments", "main"]
 
@@ -177,6 +178,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "orbax"
         expected = identity(dst)
         tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(dst), dir=dst.parent))
         try:
+            give_ordinary_mode(tmp)  # mkdtemp's 0700 would follow the rename into place
             _write_all(src, tmp, plan, to, dtype, progress)
             publish(tmp, dst, expected)
         except BaseException as e:

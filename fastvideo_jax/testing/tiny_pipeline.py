@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from fastvideo_jax.configs.pipelines.registry import TINY_WAN_ID
-from fastvideo_jax.utils.paths import cache_dir
+from fastvideo_jax.utils.paths import cache_dir, give_ordinary_mode
 
 __all__ = ["TINY_WAN_ID", "UNIPC_FLOW_CONFIG", "cache_dir", "ensure_tiny_wan", "write_tiny_wan_pipeline"]
 _VERSION = "v1"
@@ -71,6 +71,7 @@ def ensure_tiny_wan() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        give_ordinary_mode(tmp)
         write_tiny_wan_pipeline(tmp)
         try:
             tmp.rename(target)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fastvideo_jax.errors import OutputPathError
+from fastvideo_jax.utils.paths import give_ordinary_mode
 
 __all__ = ["VIDEO_SUFFIXES", "check_output_path", "numbered_paths", "write_mp4", "write_videos", "read_mp4"]
 
@@ -115,6 +116,7 @@ def _write_checked(path: Path, frames: np.ndarray, fps: int) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.partial-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    give_ordinary_mode(tmp)  # mkstemp's 0600 would follow the rename into place
     try:
         with warnings.catch_warnings():  # imageio starts ffmpeg by fork+exec; JAX's fork warning does not apply
             warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
