@@ -8,7 +8,15 @@ Raise ``UserError`` (or a subclass) with one line that names the key, file, shap
 
 from __future__ import annotations
 
-__all__ = ["UserError", "CheckpointError", "OutputPathError", "NonFiniteError"]
+import os
+
+__all__ = ["UserError", "CheckpointError", "OutputPathError", "NonFiniteError", "debug_env"]
+
+
+def debug_env() -> bool:
+    """``FASTVIDEO_JAX_DEBUG`` is set to something other than empty, 0, false or no: show tracebacks and the
+    third-party output that is otherwise held back."""
+    return os.environ.get("FASTVIDEO_JAX_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
 class UserError(ValueError):

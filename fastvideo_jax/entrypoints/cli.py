@@ -7,17 +7,15 @@ line ``error: ...`` and exit 2; ``--debug`` or ``FASTVIDEO_JAX_DEBUG=1`` shows t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from fastvideo_jax.entrypoints.convert_cli import add_convert_arguments, run_convert
 from converters import ConversionError
-from fastvideo_jax.errors import UserError
+from fastvideo_jax.entrypoints.convert_cli import add_convert_arguments, run_convert
+from fastvideo_jax.errors import UserError, debug_env
 from fastvideo_jax.utils.quiet import silence_known_noise
 
 # Errors that are the user's to fix, printed as one line. OSError covers missing files, permissions, full disks.
-KNOWN_ERRORS = (UserError, ConversionError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-                NotADirectoryError, OSError)
+KNOWN_ERRORS = (UserError, ConversionError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,18 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _debug_requested(args: argparse.Namespace | None) -> bool:
-    env = os.environ.get("FASTVIDEO_JAX_DEBUG", "").strip().lower()
-    return bool(getattr(args, "debug", False)) or env not in ("", "0", "false", "no")
-
-
 def main(argv: list[str] | None = None) -> int:
     silence_known_noise()
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except KNOWN_ERRORS as e:
-        if _debug_requested(args):
+        if args.debug or debug_env():
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -12,7 +12,6 @@ import gc
 import io
 import json
 import logging
-import os
 import re
 import sys
 import threading
@@ -27,6 +26,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from fastvideo_jax.errors import debug_env
 from fastvideo_jax.models.loader.safetensors_io import CheckpointError
 from fastvideo_jax.utils.nnx_vars import var_value
 
@@ -93,10 +93,6 @@ def is_no_space(e: BaseException | None) -> bool:
     return False
 
 
-def _debug() -> bool:
-    return os.environ.get("FASTVIDEO_JAX_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
-
-
 class _Hold(logging.Filter):
     """Keeps a logger's records instead of emitting them."""
 
@@ -115,7 +111,7 @@ def _quietly(work: Callable[[], Any], translate: Callable[[Exception], Exception
     original exception is let go and the abandoned writes settle (their tasks report when collected), then the
     translation is raised. ``translate`` returning None re-raises the original (and replays). Not held with
     ``FASTVIDEO_JAX_DEBUG=1`` (the translation is chained to the original) or while another thread holds."""
-    debug = _debug()
+    debug = debug_env()
     if debug or not _HOLDING.acquire(blocking=False):
         try:
             return work()
