@@ -152,7 +152,10 @@ def run(preset: Preset, backward: bool, only: set[str] | None) -> list[dict]:
             fn = wrap(lambda q, k, v, b=backend, i=impl: _dense_call(q, k, v, b, i))
             try:
                 t = _time(fn, (q, k, v), preset.iters, preset.warmup)
-            except Exception as e:  # an implementation tokamax cannot run here: report it, keep going
+            except Exception as e:
+                if backend is not AttentionBackend.TOKAMAX:
+                    raise  # our own kernels fail loudly
+                # an implementation tokamax cannot run here: report it, keep going
                 rows.append({**row, "skip": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
                 continue
             rows.append({**row, "ms": t * 1e3, "tflops": dense_flops / t / 1e12})

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -58,8 +57,9 @@ def child(path: str, mesh: str) -> None:
 
 
 def run_case(path: Path, mesh: str) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={mesh}",
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    from _results import child_env
+
+    env = child_env(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={mesh}")
     out = subprocess.run([sys.executable, __file__, "--child", str(path), mesh], env=env, capture_output=True,
                          text=True, check=False)
     if out.returncode:

@@ -228,11 +228,8 @@ def _compile_block(arch, latent_shape, text_len, mesh):
 
 
 def _record(model, label, n, shape, flops, single, mem) -> None:
-    try:
-        from _results import record
-    except ImportError:  # run from elsewhere
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from _results import record
+    from _results import record
+
     record(f"parallel {model} {label}", f"{n} devices {shape}",
            tflop_per_device=None if flops is None else round(flops / 1e12, 4),
            x_ideal=None if flops is None else round(flops / (single / n), 4),

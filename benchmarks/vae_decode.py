@@ -108,7 +108,9 @@ def child_torch(workdir: Path, dtype: str, iters: int, tiled: bool) -> None:
 
 
 def _run_child(*args: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    from _results import child_env
+
+    env = child_env()
     out = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True,
                          check=False)
     if out.returncode:
