@@ -66,3 +66,14 @@ def matmul_precisions():
         return [name(p) for p in _precisions(jax.make_jaxpr(fn)(*args).jaxpr)]
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warn_once():
+    """``attention._common.warn_once`` is a process-wide cache: clear it around every test, so a warning a test
+    expects was not swallowed by an earlier test (the suite passes in any order)."""
+    from fastvideo_jax.attention import _common
+
+    _common.warn_once.cache_clear()
+    yield
+    _common.warn_once.cache_clear()

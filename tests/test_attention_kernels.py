@@ -44,7 +44,7 @@ from fastvideo_jax.attention import (
     sta_reference_dense,
     triton_config_scope,
 )
-from fastvideo_jax.attention import _common, block_sparse_gpu, pallas_gpu, sliding_tile, splash_tpu, tokamax_dpa
+from fastvideo_jax.attention import block_sparse_gpu, pallas_gpu, sliding_tile, splash_tpu, tokamax_dpa
 from fastvideo_jax.attention._gpu_common import LOG2E
 from fastvideo_jax.attention.sliding_tile_mask import (
     TileGeometry,
@@ -108,15 +108,6 @@ def mosaic_kernel_or_stand_in(config: MosaicConfig = MOSAIC):
             mp.setattr(pallas_gpu, "_mosaic_bwd_raw", _stand_in_mgpu_bwd)
         stack.enter_context(mosaic_config_scope(config))
         yield
-
-@pytest.fixture(autouse=True)
-def _fresh_attention_warnings():
-    """``warn_once`` is a process-wide cache: clear it around every test so a warning a test expects was not
-    swallowed by an earlier one (the tests pass in any order)."""
-    _common.warn_once.cache_clear()
-    yield
-    _common.warn_once.cache_clear()
-
 
 TOL_EPS = {jnp.float32: 64.0, jnp.bfloat16: 4.0, jnp.float16: 4.0}
 

@@ -1,6 +1,6 @@
 """Pieces shared by the GPU Pallas kernels (``pallas_gpu`` and ``block_sparse_gpu``).
 
-The Triton config and its scope (used by both the ``mha`` wrapper and the block-sparse kernel), the softmax
+The Triton config and its scope (used by the block-sparse kernel, dense or sparse tables), the softmax
 constants, and small padding / power-of-two helpers.
 """
 
@@ -38,7 +38,7 @@ def _pad_axis(x: jax.Array, axis: int, new: int) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class TritonConfig:
-    """Block sizes and launch options for the Triton-lowered kernels (``mha`` and the block-sparse kernel).
+    """Block sizes and launch options for our Triton-lowered block-sparse flash kernel (dense and STA).
 
     Blocks must be powers of two >= 16 (Triton tensor shapes, ``tl.dot`` minimum); backward blocks default to
     min(64, forward block) and must divide the forward blocks.

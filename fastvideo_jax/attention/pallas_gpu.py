@@ -1,4 +1,4 @@
-"""GPU Pallas attention: JAX's Triton flash kernel and the Mosaic-GPU FA3 kernel.
+"""GPU Pallas attention: our Triton-lowered flash kernel (dense tables) and the Mosaic-GPU FA3 kernel.
 
 * ``triton_attention``: our block-sparse Triton-lowered flash kernel (``block_sparse_gpu``) with a dense block
   table: lengths padded to its blocks, padded and masked keys excluded per key, cross lengths allowed.
@@ -155,10 +155,10 @@ def triton_attention(q, k, v, kv_mask=None, scale=None, *, config: TritonConfig 
     listed): any lengths, cross lengths, optional key mask.
 
     JAX's own ``pallas.ops.gpu.attention.mha`` is deprecated from jax 0.12 (in favour of tokamax) and could not
-    express key-only masks anyway; on an H200 our kernel ran the Wan 1.3B 480p full window at 394 kernel TFLOP/s
-    (kernel rate, padded tokens) where ``mha`` ran 351 (benchmarks/RESULTS.md, 2026-12-01)."""
+    express key-only masks anyway. Not yet timed as a dense kernel on a GPU: on an H200 the same kernel ran the
+    Wan 1.3B 480p full STA window at 394 TFLOP/s of listed blocks (over 43,008 padded tokens, 28.8 ms) where
+    ``mha`` ran dense at 351 TFLOP/s (32,760 tokens, 18.8 ms); benchmarks/RESULTS.md, 2026-12-01."""
     config = config or current_triton_config()
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return dense_block_sparse_attention(q, k, v, kv_mask, scale=scale, config=config)
 
 
