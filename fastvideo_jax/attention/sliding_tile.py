@@ -37,6 +37,7 @@ from fastvideo_jax.attention import block_sparse_gpu, pallas_gpu, splash_tpu
 from fastvideo_jax.attention.api import AttentionBackend
 from fastvideo_jax.attention.sliding_tile_mask import (
     DEFAULT_TILE,
+    FULL_WINDOW,
     Int3,
     TileGeometry,
     choose_tile,
@@ -50,9 +51,6 @@ from fastvideo_jax.attention.sliding_tile_mask import (
 from fastvideo_jax.attention.sliding_tile_splash_mask import make_splash_sta_mask
 from fastvideo_jax.attention.sliding_tile_strategy import MaskStrategy, load_mask_strategy
 
-
-# A window this large covers every tile along every dimension (FastVideo: w >= tiles -> full extent).
-FULL_WINDOW: Int3 = (1 << 20, 1 << 20, 1 << 20)
 
 __all__ = [
     "FULL_WINDOW", "MaskStrategy", "TileGeometry", "auto_sta_tile", "from_tile_major", "load_mask_strategy",

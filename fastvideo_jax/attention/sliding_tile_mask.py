@@ -38,6 +38,8 @@ from fastvideo_jax.attention._common import round_up
 Int3 = tuple[int, int, int]
 
 DEFAULT_TILE: Int3 = (6, 8, 8)  # FastVideo STA_base_tile_size: 384 tokens
+# A window this large covers every tile along every dimension (FastVideo: w >= tiles -> full extent).
+FULL_WINDOW: Int3 = (1 << 20, 1 << 20, 1 << 20)
 
 
 def _int3(name: str, value: Sequence[int]) -> Int3:
@@ -185,6 +187,17 @@ def normalize_windows(window, num_heads: int) -> tuple[Int3, ...]:
     if len(seq) != num_heads:
         raise ValueError(f"got {len(seq)} per-head windows for {num_heads} heads")
     return tuple(_int3("window", w) for w in seq)
+
+
+def palette_of(layer_windows, num_heads: int) -> tuple[tuple, tuple[int, ...]]:
+    """``(palette, ids)``: the distinct per-head window sets in first-seen order, and each entry's index in it,
+    for a sequence of windows (a (wt, wh, ww), per-head windows, or None = full)."""
+    palette: dict = {}
+    ids = []
+    for w in layer_windows:
+        windows = normalize_windows(FULL_WINDOW if w is None else w, num_heads)
+        ids.append(palette.setdefault(windows, len(palette)))
+    return tuple(palette), tuple(ids)
 
 
 @functools.lru_cache(maxsize=64)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastvideo_jax.attention.sliding_tile_mask import Int3, _int3
+from fastvideo_jax.attention.sliding_tile_mask import Int3, _int3, palette_of
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,9 @@ class MaskStrategy:
         A step, layer or head the strategy does not cover is a KeyError naming it."""
         if num_steps > self.num_steps:
             raise KeyError(f"mask strategy covers {self.num_steps} denoising steps; {num_steps} were requested")
-        palette: dict = {}
-        ids = np.empty((num_steps, num_layers), np.int32)
-        for step in range(num_steps):
-            for layer, windows in enumerate(self.layer_windows(step, num_layers, num_heads)):
-                ids[step, layer] = palette.setdefault(windows, len(palette))
-        return tuple(palette), ids
+        steps = [w for step in range(num_steps) for w in self.layer_windows(step, num_layers, num_heads)]
+        palette, ids = palette_of(steps, num_heads)
+        return palette, np.asarray(ids, np.int32).reshape(num_steps, num_layers)
 
 
 def load_mask_strategy(source: str | os.PathLike | Mapping) -> MaskStrategy:

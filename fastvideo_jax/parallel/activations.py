@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fastvideo_jax.parallel.rules import ACTIVATION_RULES, Rules, logical_to_spec
 
-__all__ = ["active_mesh", "axis_size", "batch_axes", "constrain", "mesh_scope", "params_mesh", "spec_for"]
+__all__ = ["active_mesh", "axis_size", "constrain", "mesh_scope", "params_mesh", "spec_for"]
 
 
 def _abstract_mesh():
@@ -63,12 +63,6 @@ def axis_size(name: str, mesh=None) -> int:
 
 def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Rules = ACTIVATION_RULES) -> PartitionSpec:
     return logical_to_spec(tuple(axes), tuple(shape), rules, mesh)
-
-
-def batch_axes(batch: int, mesh=None, rules: Rules = ACTIVATION_RULES):
-    """The mesh axes a batch of ``batch`` goes over (None, one name or a tuple), as in ``spec_for``."""
-    mesh = mesh if mesh is not None else active_mesh()
-    return None if mesh is None else spec_for(("batch",), (batch,), mesh, rules)[0]
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules = ACTIVATION_RULES) -> jax.Array:

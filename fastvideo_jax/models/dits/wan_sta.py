@@ -10,8 +10,7 @@ import dataclasses
 
 import jax
 
-from fastvideo_jax.attention import FULL_WINDOW
-from fastvideo_jax.attention.sliding_tile_mask import normalize_windows
+from fastvideo_jax.attention.sliding_tile_mask import palette_of
 from fastvideo_jax.configs.models.dits.wanvideo import WanVideoConfig
 
 
@@ -25,16 +24,6 @@ class StaPlan:
     tile: tuple[int, int, int] | str
     palette: tuple[tuple[tuple[int, int, int], ...], ...]
     layer_ids: tuple[int, ...]
-
-
-def palette_of(layer_windows, num_heads: int) -> tuple[tuple, tuple[int, ...]]:
-    """``(palette, ids)`` for per-layer windows (a (wt, wh, ww), per-head windows, or None = full)."""
-    palette: dict = {}
-    ids = []
-    for w in layer_windows:
-        windows = normalize_windows(FULL_WINDOW if w is None else w, num_heads)
-        ids.append(palette.setdefault(windows, len(palette)))
-    return tuple(palette), tuple(ids)
 
 
 def sta_plan(config: WanVideoConfig) -> StaPlan | None:
