@@ -43,6 +43,7 @@ class _Component:
     name: str
     kind: str  # component_kind(): "model" is converted, everything else copied as it is
     precision: str | None  # models only: the precision written
+    stored: str | None = None  # models only: the precision SRC holds (read once: it parses every shard's header)
 
 
 def _write_model(name: str, src: Path, dst: Path, to: str, precision: str) -> None:
@@ -98,11 +99,12 @@ def _plan(src: Path, dtype: str | None) -> list[_Component]:
     configs = check_components(src, [n for n in present if component_kind(n) == "model"])
     plan = []
     for name in present:
-        precision = None
+        precision = stored = None
         if name in configs:
-            precision = dtype or _source_precision(src / name)
+            stored = _source_precision(src / name)
+            precision = dtype or stored
             _check_builds(src / name, configs[name], precision, dtype)
-        plan.append(_Component(name, component_kind(name), precision))
+        plan.append(_Component(name, component_kind(name), precision, stored))
     return plan
 
 
@@ -125,7 +127,7 @@ def _check_space(src: Path, plan: list[_Component], dst: Path) -> None:
     for c in plan:
         size = sum(p.stat().st_size for p in (src / c.name).rglob("*") if p.is_file())
         if c.precision is not None:
-            size = size * _ITEMSIZE[c.precision] // _ITEMSIZE.get(_source_precision(src / c.name), 4)
+            size = size * _ITEMSIZE[c.precision] // _ITEMSIZE.get(c.stored, 4)
         need += size
     where = next(p for p in (dst, *dst.parents) if p.exists())
     free = shutil.disk_usage(where).free
