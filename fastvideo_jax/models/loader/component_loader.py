@@ -131,7 +131,10 @@ def load_component(
 
 @jax.jit
 def _finite_flags(arrays: list[jax.Array]) -> jax.Array:
-    return jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays])
+    # sum(a * 0) is NaN exactly when a holds a NaN or an Inf (Inf * 0 = NaN) and 0 otherwise. Written as one
+    # fused multiply-reduce, it holds no per-element temporary: all(isfinite(a)) made XLA CPU keep a bool copy
+    # of every parameter alive at once (+0.52x the checkpoint in peak host RSS on the 2.65 GiB Wan 1.3B).
+    return jnp.stack([jnp.isfinite(jnp.sum(a * jnp.zeros((), a.dtype), dtype=jnp.float32)) for a in arrays])
 
 
 def check_finite(arrays: Mapping[tuple, jax.Array], component: str) -> None:
