@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -447,6 +448,11 @@ def test_abandoned_no_space_writes_reported_after_the_hold_are_dropped(caplog, m
         asyncio_logger.error("an unrelated asyncio error")
     assert "No space left" not in caplog.text
     assert "KeyError" in caplog.text and "an unrelated asyncio error" in caplog.text
+    with warnings.catch_warnings(record=True) as seen:  # catch_warnings keeps the filters installed above
+        warnings.warn_explicit("coroutine 'async_serialize_from_host.<locals>.write_fragment' was never awaited",
+                               RuntimeWarning, "sys", 1)
+        warnings.warn_explicit("coroutine 'fetch_page' was never awaited", RuntimeWarning, "sys", 1)
+    assert [str(w.message) for w in seen] == ["coroutine 'fetch_page' was never awaited"]
 
 
 def test_converted_dir_gets_ordinary_permissions(src, tmp_path, stub_writer):

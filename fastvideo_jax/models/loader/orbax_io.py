@@ -16,6 +16,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,7 @@ def _quietly(work: Callable[[], Any], translate: Callable[[Exception], Exception
             if failure is None:
                 raise
             if is_no_space(e):
-                logging.getLogger("asyncio").addFilter(_DROP_ABANDONED)  # idempotent: one filter object
+                _drop_abandoned_write_reports()
         _settle(lambda: (len(held.getvalue()), sum(len(h.records) for h in holds.values())))
         raise failure  # outside the except block, so the original exception, its frames and tasks could go
     finally:
@@ -162,6 +163,15 @@ class _DropAbandonedNoSpaceWrites(logging.Filter):
 
 
 _DROP_ABANDONED = _DropAbandonedNoSpaceWrites()
+# The same abandoned writes' coroutines, when finalised at exit, warn "coroutine ... was never awaited".
+_ABANDONED_COROUTINE = r"coroutine '[^']*(serializ|write)[^']*' was never awaited"
+
+
+def _drop_abandoned_write_reports() -> None:
+    """After a full disk was reported as one line, what the abandoned orbax writes report later (when their
+    tasks and coroutines are collected, possibly at exit) is dropped; idempotent."""
+    logging.getLogger("asyncio").addFilter(_DROP_ABANDONED)
+    warnings.filterwarnings("ignore", message=_ABANDONED_COROUTINE, category=RuntimeWarning)
 
 
 def _settle(progress: Callable[[], Any], quiet_s: float = 0.3, max_s: float = 3.0) -> None:
