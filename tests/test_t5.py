@@ -22,6 +22,8 @@ from transformers import UMT5EncoderModel as HFUMT5EncoderModel
 
 from converters import ConversionError
 from fastvideo_jax.configs.models.encoders.t5 import T5_PRESETS, UMT5EncoderConfig, t5_preset
+from fastvideo_jax.errors import UserError
+from fastvideo_jax.models.encoders.base import BaseEncoderOutput
 from fastvideo_jax.models.encoders.t5 import UMT5EncoderModel, relative_position_buckets
 from fastvideo_jax.models.encoders.text import encode_prompts
 from fastvideo_jax.models.loader.component_loader import (
@@ -85,7 +87,7 @@ def ours(ckpt) -> dict[str, nnx.Module]:
 
 
 def _run(model: nnx.Module, ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    return np.asarray(model(jnp.asarray(ids), None if mask is None else jnp.asarray(mask)))
+    return np.asarray(model(jnp.asarray(ids), None if mask is None else jnp.asarray(mask)).last_hidden_state)
 
 
 def _torch_run(model, ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -111,6 +113,30 @@ def test_parity_with_padding_mask(ckpt, ours, kind):
     ids, _ = _batch(length=13, valid=(13, 13))
     err, rel = errors(_run(ours[kind], ids, None), _torch_run(ckpt.torch[kind], ids, None))
     assert err < 1e-5, f"{kind} (no mask, L=13): max-abs {err:.3g}, relative {rel:.3g}"
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_output_and_hidden_states_match_transformers(ckpt, ours, kind):
+    """The BaseEncoderOutput contract: hidden_states as Transformers collects them (embeddings, blocks 1..N-1,
+    the final normed state), the mask given back, no pooled output."""
+    ids, mask = _batch(length=13, valid=(13, 6))
+    out = ours[kind](jnp.asarray(ids), jnp.asarray(mask), output_hidden_states=True)
+    assert isinstance(out, BaseEncoderOutput) and out.pooler_output is None
+    np.testing.assert_array_equal(out.attention_mask, mask)
+    with torch.no_grad():
+        ref = ckpt.torch[kind](input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                               output_hidden_states=True)
+    assert len(out.hidden_states) == len(ref.hidden_states) == TINY["num_layers"] + 1
+    for i, (got, want) in enumerate(zip(out.hidden_states, ref.hidden_states)):
+        err, rel = errors(got, want.numpy())
+        assert err < 1e-5, f"{kind}: hidden_states[{i}] max-abs {err:.3g}, relative {rel:.3g}"
+    np.testing.assert_array_equal(out.hidden_states[-1], out.last_hidden_state)
+    assert ours[kind](jnp.asarray(ids)).hidden_states is None
+
+
+def test_unsupported_attention_backend_is_refused():
+    with pytest.raises(UserError, match=r"UMT5EncoderModel: attention backend 'cudnn' is not supported.*'reference'"):
+        UMT5EncoderModel(UMT5EncoderConfig(arch_config=t5_preset("tiny"), attention_backend="cudnn"), rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("buckets,max_distance", [(8, 16), (32, 128)])
@@ -291,9 +317,9 @@ def test_second_eager_call_does_not_compile(ours, count_compiles):
     ids, mask = _batch(seed=3)
     ids2 = (ids + 1) % TINY["vocab_size"]
     args1, args2 = (jnp.asarray(ids), jnp.asarray(mask)), (jnp.asarray(ids2), jnp.asarray(mask))
-    first = np.asarray(model(*args1))
+    first = np.asarray(model(*args1).last_hidden_state)
     with count_compiles() as compiles:
-        second = np.asarray(model(*args2))
+        second = np.asarray(model(*args2).last_hidden_state)
     assert compiles[0] == 0, f"a second eager call with the same shapes compiled {compiles[0]} times"
     assert not np.array_equal(first, second)
 

@@ -21,8 +21,10 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
+from fastvideo_jax.attention.api import AttentionBackend
 from fastvideo_jax.configs.models.encoders.t5 import T5ArchConfig, T5EncoderConfig, UMT5EncoderConfig
 from fastvideo_jax.dtypes import to_dtype
+from fastvideo_jax.models.encoders.base import BaseEncoderOutput, TextEncoder, check_attention_backend
 from fastvideo_jax.models.layers.activations import gelu_exact, gelu_tanh
 from fastvideo_jax.models.layers.compiled import compiled_call
 from fastvideo_jax.models.layers.linear import Linear, make_param
@@ -205,7 +207,9 @@ class T5Stack(nnx.Module):
         self.relative_attention_bias = _bias_table(cfg, param_dtype, rngs) if shared else None
         self.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:  # x (B, L, D), mask (B, L)
+    def __call__(self, x: jax.Array, attention_mask: jax.Array, collect: bool = False):
+        """x (B, L, D), mask (B, L) -> (final hidden (B, L, D), every block's output stacked (N, B, L, D) when
+        ``collect``, else None)."""
         cfg, length = self.cfg, x.shape[1]
         buckets = relative_position_buckets(length, cfg.relative_attention_num_buckets,
                                             cfg.relative_attention_max_distance)
@@ -216,16 +220,20 @@ class T5Stack(nnx.Module):
 
         shared = None if self.relative_attention_bias is None else bias_of(self.relative_attention_bias.embedding[...])
 
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
         def run_blocks(h, block):
             table = block.layer[0].SelfAttention.relative_attention_bias
-            return split(block(h, shared if table is None else bias_of(table.embedding[...])), HIDDEN)
+            h = split(block(h, shared if table is None else bias_of(table.embedding[...])), HIDDEN)
+            return h, (h if collect else None)
 
-        return split(self.final_layer_norm(run_blocks(split(x, HIDDEN), self.block)), HIDDEN)
+        h, per_block = run_blocks(split(x, HIDDEN), self.block)
+        return split(self.final_layer_norm(h), HIDDEN), per_block
 
 
-class _T5EncoderBase(nnx.Module):
+class _T5EncoderBase(TextEncoder):
     config_class: type = T5EncoderConfig
+    # Position-biased attention (a learned bias on unscaled logits) runs as its own einsum.
+    _supported_attention_backends = (AttentionBackend.REFERENCE,)
 
     def __init__(self, config: T5EncoderConfig, *, rngs: nnx.Rngs):
         cfg = config.arch_config
@@ -235,27 +243,39 @@ class _T5EncoderBase(nnx.Module):
         if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
             raise ValueError(f"{type(self).__name__}: precision {config.precision!r} unsupported (T5 overflows in "
                              "fp16); use 'fp32' or 'bf16'")
+        check_attention_backend(type(self), config)
         self.config = config
         self.shared = Embedding(cfg.vocab_size, cfg.d_model, axes=("vocab", "embed"), param_dtype=dtype, rngs=rngs)
         self.encoder = T5Stack(cfg, param_dtype=dtype, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """``last_hidden_state`` (B, L, D) of token ids (B, L); ``attention_mask`` (B, L), 1 = token, 0 = pad."""
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 output_hidden_states: bool = False) -> BaseEncoderOutput:
+        """Token ids (B, L); ``attention_mask`` (B, L), 1 = token, 0 = pad (None: all tokens).
+
+        ``last_hidden_state`` (B, L, D). ``hidden_states``, as Transformers collects them: the embeddings, the
+        outputs of blocks 1..N-1, then the final (normed) state. ``attention_mask`` is the mask used.
+        """
         if attention_mask is None:
             attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
-        return compiled_call(_forward, self, input_ids, attention_mask)
+        return compiled_call(_forward, self, input_ids, attention_mask, output_hidden_states=output_hidden_states)
 
-    def forward(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    def forward(self, input_ids: jax.Array, attention_mask: jax.Array, output_hidden_states: bool = False
+                ) -> BaseEncoderOutput:
         """The traced forward (``__call__`` runs it under jit with the configured matmul precision)."""
         # The lookup leaves the model dim split as the table's is; then prompts, then tokens, take their axes
         # from it (one all-to-all each: XLA will not move two dims in one step, it would replicate instead).
         x = constrain(self.shared(input_ids), (None, None, "embed"), TEXT_ENCODER_RULES)
         x = constrain(x, ("batch", None, "embed"), _LOOKUP_RULES)
-        return self.encoder(x, attention_mask)
+        last, per_block = self.encoder(x, attention_mask, collect=output_hidden_states)
+        hidden = None
+        if output_hidden_states:
+            hidden = (x, *(per_block[i] for i in range(per_block.shape[0] - 1)), last)
+        return BaseEncoderOutput(last_hidden_state=last, hidden_states=hidden, attention_mask=attention_mask)
 
 
-def _forward(model: _T5EncoderBase, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    return model.forward(input_ids, attention_mask)
+def _forward(model: _T5EncoderBase, input_ids: jax.Array, attention_mask: jax.Array,
+             output_hidden_states: bool = False) -> BaseEncoderOutput:
+    return model.forward(input_ids, attention_mask, output_hidden_states)
 
 
 class UMT5EncoderModel(_T5EncoderBase):

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from fastvideo_jax.errors import NonFiniteError
+from fastvideo_jax.models.encoders.base import TextEncoder
 from fastvideo_jax.parallel.activations import mesh_scope
 from fastvideo_jax.parallel.memory import params_mesh
 
@@ -67,13 +68,13 @@ def trim_and_pad(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
 
 
 @nnx.jit
-def _encode(encoder: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    return trim_and_pad(encoder(input_ids, attention_mask), attention_mask)
+def _encode(encoder: TextEncoder, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    return trim_and_pad(encoder(input_ids, attention_mask).last_hidden_state, attention_mask)
 
 
 def encode_prompts(
     tokenizer,
-    encoder: nnx.Module,
+    encoder: TextEncoder,
     prompts: str | Sequence[str],
     text_len: int = 512,
     *,

@@ -25,3 +25,14 @@ class TextEncoderArchConfig(EncoderArchConfig):
 class EncoderConfig(ModelConfig):
     arch_config: EncoderArchConfig = dataclasses.field(default_factory=EncoderArchConfig)
     precision: str = "fp32"
+    # Dense attention backend (an ``AttentionBackend`` value) or None for the model's default; one the model
+    # does not list in ``_supported_attention_backends`` is refused when it is built.
+    attention_backend: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageEncoderArchConfig(EncoderArchConfig):
+    """Image encoders (CLIP vision): the input resolution and channel count their embeddings fix."""
+
+    image_size: int = 224
+    num_channels: int = 3

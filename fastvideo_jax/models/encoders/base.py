@@ -1,0 +1,90 @@
+"""The encoder contract: ``TextEncoder`` / ``ImageEncoder`` base classes and their one output type.
+
+A text encoder is called as ``encoder(input_ids, attention_mask=None, *, output_hidden_states=False)``, an image
+encoder as ``encoder(pixel_values, *, output_hidden_states=False)``; both return a ``BaseEncoderOutput``, a
+pytree, so it passes through ``jax.jit`` and ``compiled_call`` as it is. ``output_hidden_states`` is static (it
+changes the output's structure): each value compiles once.
+
+A subclass declares two class variables:
+
+- ``config_class``: its ``EncoderConfig`` subclass (the loader builds ``config_class().update_model_arch(...)``);
+- ``_supported_attention_backends``: the ``AttentionBackend`` values its attention can run. A config that asks
+  for another (``EncoderConfig.attention_backend``) is a ``UserError`` when the model is built, not a silent
+  fallback.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax
+from flax import nnx, struct
+
+from fastvideo_jax.attention.api import AttentionBackend
+from fastvideo_jax.configs.models.encoders.base import EncoderConfig
+from fastvideo_jax.errors import UserError
+
+__all__ = ["BaseEncoderOutput", "TextEncoder", "ImageEncoder", "check_attention_backend"]
+
+
+@struct.dataclass
+class BaseEncoderOutput:
+    """What every encoder returns (Transformers' field names).
+
+    ``last_hidden_state`` (B, L, D); ``hidden_states``: with ``output_hidden_states``, the input of the first
+    layer followed by every layer's output, as Transformers collects them (so ``hidden_states[-2]`` is the
+    penultimate layer's output), else None; ``attention_mask`` (B, L) when the encoder took one, else None;
+    ``pooler_output`` (B, D') when the model pools, else None.
+    """
+
+    last_hidden_state: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None = None
+    attention_mask: jax.Array | None = None
+    pooler_output: jax.Array | None = None
+
+
+def check_attention_backend(model_cls: type, config: EncoderConfig) -> AttentionBackend | None:
+    """The backend ``config.attention_backend`` asks for (None: the model's default), refused with a
+    ``UserError`` naming the supported ones when ``model_cls`` cannot run it."""
+    requested = getattr(config, "attention_backend", None)
+    try:
+        backend = AttentionBackend.parse(requested)
+    except ValueError as e:
+        raise UserError(f"{model_cls.__name__}: {e}") from None
+    supported = model_cls._supported_attention_backends
+    if backend is not None and backend not in supported:
+        raise UserError(f"{model_cls.__name__}: attention backend {backend.value!r} is not supported; this model "
+                        f"runs {[b.value for b in supported]}")
+    return backend
+
+
+class _Encoder(nnx.Module):
+    config_class: ClassVar[type[EncoderConfig]] = EncoderConfig
+    _supported_attention_backends: ClassVar[tuple[AttentionBackend, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        backends = cls.__dict__.get("_supported_attention_backends", cls._supported_attention_backends)
+        if cls.__module__ != __name__ and not backends:
+            raise TypeError(f"{cls.__name__} must declare _supported_attention_backends (a tuple of AttentionBackend)")
+
+    @property
+    def supported_attention_backends(self) -> tuple[AttentionBackend, ...]:
+        return self._supported_attention_backends
+
+
+class TextEncoder(_Encoder):
+    """Base of text encoders: ``__call__(input_ids (B, L) int, attention_mask (B, L) 1/0 or None, *,
+    output_hidden_states=False) -> BaseEncoderOutput``."""
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 output_hidden_states: bool = False) -> BaseEncoderOutput:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
+
+
+class ImageEncoder(_Encoder):
+    """Base of image encoders: ``__call__(pixel_values (B, C, H, W) float, *, output_hidden_states=False)
+    -> BaseEncoderOutput``."""
+
+    def __call__(self, pixel_values: jax.Array, *, output_hidden_states: bool = False) -> BaseEncoderOutput:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
