@@ -28,7 +28,19 @@ def _plan(torch_model, model_cls, arch: dict, **overrides):
     return ours, specs
 
 
-@pytest.mark.parametrize("preset", ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b"])
+# Parameter counts of diffusers' WanTransformer3DModel at the released configs (per expert for A14B): a preset
+# that drifts from the checkpoint's shape fails here even though both sides would still agree with each other.
+_WAN_DIT_SIZES = {
+    "wan2.1-t2v-1.3b": 1_418_996_800,
+    "wan2.1-t2v-14b": 14_288_491_584,
+    "wan2.1-i2v-14b": 16_394_878_784,
+    "wan2.2-ti2v-5b": 4_999_787_712,
+    "wan2.2-t2v-a14b": 14_288_491_584,
+    "wan2.2-i2v-a14b": 14_288_901_184,
+}
+
+
+@pytest.mark.parametrize("preset", sorted(_WAN_DIT_SIZES))
 def test_wan_dit_real_sizes(preset):
     from diffusers import WanTransformer3DModel
 
@@ -37,8 +49,12 @@ def test_wan_dit_real_sizes(preset):
 
     with torch.device("meta"):
         ref = WanTransformer3DModel(**WAN_PRESETS[preset])
-    n, _ = _plan(ref, Ours, WAN_PRESETS[preset], precision="bf16")
+    assert sum(p.numel() for p in ref.parameters()) == _WAN_DIT_SIZES[preset]
+    n, specs = _plan(ref, Ours, WAN_PRESETS[preset], precision="bf16")  # every tensor mapped, same total
     assert n > 1e9
+    arch = Ours.config_class().update_model_arch(WAN_PRESETS[preset]).arch_config
+    assert specs[("patch_embedding", "proj", "kernel")].shape == (1, 2, 2, arch.in_channels, arch.hidden_size)
+    assert specs[("proj_out", "kernel")].shape == (arch.hidden_size, 4 * arch.out_channels)
 
 
 def test_wan_vae_real_size():

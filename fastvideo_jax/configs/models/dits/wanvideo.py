@@ -143,6 +143,21 @@ WAN_PRESETS = MappingProxyType(
             num_attention_heads=40, attention_head_dim=128, in_channels=36, text_dim=4096, ffn_dim=13824,
             num_layers=40, image_dim=1280, added_kv_proj_dim=5120,
         ),
+        # Wan2.2: TI2V-5B (48-channel latents of the Wan2.2 VAE; per-token timesteps are a call-time input) and
+        # the two experts of each A14B model (transformer / transformer_2 share one config). The I2V A14B
+        # experts take the 36-channel I2V input but have no CLIP image branch.
+        "wan2.2-ti2v-5b": dict(
+            num_attention_heads=24, attention_head_dim=128, in_channels=48, out_channels=48, text_dim=4096,
+            ffn_dim=14336, num_layers=30,
+        ),
+        "wan2.2-t2v-a14b": dict(
+            num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+            ffn_dim=13824, num_layers=40,
+        ),
+        "wan2.2-i2v-a14b": dict(
+            num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16, text_dim=4096,
+            ffn_dim=13824, num_layers=40,
+        ),
     }
 )
 
