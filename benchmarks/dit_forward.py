@@ -84,7 +84,7 @@ def run_jax(model_dir, dtype_name, x, t, ctx, iters, backend):
 
     @jax.jit
     def forward(state, x, t, ctx):
-        return nnx.merge(graphdef, state)(x, t, ctx)
+        return nnx.merge(graphdef, state)(hidden_states=x, encoder_hidden_states=ctx, timestep=t)
 
     xs, ts, cs = jnp.asarray(x, act), jnp.asarray(t), jnp.asarray(ctx, act)
     t0 = time.perf_counter()

@@ -37,6 +37,11 @@ def tiny_wan_dit(directory: Path, seed: int = 0, **overrides) -> torch.nn.Module
     return model
 
 
+def dit_call(model, x, t, ctx, **kwargs):
+    """Our DiT called as pipelines call it (by keyword), from the (x, t, ctx) order the tests build inputs in."""
+    return model(hidden_states=x, encoder_hidden_states=ctx, timestep=t, **kwargs)
+
+
 def torch_out(model, *args, **kwargs) -> np.ndarray:
     with torch.no_grad():
         out = model(*args, return_dict=False, **kwargs)[0]

@@ -21,6 +21,7 @@ from fastvideo_jax.parallel.activations import mesh_scope
 from fastvideo_jax.parallel.mesh import MeshConfig, make_mesh
 from fastvideo_jax.parallel.rules import DIT_RULES
 from fastvideo_jax.utils.nnx_vars import var_value
+from tests.oracles import dit_call
 
 # 8 heads so sp = 8 divides them; head dim 12 keeps the 3-D RoPE split (4, 4, 4).
 ARCH = dict(patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=12, in_channels=16, out_channels=16,
@@ -51,7 +52,7 @@ def _inputs(batch, frames, height, width, text_len=5, seed=0):
 
 
 def _forward(graphdef):
-    return jax.jit(lambda state, x, t, ctx: nnx.merge(graphdef, state)(x, t, ctx))
+    return jax.jit(lambda state, x, t, ctx: dit_call(nnx.merge(graphdef, state), x, t, ctx))
 
 
 def _run_on(model, mesh, inputs):
@@ -104,13 +105,13 @@ def test_eager_call_of_a_model_on_a_mesh_splits_the_work(model, monkeypatch):
 
     monkeypatch.setattr(wanvideo, "ulysses_attention", spy)
     inputs = _inputs(2, 2, 6, 6)  # a shape no other test traces, so both calls trace here (the spy sees them)
-    ref = np.asarray(model(*inputs))
+    ref = np.asarray(dit_call(model, *inputs))
     mesh = make_mesh(MeshConfig(data=2, sequence=4))
     graphdef, state = nnx.split(model)
     shardings = state_shardings(state, DIT_RULES, mesh)
     placed = nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(jax.device_put(v[...], shardings[p])))
                                                       for p, v in nnx.to_flat_state(state)]))
-    out = np.asarray(placed(*inputs))
+    out = np.asarray(dit_call(placed, *inputs))
     assert seen and seen[0] is None and seen[-1] == {"data": 2, "fsdp": 1, "tensor": 1, "sequence": 4}
     assert _rel(out, ref) <= 1e-5
 

@@ -14,7 +14,7 @@ from converters import ConversionError
 from fastvideo_jax.models.loader.component_loader import TransformerLoader, export_component
 from fastvideo_jax.models.loader.safetensors_io import CheckpointError, SafetensorsCheckpoint, save_safetensors
 from fastvideo_jax.models.registry import UnknownModelError
-from tests.oracles import errors, tiny_wan_dit, torch_out, TINY_WAN_I2V
+from tests.oracles import dit_call, errors, tiny_wan_dit, torch_out, TINY_WAN_I2V
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -56,7 +56,7 @@ def test_t2v_parity_fp32(t2v, t2v_fp32, batch, frames, height, width, text_len):
     _, ref_model = t2v
     x, t, ctx = _inputs(batch * 100 + frames, batch, 16, frames, height, width, text_len)
     ref = torch_out(ref_model, x, t, ctx)
-    ours = np.asarray(t2v_fp32(*_jx(x, t, ctx)))
+    ours = np.asarray(dit_call(t2v_fp32, *_jx(x, t, ctx)))
     assert ours.shape == ref.shape
     err, rel = errors(ours, ref)
     assert err < 1e-4, f"max-abs {err:.3e}, relative {rel:.3e}"
@@ -69,7 +69,7 @@ def test_i2v_parity_fp32(i2v):
     x, t, ctx = _inputs(7, 2, 36, 3, 6, 10, 512)
     img = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(8))
     ref = torch_out(ref_model, x, t, ctx, encoder_hidden_states_image=img)
-    ours = np.asarray(model(*_jx(x, t, ctx), encoder_hidden_states_image=jnp.asarray(img.numpy())))
+    ours = np.asarray(dit_call(model, *_jx(x, t, ctx), encoder_hidden_states_image=jnp.asarray(img.numpy())))
     err, rel = errors(ours, ref)
     assert err < 1e-4, f"max-abs {err:.3e}, relative {rel:.3e}"
 
@@ -92,7 +92,7 @@ def test_bf16_as_accurate_as_diffusers_bf16(t2v):
     ref = torch_out(ref_model, x, t, ctx)
     torch_bf16 = WanTransformer3DModel.from_pretrained(d, torch_dtype=torch.bfloat16).eval()
     ref_bf16 = torch_out(torch_bf16, x.bfloat16(), t, ctx.bfloat16())
-    ours = model(jnp.asarray(x.numpy(), jnp.bfloat16), jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy(), jnp.bfloat16))
+    ours = dit_call(model, jnp.asarray(x.numpy(), jnp.bfloat16), jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy(), jnp.bfloat16))
     assert ours.dtype == jnp.bfloat16
     err, rel = errors(np.asarray(ours.astype(jnp.float32)), ref)
     _, rel_torch = errors(ref_bf16, ref)
@@ -254,9 +254,9 @@ def test_second_eager_call_does_not_compile(t2v, count_compiles):
     model = TransformerLoader().load(t2v[0], precision="fp32")
     x, t, ctx = _jx(*_inputs(5, 1, 16, 2, 4, 6, 3))
     t2 = jnp.asarray(t.__array__() + 1.0)  # built before counting: an eager op compiles too
-    first = np.asarray(model(x, t, ctx))
+    first = np.asarray(dit_call(model, x, t, ctx))
     with count_compiles() as compiles:
-        second = np.asarray(model(x, t2, ctx))
+        second = np.asarray(dit_call(model, x, t2, ctx))
     assert compiles[0] == 0, f"a second eager call with the same shapes compiled {compiles[0]} times"
     assert not np.array_equal(first, second), "the second call must see its own inputs"
 
@@ -269,7 +269,7 @@ def test_matmul_precision_knob_reaches_every_matmul(t2v, matmul_precisions, prec
     """fp32 runs every matmul (attention included) at HIGHEST unless the knob says otherwise; bf16 at DEFAULT."""
     model = TransformerLoader().load(t2v[0], precision=precision, matmul_precision=knob)
     x, t, ctx = _jx(*_inputs(5, 1, 16, 2, 4, 6, 3))
-    found = matmul_precisions(model, x, t, ctx)
+    found = matmul_precisions(lambda *a: dit_call(model, *a), x, t, ctx)
     assert len(found) >= 12, f"expected every projection and attention matmul, found {len(found)}"
     names = set(found)
     assert names == {expect}, f"matmul precisions {names}, expected only {expect}"
@@ -287,7 +287,7 @@ def test_parity_at_real_head_size(tmp_path):
     # Measured at t=1: 1.3e-5 max-abs (PyTorch fp32 is 9.4e-6 from its float64 run). Large t: the tiny tests.
     t = torch.tensor([1.0])
     ref = torch_out(ref_model, x, t, ctx)
-    err, rel = errors(model(*_jx(x, t, ctx)), ref)
+    err, rel = errors(dit_call(model, *_jx(x, t, ctx)), ref)
     assert err < 1e-4, f"max-abs {err:.3e}, relative {rel:.3e}"
 
 

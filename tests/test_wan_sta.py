@@ -21,7 +21,7 @@ from fastvideo_jax.models.layers import compiled
 from fastvideo_jax.models.loader.component_loader import TransformerLoader, build_abstract
 from fastvideo_jax.testing import write_random_dit
 from fastvideo_jax.testing.tiny_checkpoints import random_state
-from tests.oracles import errors
+from tests.oracles import dit_call, errors
 
 TILE = (1, 2, 2)  # small tiles so the tiny latent grid (3, 3, 5) spans several tiles (with ragged edges)
 SMALL, WIDE = (1, 1, 1), (3, 1, 2)
@@ -49,7 +49,7 @@ def _sta(d, **overrides):
 
 @pytest.fixture(scope="module")
 def dense_out(dit_dir, inputs):
-    return np.asarray(_load(dit_dir)(*inputs))
+    return np.asarray(dit_call(_load(dit_dir), *inputs))
 
 
 def _token_mask(grid, tile, window) -> np.ndarray:
@@ -84,13 +84,13 @@ def test_token_mask_matches_fastvideo_clamping():
 
 def test_sta_dit_equals_dense_dit_under_the_token_mask(dit_dir, inputs, dense_out, monkeypatch):
     windows = (((1, 1, 1), (3, 3, 1)), WIDE)  # layer 0: a window per head; layer 1: one window for both
-    ours = np.asarray(_sta(dit_dir, sta_layer_windows=windows)(*inputs))
+    ours = np.asarray(dit_call(_sta(dit_dir, sta_layer_windows=windows), *inputs))
     # The same model with its sliding-tile attention replaced by dense attention under the token mask. The
     # structure is unchanged, so the jit cache must be cleared around the swap.
     monkeypatch.setattr(wanvideo, "sliding_tile_attention", _masked_dense)
     compiled._pure_call.clear_cache()
     try:
-        oracle = np.asarray(_sta(dit_dir, sta_layer_windows=windows)(*inputs))
+        oracle = np.asarray(dit_call(_sta(dit_dir, sta_layer_windows=windows), *inputs))
     finally:
         compiled._pure_call.clear_cache()
     err, rel = errors(ours, oracle)
@@ -99,15 +99,15 @@ def test_sta_dit_equals_dense_dit_under_the_token_mask(dit_dir, inputs, dense_ou
 
 
 def test_sta_full_window_on_all_layers_equals_dense(dit_dir, inputs, dense_out):
-    err, rel = errors(_sta(dit_dir)(*inputs), dense_out)
+    err, rel = errors(dit_call(_sta(dit_dir), *inputs), dense_out)
     assert err < 1e-5, f"STA (full window) vs dense: max-abs {err:.3e}, relative {rel:.3e}"
 
 
 def test_per_layer_windows(dit_dir, inputs, dense_out):
-    uniform = np.asarray(_sta(dit_dir, sta_window=SMALL)(*inputs))
-    assert errors(_sta(dit_dir, sta_layer_windows=(SMALL, SMALL))(*inputs), uniform)[0] < 1e-6
-    assert errors(_sta(dit_dir, sta_layer_windows=((9, 9, 9), None))(*inputs), dense_out)[0] < 1e-5
-    mixed = _sta(dit_dir, sta_layer_windows=(SMALL, None))(*inputs)
+    uniform = np.asarray(dit_call(_sta(dit_dir, sta_window=SMALL), *inputs))
+    assert errors(dit_call(_sta(dit_dir, sta_layer_windows=(SMALL, SMALL)), *inputs), uniform)[0] < 1e-6
+    assert errors(dit_call(_sta(dit_dir, sta_layer_windows=((9, 9, 9), None)), *inputs), dense_out)[0] < 1e-5
+    mixed = dit_call(_sta(dit_dir, sta_layer_windows=(SMALL, None)), *inputs)
     assert min(errors(mixed, dense_out)[0], errors(mixed, uniform)[0]) > 1e-4, "layer 1 full, layer 0 STA"
 
 
@@ -132,7 +132,7 @@ def test_three_different_layer_windows_run_as_one_scan(inputs):
                             sta_tile=TILE, sta_layer_windows=(SMALL, WIDE, None))
     graphdef, abstract = build_abstract(WanTransformer3DModel, config)
     model = nnx.merge(graphdef, random_state(abstract, 0))
-    scans = _top_level_scans(jax.make_jaxpr(model)(*inputs).jaxpr)
+    scans = _top_level_scans(jax.make_jaxpr(lambda *a: dit_call(model, *a))(*inputs).jaxpr)
     assert scans == 1, f"3 layers with 3 different windows compiled as {scans} layer scans"
 
 
@@ -140,11 +140,11 @@ def test_runtime_layer_windows_do_not_recompile(dit_dir, inputs, count_compiles)
     model = _sta(dit_dir, sta_layer_windows=(SMALL, WIDE))
     palette = model.sta_plan.palette
     swapped_ids = jnp.asarray([1, 0], jnp.int32)
-    model(*inputs, sta_layer_ids=jnp.asarray([0, 1], jnp.int32), sta_palette=palette)
+    dit_call(model, *inputs, sta_layer_ids=jnp.asarray([0, 1], jnp.int32), sta_palette=palette)
     with count_compiles() as compiles:
-        swapped = np.asarray(model(*inputs, sta_layer_ids=swapped_ids, sta_palette=palette))
+        swapped = np.asarray(dit_call(model, *inputs, sta_layer_ids=swapped_ids, sta_palette=palette))
     assert compiles[0] == 0, f"new per-layer windows (same palette) compiled {compiles[0]} times"
-    static = np.asarray(_sta(dit_dir, sta_layer_windows=(WIDE, SMALL))(*inputs))
+    static = np.asarray(dit_call(_sta(dit_dir, sta_layer_windows=(WIDE, SMALL)), *inputs))
     assert errors(swapped, static)[0] < 1e-6
 
 
@@ -155,8 +155,8 @@ def test_mask_strategy_schedule_feeds_the_dit(dit_dir, inputs):
     assert ids.shape == (3, 2) and len(palette) == 2
     assert palette[ids[1, 0]] == normalize_windows(((2, 1, 1), (2, 1, 2)), 2)
     model = _sta(dit_dir)
-    step1 = model(*inputs, sta_layer_ids=ids[1], sta_palette=palette)
-    static = _sta(dit_dir, sta_layer_windows=strategy.layer_windows(1))(*inputs)
+    step1 = dit_call(model, *inputs, sta_layer_ids=ids[1], sta_palette=palette)
+    static = dit_call(_sta(dit_dir, sta_layer_windows=strategy.layer_windows(1)), *inputs)
     assert errors(step1, static)[0] < 1e-6
     with pytest.raises(KeyError, match="covers 3 denoising steps"):
         strategy.palette_schedule(4, 2, 2)
@@ -174,7 +174,7 @@ def test_auto_tile_cuts_480p_padding():
 
 def test_auto_tile_in_the_dit(dit_dir, inputs, dense_out):
     model = _load(dit_dir, self_attention_backend="sliding_tile", sta_tile="auto")
-    assert errors(model(*inputs), dense_out)[0] < 1e-5  # full window whatever the tile
+    assert errors(dit_call(model, *inputs), dense_out)[0] < 1e-5  # full window whatever the tile
 
 
 def test_bad_sta_configs_are_clear(dit_dir, inputs):
@@ -224,7 +224,7 @@ def test_pipeline_applies_per_step_windows_in_one_executable(dit_dir, inputs, mo
     for step in range(3):
         model = _sta(dit_dir, sta_layer_windows=strategy.layer_windows(step))
         t = sched.timestep(tables, state)
-        v = model(latents, jnp.broadcast_to(t, (x.shape[0],)), ctx)
+        v = dit_call(model, latents, jnp.broadcast_to(t, (x.shape[0],)), ctx)
         latents, state = sched.step(tables, state, v, latents)
     err, rel = errors(ours, latents)
     assert err < 1e-5, f"pipeline with a mask strategy vs per-step static windows: {err:.3e} ({rel:.3e})"

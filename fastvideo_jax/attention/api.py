@@ -36,8 +36,14 @@ class AttentionBackend(enum.Enum):
     PALLAS_GPU_TRITON = "pallas_gpu_triton"  # Pallas flash kernel lowered through Triton (any CUDA GPU)
     PALLAS_GPU_MOSAIC = "pallas_gpu_mosaic"  # Pallas Mosaic-GPU FlashAttention-3 (Hopper sm90)
     TOKAMAX = "tokamax"  # tokamax.dot_product_attention (optional package; GPU and TPU)
+    # FastVideo's names, where they map onto ours (its ``FASTVIDEO_ATTENTION_BACKEND`` values, any case):
+    TORCH_SDPA = "torch_sdpa"  # = REFERENCE: the plain, always-available implementation
+    FLASH_ATTN = "flash_attn"  # the platform's fused flash kernel: cuDNN (Pallas Triton for fp32) on GPU, splash on TPU
+    SAGE_ATTN = "sage_attn"  # 8-bit SageAttention: no implementation registered yet (a request is refused)
     # Sliding-tile attention is not a dense backend: it needs the token grid and windows, so it is its own op,
-    # ``sliding_tile_attention(q, k, v, grid=..., window=..., backend=<one of the above or None>)``.
+    # ``sliding_tile_attention(q, k, v, grid=..., window=..., backend=<a dense one or None>)``; a DiT that
+    # supports it takes SLIDING_TILE_ATTN as its ``attention_backend``.
+    SLIDING_TILE_ATTN = "sliding_tile_attn"
 
     @classmethod
     def parse(cls, value: "AttentionBackend | str | None") -> "AttentionBackend | None":
@@ -113,8 +119,21 @@ def _reason(backend: AttentionBackend, q, k, v, kv_mask) -> str | None:
 
 def resolve_backend(requested, q, k, v, kv_mask=None) -> AttentionBackend:
     """The backend that will run this call. Requested: that one if capable, else the reference (logged).
-    Not requested: the platform's first capable backend, else the reference."""
+    Not requested: the platform's first capable backend, else the reference. FLASH_ATTN is the platform's
+    first capable fused kernel (logged fallback to the reference when there is none); TORCH_SDPA the reference."""
     backend = AttentionBackend.parse(requested)
+    if backend is AttentionBackend.SLIDING_TILE_ATTN:
+        raise ValueError("SLIDING_TILE_ATTN is not a dense attention backend: call sliding_tile_attention(q, k, v, "
+                         "grid=..., window=...)")
+    if backend is AttentionBackend.TORCH_SDPA:
+        return AttentionBackend.REFERENCE
+    if backend is AttentionBackend.FLASH_ATTN:
+        fused = [b for b in _PLATFORM_DEFAULTS.get(platform(), ()) if _reason(b, q, k, v, kv_mask) is None]
+        if fused:
+            return fused[0]
+        warn_once(f"attention backend flash_attn: no fused kernel can run this call on {platform()}; "
+                  "falling back to reference")
+        return AttentionBackend.REFERENCE
     if backend is None:
         candidates = _PLATFORM_DEFAULTS.get(platform(), ())
         return next((b for b in candidates if _reason(b, q, k, v, kv_mask) is None), AttentionBackend.REFERENCE)

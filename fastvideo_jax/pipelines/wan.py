@@ -60,7 +60,8 @@ def _denoise_step(graphdef, scheduler, use_cfg, dit_state, latents, sched_state,
     x = jnp.concatenate([latents, latents]) if use_cfg else latents
     x = constrain(x, _BATCH_FIRST[: x.ndim])  # CFG parallel: cond and uncond on the two halves of data
     sta = {} if sta_palette is None else dict(sta_layer_ids=sta_ids, sta_palette=sta_palette)
-    pred = model(x.astype(context.dtype), jnp.broadcast_to(t, (x.shape[0],)), context, **sta).astype(jnp.float32)
+    pred = model(hidden_states=x.astype(context.dtype), encoder_hidden_states=context,
+                 timestep=jnp.broadcast_to(t, (x.shape[0],)), **sta).astype(jnp.float32)
     if use_cfg:
         cond, uncond = pred[:batch], pred[batch:]
         pred = uncond + guidance * (cond - uncond)

@@ -10,6 +10,7 @@ import dataclasses
 
 import jax
 
+from fastvideo_jax.attention.api import AttentionBackend
 from fastvideo_jax.attention.sliding_tile_mask import palette_of
 from fastvideo_jax.configs.models.dits.wanvideo import WanVideoConfig
 
@@ -29,6 +30,8 @@ class StaPlan:
 def sta_plan(config: WanVideoConfig) -> StaPlan | None:
     """The config's sliding-tile plan, or None for dense self-attention (see ``WanVideoConfig``)."""
     cfg = config.arch_config
+    if AttentionBackend.parse(config.attention_backend) is AttentionBackend.SLIDING_TILE_ATTN:
+        config = dataclasses.replace(config, self_attention_backend="sliding_tile")
     if config.self_attention_backend in (None, "dense"):
         return None
     if config.self_attention_backend != "sliding_tile":

@@ -18,11 +18,13 @@ from einops import rearrange
 from flax import nnx
 
 from fastvideo_jax.attention import attention, sliding_tile_attention
+from fastvideo_jax.attention.api import AttentionBackend
 from fastvideo_jax.attention.sliding_tile import auto_sta_tile
 from fastvideo_jax.attention.sliding_tile_mask import normalize_windows
 from fastvideo_jax.configs.models.dits.wanvideo import WanVideoArchConfig, WanVideoConfig
 from fastvideo_jax.dtypes import to_dtype
 from fastvideo_jax.errors import UserError
+from fastvideo_jax.models.dits.base import DENSE_BACKENDS, BaseDiT
 from fastvideo_jax.models.dits.wan_sta import StaLayer, sta_plan
 from fastvideo_jax.models.layers.activations import gelu_exact, gelu_tanh
 from fastvideo_jax.models.layers.compiled import compiled_call
@@ -226,15 +228,21 @@ def _sliding_tile_attend(sta: StaLayer, num_heads: int, padded: bool):
     return attend
 
 
-class WanTransformer3DModel(nnx.Module):
-    """Wan2.1 text/image-to-video DiT. ``__call__`` takes and returns PyTorch-layout latents (B, C, F, H, W)."""
+class WanTransformer3DModel(BaseDiT):
+    """Wan2.1 text/image-to-video DiT. ``__call__`` takes and returns PyTorch-layout latents (B, C, F, H, W).
+
+    Attention: any dense backend, or ``SLIDING_TILE_ATTN`` (the same as ``self_attention_backend='sliding_tile'``:
+    sliding-tile self-attention, dense cross-attention)."""
 
     config_class = WanVideoConfig
+    _supported_attention_backends = DENSE_BACKENDS | {AttentionBackend.SLIDING_TILE_ATTN}
+    extra_inputs = frozenset({"sta_layer_ids", "sta_palette"})
 
     def __init__(self, config: WanVideoConfig, *, rngs: nnx.Rngs):
+        super().__init__(config)
         cfg = config.arch_config
-        self.config = config
         dtype = to_dtype(config.precision)
+        dense_backend = None if self.attention_backend is AttentionBackend.SLIDING_TILE_ATTN else self.attention_backend
         dim = cfg.hidden_size
         self.patch_embedding = _PatchEmbedding(cfg, dtype, rngs)
         self.condition_embedder = WanConditionEmbedder(cfg, dtype, rngs)
@@ -242,7 +250,7 @@ class WanTransformer3DModel(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs):
-            return WanTransformerBlock(cfg, dtype, config.attention_backend, rngs)
+            return WanTransformerBlock(cfg, dtype, dense_backend, rngs)
 
         self.blocks = make_blocks(rngs)
         self.sta_plan = sta_plan(config)
@@ -256,19 +264,22 @@ class WanTransformer3DModel(nnx.Module):
     def __call__(
         self,
         hidden_states: jax.Array,  # (B, C, F, H, W)
-        timestep: jax.Array,  # (B,)
         encoder_hidden_states: jax.Array,  # (B, Lt, text_dim)
+        timestep: jax.Array,  # (B,)
         encoder_hidden_states_image: jax.Array | None = None,  # (B, Li, image_dim)
-        *,
-        sta_layer_ids: jax.Array | None = None,  # (num_layers,) int32: each layer's entry in sta_palette
-        sta_palette: tuple | None = None,  # static per-head window sets (default: the config's)
+        guidance: jax.Array | None = None,  # Wan has no guidance embedding: must stay None
+        **kwargs,  # sta_layer_ids (num_layers,) int32, sta_palette: static per-head window sets
     ) -> jax.Array:  # (B, C_out, F, H, W)
         """The forward under one cached jit (a second eager call with the same shapes does not compile).
 
         A sliding-tile model can take its per-layer windows at run time: ``sta_palette`` (static, e.g. from
         ``MaskStrategy.palette_schedule``) and ``sta_layer_ids`` (data: new ids do not recompile)."""
+        self.check_extra_inputs(kwargs)
+        if guidance is not None:
+            raise TypeError("WanTransformer3DModel has no guidance embedding: guidance must be None "
+                            "(classifier-free guidance is the pipeline's)")
         self._check_inputs(hidden_states, encoder_hidden_states_image)
-        palette, ids = self._sta_inputs(sta_layer_ids, sta_palette)
+        palette, ids = self._sta_inputs(kwargs.get("sta_layer_ids"), kwargs.get("sta_palette"))
         with mesh_scope(params_mesh(nnx.state(self))):  # loaded on a mesh: split the work on it too
             return compiled_call(_forward, self, hidden_states, timestep, encoder_hidden_states,
                                  encoder_hidden_states_image, ids, sta_palette=palette)
