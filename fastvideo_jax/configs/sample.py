@@ -16,6 +16,12 @@ WAN_NEGATIVE_PROMPT = (
     "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
     "background, three legs, many people in the background, walking backwards"
 )
+# The negative prompt as Wan2.2's authors ship it (and FastVideo's Wan2.2 / FastWan2.2 presets use it).
+WAN_NEGATIVE_PROMPT_ZH = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
 # Scheduler tables are padded to this many steps (pipelines/wan.py), so this is the most a request may ask for.
 MAX_INFERENCE_STEPS = 1000
 _INT_FIELDS = ("height", "width", "num_frames", "num_inference_steps", "seed", "fps", "num_videos_per_prompt")
@@ -46,6 +52,8 @@ class SamplingParam:
     num_frames: int = 81
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
+    # Wan2.2 A14B: the guidance scale of the low-noise expert (None: guidance_scale for both experts).
+    guidance_scale_2: float | None = None
     seed: int = 1024
     fps: int = 16
     num_videos_per_prompt: int = 1
@@ -67,6 +75,8 @@ class SamplingParam:
         for name in _INT_FIELDS:
             check_int(name, getattr(self, name))
         check_number("guidance_scale", self.guidance_scale, low=0.0)
+        if self.guidance_scale_2 is not None:
+            check_number("guidance_scale_2", self.guidance_scale_2, low=0.0)
         multiple = spatial * patch
         if self.height <= 0 or self.width <= 0 or self.height % multiple or self.width % multiple:
             raise UserError(f"height and width must be positive multiples of {multiple}, got {self.height}x{self.width}")

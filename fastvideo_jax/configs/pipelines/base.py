@@ -29,6 +29,13 @@ class PipelineConfig:
     # Keep the text encoder's parameters in host memory between prompts (moved to the devices to encode), so
     # denoising has the device memory (UMT5-XXL in fp32: 22.7 GB over the mesh).
     text_encoder_offload: bool = False
+    # Wan2.2 TI2V: the DiT takes one timestep per token, (B, L) (the clean first-frame tokens of image-to-video at 0).
+    expand_timesteps: bool = False
+    # Wan2.2 A14B: the high-noise expert ``transformer`` runs while the timestep is >= boundary_ratio * 1000,
+    # the low-noise ``transformer_2`` after (with SamplingParam.guidance_scale_2). None: a single DiT.
+    boundary_ratio: float | None = None
+    # FastWan: few-step DMD sampling over these fixed timesteps (strictly decreasing, in [1, 1000]); no CFG.
+    dmd_denoising_steps: tuple[int, ...] | None = None
 
     def replace(self, **overrides: Any) -> "PipelineConfig":
         """A copy with fields replaced; an unknown field is an error naming the valid ones."""
@@ -52,7 +59,27 @@ class PipelineConfig:
         check_int("text_len", self.text_len)
         if self.text_len < 1:
             raise UserError(f"text_len must be at least 1, got {self.text_len}")
-        for name in ("vae_tiling", "clean_prompts", "text_encoder_offload"):
+        for name in ("vae_tiling", "clean_prompts", "text_encoder_offload", "expand_timesteps"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.boundary_ratio is not None:
+            check_number("boundary_ratio", self.boundary_ratio)
+            if not 0 < self.boundary_ratio < 1:
+                raise UserError(f"boundary_ratio must be in (0, 1) (the fraction of the 1000 training timesteps "
+                                f"where the low-noise expert takes over), got {self.boundary_ratio}")
+        if self.dmd_denoising_steps is not None:
+            check_dmd_steps(self.dmd_denoising_steps)
         return self
+
+
+def check_dmd_steps(steps: Any, name: str = "dmd_denoising_steps", num_train_timesteps: int = 1000) -> None:
+    """A non-empty tuple of integer timesteps, strictly decreasing, in [1, num_train_timesteps]; else
+    ``UserError`` naming ``name``."""
+    if not isinstance(steps, tuple) or not steps:
+        raise UserError(f"{name} must be a non-empty tuple of timesteps such as (1000, 757, 522), got {steps!r}")
+    for i, t in enumerate(steps):
+        check_int(f"{name}[{i}]", t)
+        if not 1 <= t <= num_train_timesteps:
+            raise UserError(f"{name}[{i}] must be in [1, {num_train_timesteps}], got {t}")
+    if any(a <= b for a, b in zip(steps, steps[1:])):
+        raise UserError(f"{name} must be strictly decreasing, got {steps}")

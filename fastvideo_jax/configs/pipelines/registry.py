@@ -11,8 +11,11 @@ from types import MappingProxyType
 from typing import Any
 
 from fastvideo_jax.configs.pipelines.base import PipelineConfig
-from fastvideo_jax.configs.pipelines.wan import WanT2V480PConfig, WanT2V720PConfig, WanTinyConfig
-from fastvideo_jax.configs.sample import WAN_NEGATIVE_PROMPT, SamplingParam
+from fastvideo_jax.configs.pipelines.wan import (
+    FASTWAN_DMD_STEPS, FastWan21T2V480PConfig, FastWan22TI2V5BConfig, Wan22I2VA14BConfig, Wan22T2VA14BConfig,
+    Wan22TI2V5BConfig, WanI2V480PConfig, WanI2V720PConfig, WanT2V480PConfig, WanT2V720PConfig, WanTinyConfig,
+)
+from fastvideo_jax.configs.sample import WAN_NEGATIVE_PROMPT, WAN_NEGATIVE_PROMPT_ZH, SamplingParam
 
 logger = logging.getLogger(__name__)
 
@@ -23,15 +26,25 @@ TINY_WAN_ID = "tiny-wan"  # the built-in random-weight demo pipeline (fastvideo_
 
 @dataclasses.dataclass(frozen=True)
 class ModelDefaults:
-    """A model's presets and its signature: ``transformer/config.json`` fields that identify it."""
+    """A model's presets and its signature: ``transformer/config.json`` fields (``dit``) and ``model_index.json``
+    fields (``index``) that identify it. An entry with an ``index`` signature matches only when the caller
+    gives the model index."""
 
     model_id: str
     pipeline: PipelineConfig
     sampling: SamplingParam
     dit: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    index: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
 
-    def matches(self, transformer_config: Mapping[str, Any]) -> bool:
-        return bool(self.dit) and all(transformer_config.get(k) == v for k, v in self.dit.items())
+    def matches(self, transformer_config: Mapping[str, Any], model_index: Mapping[str, Any] | None = None) -> bool:
+        if not self.dit or not all(transformer_config.get(k) == v for k, v in self.dit.items()):
+            return False
+        return not self.index or (model_index is not None
+                                  and all(model_index.get(k) == v for k, v in self.index.items()))
+
+    @property
+    def specificity(self) -> int:
+        return len(self.dit) + len(self.index)
 
 
 _DEFAULTS: dict[str, ModelDefaults] = {}
@@ -39,10 +52,11 @@ _FALLBACK = ModelDefaults("(unknown Wan model)", WanT2V480PConfig(), SamplingPar
 
 
 def register_model_defaults(model_id: str, pipeline: PipelineConfig, sampling: SamplingParam,
-                            dit: Mapping[str, Any] | None = None) -> None:
-    """Defaults for ``model_id``; ``dit`` (transformer config fields) lets a local copy or a converted
-    directory of the same model find them by content."""
-    _DEFAULTS[model_id] = ModelDefaults(model_id, pipeline, sampling, MappingProxyType(dict(dit or {})))
+                            dit: Mapping[str, Any] | None = None, index: Mapping[str, Any] | None = None) -> None:
+    """Defaults for ``model_id``; ``dit`` (transformer config fields) and ``index`` (model_index.json fields) let
+    a local copy or a converted directory of the same model find them by content."""
+    _DEFAULTS[model_id] = ModelDefaults(model_id, pipeline, sampling, MappingProxyType(dict(dit or {})),
+                                        MappingProxyType(dict(index or {})))
 
 
 def registered_models() -> tuple[ModelDefaults, ...]:
@@ -64,6 +78,70 @@ register_model_defaults(
                   negative_prompt=WAN_NEGATIVE_PROMPT),
     dit=dict(_T2V, num_attention_heads=40, num_layers=40),
 )
+# Wan2.1 image-to-video. The 480P and 720P checkpoints have the same DiT: by content, 480P (as FastVideo's
+# detector resolves a WanImageToVideoPipeline).
+_I2V_14B = dict(in_channels=36, image_dim=1280, attention_head_dim=128, num_attention_heads=40, num_layers=40)
+register_model_defaults(
+    "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+    WanI2V480PConfig(),
+    SamplingParam(height=480, width=832, num_frames=81, num_inference_steps=40, guidance_scale=5.0,
+                  negative_prompt=WAN_NEGATIVE_PROMPT),
+    dit=_I2V_14B,
+)
+register_model_defaults(
+    "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+    WanI2V720PConfig(),
+    SamplingParam(height=720, width=1280, num_frames=81, num_inference_steps=40, guidance_scale=5.0,
+                  negative_prompt=WAN_NEGATIVE_PROMPT),
+)
+
+# Wan2.2. TI2V-5B: its own DiT shape (48 channels). A14B: each expert has the 14B shape, so the T2V model is told
+# from Wan2.1 T2V-14B by its model index (boundary_ratio); the I2V experts' 36 channels without a CLIP branch
+# are unique. FastVideo's A14B presets leave the size at its generic 720x1280x125; these use Wan's 81 frames.
+_TI2V_5B = dict(in_channels=48, attention_head_dim=128, num_attention_heads=24, num_layers=30)
+register_model_defaults(
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+    Wan22TI2V5BConfig(),
+    SamplingParam(height=704, width=1280, num_frames=121, fps=24, num_inference_steps=50, guidance_scale=5.0,
+                  negative_prompt=WAN_NEGATIVE_PROMPT_ZH),
+    dit=_TI2V_5B,
+)
+register_model_defaults(
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+    Wan22T2VA14BConfig(),
+    SamplingParam(height=720, width=1280, num_frames=81, fps=16, num_inference_steps=40, guidance_scale=4.0,
+                  guidance_scale_2=3.0, negative_prompt=WAN_NEGATIVE_PROMPT_ZH),
+    dit=dict(_T2V, num_attention_heads=40, num_layers=40), index=dict(boundary_ratio=0.875),
+)
+register_model_defaults(
+    "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+    Wan22I2VA14BConfig(),
+    SamplingParam(height=720, width=1280, num_frames=81, fps=16, num_inference_steps=40, guidance_scale=3.5,
+                  guidance_scale_2=3.5, negative_prompt=WAN_NEGATIVE_PROMPT_ZH),
+    dit=dict(in_channels=36, image_dim=None, attention_head_dim=128, num_attention_heads=40, num_layers=40),
+)
+
+# FastWan (DMD, few steps, no CFG: guidance_scale 1.0; FastVideo's presets list 3.0 / 5.0 and 50 steps, which
+# its DMD stage ignores). FastWan2.1 checkpoints say WanDMDPipeline in their model index; FastWan2.2's DiT is
+# TI2V-5B's, so by content it resolves to Wan2.2-TI2V-5B.
+_DMD_STEPS = len(FASTWAN_DMD_STEPS)
+for _id in ("FastVideo/FastWan2.1-T2V-1.3B-Diffusers", "FastVideo/FastWan2.1-T2V-14B-480P-Diffusers"):
+    _heads, _layers = (12, 30) if "1.3B" in _id else (40, 40)
+    register_model_defaults(
+        _id,
+        FastWan21T2V480PConfig(),
+        SamplingParam(height=448, width=832, num_frames=61, fps=16, num_inference_steps=_DMD_STEPS,
+                      guidance_scale=1.0, negative_prompt=WAN_NEGATIVE_PROMPT),
+        dit=dict(_T2V, num_attention_heads=_heads, num_layers=_layers), index=dict(_class_name="WanDMDPipeline"),
+    )
+for _id in ("FastVideo/FastWan2.2-TI2V-5B-Diffusers", "FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers"):
+    register_model_defaults(
+        _id,
+        FastWan22TI2V5BConfig(),
+        SamplingParam(height=704, width=1280, num_frames=121, fps=24, num_inference_steps=_DMD_STEPS,
+                      guidance_scale=1.0, negative_prompt=WAN_NEGATIVE_PROMPT_ZH),
+    )
+
 register_model_defaults(
     TINY_WAN_ID,
     WanTinyConfig(),
@@ -72,20 +150,23 @@ register_model_defaults(
 )
 
 
-def find_model_defaults(model: str | Path, transformer_config: Mapping[str, Any] | None = None) -> ModelDefaults:
-    """The registered id ``model``; else the entry whose DiT signature ``transformer_config`` matches; else
-    Wan 480p defaults (logged)."""
+def find_model_defaults(model: str | Path, transformer_config: Mapping[str, Any] | None = None,
+                        model_index: Mapping[str, Any] | None = None) -> ModelDefaults:
+    """The registered id ``model``; else, of the entries whose signature ``transformer_config`` (and
+    ``model_index``, when given) matches, the most specific (the first registered on a tie); else Wan 480p
+    defaults (logged)."""
     text = str(model).rstrip("/")
     if text in _DEFAULTS:
         return _DEFAULTS[text]
-    for entry in _DEFAULTS.values():
-        if transformer_config is not None and entry.matches(transformer_config):
-            return entry
+    if transformer_config is not None:
+        found = [e for e in _DEFAULTS.values() if e.matches(transformer_config, model_index)]
+        if found:
+            return max(found, key=lambda e: e.specificity)  # max keeps the first of equals
     logger.warning("%s: no registered defaults match its transformer config; using Wan 480p defaults", text)
     return _FALLBACK
 
 
-def get_model_defaults(model: str | Path, transformer_config: Mapping[str, Any] | None = None
-                       ) -> tuple[PipelineConfig, SamplingParam]:
-    entry = find_model_defaults(model, transformer_config)
+def get_model_defaults(model: str | Path, transformer_config: Mapping[str, Any] | None = None,
+                       model_index: Mapping[str, Any] | None = None) -> tuple[PipelineConfig, SamplingParam]:
+    entry = find_model_defaults(model, transformer_config, model_index)
     return entry.pipeline, entry.sampling

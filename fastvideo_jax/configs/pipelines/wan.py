@@ -1,10 +1,24 @@
-"""Wan2.1 pipeline presets (FastVideo's values): flow shift and per-component precision."""
+"""Wan pipeline presets (FastVideo's values, ``fastvideo/configs/pipelines/wan.py``): flow shift, per-component
+precision and the Wan2.2 / FastWan sampling knobs."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from fastvideo_jax.configs.pipelines.base import PipelineConfig
+from fastvideo_jax.errors import UserError
+
+# FastWan's few-step DMD schedule (FastVideo's FastWan configs and its DmdDenoisingStage).
+FASTWAN_DMD_STEPS = (1000, 757, 522)
+# FastVideo's DmdDenoisingStage samples with its own FlowMatchEulerDiscreteScheduler(shift=8.0), whatever the
+# config's flow_shift: the FastWan presets carry 8.0 as the shift their DMD sampling actually uses.
+FASTWAN_DMD_SHIFT = 8.0
+
+
+def _check_dense(config: PipelineConfig) -> None:
+    if config.self_attention != "dense":
+        raise UserError(f"self_attention must be 'dense' (FastWan's video sparse attention is not implemented "
+                        f"yet), got {config.self_attention!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +32,70 @@ class WanT2V480PConfig(PipelineConfig):
 @dataclasses.dataclass(frozen=True)
 class WanT2V720PConfig(WanT2V480PConfig):
     flow_shift: float | None = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WanI2V480PConfig(WanT2V480PConfig):
+    """Wan2.1 image-to-video (CLIP vision features + the VAE-encoded first frame). FastVideo runs both of
+    those encoders in fp32 (the encoded image seeds the whole trajectory); the I2V pipeline's precision fields
+    belong here when it lands."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WanI2V720PConfig(WanI2V480PConfig):
+    flow_shift: float | None = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Wan22TI2V5BConfig(WanT2V480PConfig):
+    """Wan2.2 TI2V-5B: text- and image-to-video in one DiT with per-token timesteps (48-channel Wan2.2 VAE)."""
+
+    flow_shift: float | None = 5.0
+    expand_timesteps: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Wan22T2VA14BConfig(WanT2V480PConfig):
+    """Wan2.2 T2V A14B: two experts, the low-noise one below timestep 0.875 * 1000."""
+
+    flow_shift: float | None = 12.0
+    boundary_ratio: float | None = 0.875
+
+
+@dataclasses.dataclass(frozen=True)
+class Wan22I2VA14BConfig(WanI2V480PConfig):
+    """Wan2.2 I2V A14B: two 36-channel experts (no CLIP image branch), switching at 0.9 * 1000."""
+
+    flow_shift: float | None = 5.0
+    boundary_ratio: float | None = 0.900
+
+
+@dataclasses.dataclass(frozen=True)
+class FastWan21T2V480PConfig(WanT2V480PConfig):
+    """FastWan2.1 T2V: 3-step DMD, no CFG. FastVideo runs these checkpoints with VSA (sparsity 0.8 for 1.3B);
+    until VSA lands here the DiT runs DENSE attention (``self_attention`` says so)."""
+
+    flow_shift: float | None = FASTWAN_DMD_SHIFT
+    dmd_denoising_steps: tuple[int, ...] | None = FASTWAN_DMD_STEPS
+    self_attention: str = "dense"  # VSA is not implemented yet
+
+    def validate(self) -> PipelineConfig:
+        _check_dense(self)
+        return super().validate()
+
+
+@dataclasses.dataclass(frozen=True)
+class FastWan22TI2V5BConfig(Wan22TI2V5BConfig):
+    """FastWan2.2 TI2V-5B: 3-step DMD on the TI2V-5B DiT, no CFG, dense attention (the "FullAttn" checkpoint's
+    own mode; FastVideo's config keeps flow_shift 5.0 but its DMD stage samples with shift 8.0, used here)."""
+
+    flow_shift: float | None = FASTWAN_DMD_SHIFT
+    dmd_denoising_steps: tuple[int, ...] | None = FASTWAN_DMD_STEPS
+    self_attention: str = "dense"  # VSA is not implemented yet
+
+    def validate(self) -> PipelineConfig:
+        _check_dense(self)
+        return super().validate()
 
 
 @dataclasses.dataclass(frozen=True)
