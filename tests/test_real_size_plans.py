@@ -82,3 +82,31 @@ def test_umt5_xxl_real_size():
     assert n == 5_680_910_336
     dtypes = {spec.dtype for spec in specs.values()}
     assert dtypes == {np.dtype("float32")}, f"UMT5-XXL parameters default to fp32 (as Wan runs it), got {dtypes}"
+
+
+def test_clip_vit_h14_vision_real_size():
+    """Wan2.1 I2V's image_encoder: open-clip ViT-H/14 as CLIPVisionModelWithProjection."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from fastvideo_jax.configs.models.encoders.clip import CLIP_VISION_PRESETS
+    from fastvideo_jax.models.encoders.clip import CLIPVisionModelWithProjection as Ours
+
+    arch = dict(CLIP_VISION_PRESETS["vit-h-14"])
+    with torch.device("meta"):
+        ref = CLIPVisionModelWithProjection(CLIPVisionConfig(**arch))
+    n, _ = _plan(ref, Ours, arch)
+    assert n == 632_076_800, n
+
+
+def test_clip_vit_large_text_real_size():
+    """HunyuanVideo's text_encoder_2: openai/clip-vit-large-patch14's text tower as CLIPTextModel."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from fastvideo_jax.configs.models.encoders.clip import CLIP_TEXT_PRESETS
+    from fastvideo_jax.models.encoders.clip import CLIPTextModel as Ours
+
+    arch = dict(CLIP_TEXT_PRESETS["clip-vit-large-patch14"])
+    with torch.device("meta"):
+        ref = CLIPTextModel(CLIPTextConfig(**arch))
+    n, _ = _plan(ref, Ours, arch)
+    assert n == 123_060_480, n

@@ -31,8 +31,13 @@ _IMAGE_TO_VIDEO_DIT_MODELS: dict[str, tuple[str, str, str]] = {
 _TEXT_ENCODER_MODELS = {
     "UMT5EncoderModel": ("encoders", "t5", "UMT5EncoderModel"),
     "T5EncoderModel": ("encoders", "t5", "T5EncoderModel"),
+    "CLIPTextModel": ("encoders", "clip", "CLIPTextModel"),
+    "CLIPTextModelWithProjection": ("encoders", "clip", "CLIPTextModelWithProjection"),
 }
-_IMAGE_ENCODER_MODELS: dict[str, tuple[str, str, str]] = {}
+_IMAGE_ENCODER_MODELS = {
+    "CLIPVisionModel": ("encoders", "clip", "CLIPVisionModel"),
+    "CLIPVisionModelWithProjection": ("encoders", "clip", "CLIPVisionModelWithProjection"),
+}
 _VAE_MODELS = {
     "AutoencoderKLWan": ("vaes", "wanvae", "AutoencoderKLWan"),
 }

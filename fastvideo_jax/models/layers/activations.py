@@ -26,3 +26,9 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
 def gelu_exact(x: jax.Array) -> jax.Array:
     """GELU with the error function (PyTorch's default ``nn.GELU()``)."""
     return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """``x * sigmoid(1.702 x)`` (Transformers ``quick_gelu``, OpenAI CLIP's activation)."""
+    xf = x.astype(jnp.float32)
+    return (xf * jax.nn.sigmoid(1.702 * xf)).astype(x.dtype)

@@ -45,6 +45,7 @@ __all__ = [
     "TransformerLoader",
     "VAELoader",
     "TextEncoderLoader",
+    "ImageEncoderLoader",
     "TokenizerLoader",
     "check_finite",
     "export_component",
@@ -200,6 +201,18 @@ class TextEncoderLoader:
     ):
         return load_component(
             component_dir, expected_kind=class_names("text_encoder"), mesh=mesh, rules=rules, **overrides
+        )
+
+
+class ImageEncoderLoader:
+    """Loads an image encoder from a Transformers ``image_encoder/`` directory (resolved by ``architectures``);
+    its weights split as a text encoder's do."""
+
+    def load(
+        self, component_dir: str | Path, *, mesh: Mesh | None = None, rules: Rules = TEXT_ENCODER_RULES, **overrides
+    ):
+        return load_component(
+            component_dir, expected_kind=class_names("image_encoder"), mesh=mesh, rules=rules, **overrides
         )
 
 
