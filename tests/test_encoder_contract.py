@@ -15,6 +15,10 @@ def test_encoder_without_supported_backends_is_refused():
         class NoBackends(TextEncoder):
             pass
 
+    with pytest.raises(TypeError, match=r"Strings._supported_attention_backends must hold AttentionBackend members"):
+        class Strings(ImageEncoder):
+            _supported_attention_backends = ("reference",)
+
     class Declared(ImageEncoder):
         _supported_attention_backends = (AttentionBackend.REFERENCE,)
 

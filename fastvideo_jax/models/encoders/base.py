@@ -67,6 +67,9 @@ class _Encoder(nnx.Module):
         backends = cls.__dict__.get("_supported_attention_backends", cls._supported_attention_backends)
         if cls.__module__ != __name__ and not backends:
             raise TypeError(f"{cls.__name__} must declare _supported_attention_backends (a tuple of AttentionBackend)")
+        bad = [b for b in backends if not isinstance(b, AttentionBackend)]
+        if bad:
+            raise TypeError(f"{cls.__name__}._supported_attention_backends must hold AttentionBackend members, got {bad}")
 
     @property
     def supported_attention_backends(self) -> tuple[AttentionBackend, ...]:

@@ -55,8 +55,10 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 # Dense backends of ``fastvideo_jax.attention.attention`` (the vision tower has no mask); the text tower's
 # causal + padding mask runs as its own einsum.
-DENSE_BACKENDS = (AttentionBackend.REFERENCE, AttentionBackend.CUDNN, AttentionBackend.SPLASH_TPU,
-                  AttentionBackend.PALLAS_GPU_TRITON, AttentionBackend.PALLAS_GPU_MOSAIC, AttentionBackend.TOKAMAX)
+DENSE_BACKENDS = (AttentionBackend.REFERENCE, AttentionBackend.TORCH_SDPA, AttentionBackend.CUDNN,
+                  AttentionBackend.FLASH_ATTN, AttentionBackend.SPLASH_TPU, AttentionBackend.PALLAS_GPU_TRITON,
+                  AttentionBackend.PALLAS_GPU_MOSAIC, AttentionBackend.TOKAMAX)
+MASKED_BACKENDS = (AttentionBackend.REFERENCE, AttentionBackend.TORCH_SDPA)  # the own-einsum path
 
 
 class CLIPAttention(nnx.Module):
@@ -176,7 +178,7 @@ class CLIPTextModel(TextEncoder):
     """CLIP's text tower (HunyuanVideo's ``text_encoder_2``: its pooled output)."""
 
     config_class = CLIPTextEncoderConfig
-    _supported_attention_backends = (AttentionBackend.REFERENCE,)
+    _supported_attention_backends = MASKED_BACKENDS
     with_projection = False
 
     def __init__(self, config: CLIPTextEncoderConfig, *, rngs: nnx.Rngs):

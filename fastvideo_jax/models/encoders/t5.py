@@ -233,7 +233,7 @@ class T5Stack(nnx.Module):
 class _T5EncoderBase(TextEncoder):
     config_class: type = T5EncoderConfig
     # Position-biased attention (a learned bias on unscaled logits) runs as its own einsum.
-    _supported_attention_backends = (AttentionBackend.REFERENCE,)
+    _supported_attention_backends = (AttentionBackend.REFERENCE, AttentionBackend.TORCH_SDPA)
 
     def __init__(self, config: T5EncoderConfig, *, rngs: nnx.Rngs):
         cfg = config.arch_config
