@@ -106,9 +106,9 @@ class FlowMatchEulerScheduler:
         return EulerTables(jnp.asarray(timesteps), jnp.asarray(sigmas))
 
     def init_state(self, tables: EulerTables, sample_shape: tuple[int, ...] | None = None,
-                   dtype: Any = None, begin_index: int = 0) -> EulerState:
-        """Fresh state; ``sample_shape``/``dtype`` are accepted for API symmetry and unused."""
-        del tables, sample_shape, dtype
+                   dtype: Any = None, begin_index: int = 0, *, key: Any = None) -> EulerState:
+        """Fresh state; ``sample_shape``/``dtype``/``key`` are accepted for API symmetry and unused."""
+        del tables, sample_shape, dtype, key
         return EulerState(jnp.asarray(begin_index, jnp.int32))
 
     @staticmethod

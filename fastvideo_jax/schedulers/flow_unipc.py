@@ -211,9 +211,10 @@ class FlowUniPCMultistepScheduler:
             pred_coef=jnp.asarray(pred.astype(np.float32)), corr_coef=jnp.asarray(corr.astype(np.float32)))
 
     def init_state(self, tables: UniPCTables, sample_shape: tuple[int, ...],
-                   dtype: Any = jnp.float32, begin_index: int = 0) -> UniPCState:
-        """Empty history; ``begin_index`` mirrors diffusers' ``set_begin_index``."""
-        del tables
+                   dtype: Any = jnp.float32, begin_index: int = 0, *, key: Any = None) -> UniPCState:
+        """Empty history; ``begin_index`` mirrors diffusers' ``set_begin_index``; ``key`` (a stochastic
+        scheduler's noise key) is accepted for interface symmetry and unused: this sampler is deterministic."""
+        del tables, key
         zero = jnp.asarray(0, jnp.int32)
         return UniPCState(step_index=jnp.asarray(begin_index, jnp.int32), lower_order_nums=zero,
                           last_order=zero,
