@@ -7,22 +7,19 @@ counts, non-square sizes and batch 2, with and without spatial tiling.
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from converters import ConversionError  # noqa: E402
-from fastvideo_jax.configs.models.vaes.wanvae import WAN_VAE_PRESETS, WanVAEConfig  # noqa: E402
+from fastvideo_jax.configs.models.vaes.wanvae import WAN_VAE_PRESETS  # noqa: E402
 from fastvideo_jax.models.loader.component_loader import VAELoader, export_component  # noqa: E402
-from fastvideo_jax.models.vaes.wanvae import AutoencoderKLWan  # noqa: E402
 
 TOL = 1e-4  # fp32, whole model
 # Small tiles so tiling triggers on tiny inputs: 16x40 px (2x5 latents), strides 8x24 px (1x3 latents). The
@@ -194,13 +191,6 @@ def test_renamed_checkpoint_key_is_named(ckpt_dir, tmp_path):
     message = str(info.value)
     assert "time_conv_renamed.weight" in message  # the unexpected tensor
     assert "decoder.up_blocks.0.upsamplers.0.time_conv.kernel" in message  # the parameter left unfilled
-
-
-def test_wan22_config_is_not_implemented(ckpt_dir):
-    raw = json.loads((ckpt_dir / "config.json").read_text())
-    config = WanVAEConfig().update_model_arch({**raw, "is_residual": True})
-    with pytest.raises(NotImplementedError, match="is_residual=True"):
-        nnx.eval_shape(lambda: AutoencoderKLWan(config, rngs=nnx.Rngs(0)))
 
 
 def test_second_eager_decode_and_encode_do_not_compile(vae, count_compiles):

@@ -87,3 +87,17 @@ def write_random_dit(directory: str | Path, preset: str = "tiny", precision: str
         return write_random_component(
             directory, WanTransformer3DModel, "WanTransformer3DModel", WAN_PRESETS[preset], precision=precision, seed=seed
         )
+
+
+def write_random_vae(directory: str | Path, preset: str = "tiny", precision: str = "fp32", seed: int = 0) -> Path:
+    """A random ``AutoencoderKLWan`` checkpoint of a preset: ``tiny`` (Wan2.1 layout, 16 channels, 4x8x8),
+    ``tiny-wan2.2`` (Wan2.2 layout: 48 channels, 4x16x16, residual stages, 2x2 patchify), ``wan2.1``, ..."""
+    from fastvideo_jax.configs.models.vaes.wanvae import WAN_VAE_PRESETS
+    from fastvideo_jax.models.vaes.wanvae import AutoencoderKLWan
+
+    if preset not in WAN_VAE_PRESETS:
+        raise KeyError(f"unknown Wan VAE preset {preset!r}; presets: {sorted(WAN_VAE_PRESETS)}")
+    with jax.default_device(jax.devices("cpu")[0]):
+        return write_random_component(
+            directory, AutoencoderKLWan, "AutoencoderKLWan", WAN_VAE_PRESETS[preset], precision=precision, seed=seed
+        )
