@@ -69,6 +69,35 @@ def test_wan_vae_real_size():
     _plan(ref, Ours, arch)
 
 
+# Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json (hub metadata and the 48 latent statistics left out; the
+# statistics are checked in tests/test_wan22_vae.py).
+WAN22_VAE_CONFIG_JSON = {
+    "_class_name": "AutoencoderKLWan", "attn_scales": [], "base_dim": 160, "decoder_base_dim": 256,
+    "dim_mult": [1, 2, 4, 4], "dropout": 0.0, "in_channels": 12, "is_residual": True, "num_res_blocks": 2,
+    "out_channels": 12, "patch_size": 2, "scale_factor_spatial": 16, "scale_factor_temporal": 4,
+    "temperal_downsample": [False, True, True], "z_dim": 48,
+}
+
+
+def test_wan22_vae_real_size():
+    from diffusers import AutoencoderKLWan
+
+    from fastvideo_jax.configs.models.vaes.wanvae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, WAN_VAE_PRESETS
+    from fastvideo_jax.models.vaes.wanvae import AutoencoderKLWan as Ours
+
+    raw = {**WAN22_VAE_CONFIG_JSON, "latents_mean": list(WAN22_LATENTS_MEAN), "latents_std": list(WAN22_LATENTS_STD)}
+    preset = Ours.config_class().update_model_arch(WAN_VAE_PRESETS["wan2.2"]).arch_config
+    assert Ours.config_class().update_model_arch(raw).arch_config == preset, "the wan2.2 preset is the config.json"
+    with torch.device("meta"):
+        ref = AutoencoderKLWan(**{k: v for k, v in raw.items() if not k.startswith("_")})
+    n, specs = _plan(ref, Ours, raw)  # every tensor mapped, same total
+    assert n == 704_688_668  # 2.82 GB in fp32, the size of the released Wan2.2_VAE.pth
+    # The residual decoder keeps its width through the upsamplers (Wan2.1 halves it): 1024 in and out.
+    assert specs[("decoder", "up_blocks", 0, "upsampler", "resample_conv", "kernel")].shape == (3, 3, 1024, 1024)
+    assert specs[("encoder", "conv_in", "kernel")].shape == (3, 3, 3, 12, 160)  # 2x2-patchified RGB in
+    assert specs[("decoder", "conv_out", "kernel")].shape == (3, 3, 3, 256, 12)
+
+
 def test_umt5_xxl_real_size():
     from transformers import UMT5Config, UMT5EncoderModel
 
