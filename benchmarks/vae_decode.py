@@ -2,6 +2,7 @@
 
     python benchmarks/vae_decode.py                                # tiny, CPU, fp32
     python benchmarks/vae_decode.py --preset wan-480p-81f          # real Wan2.1 VAE, 1x16x21x60x104 latents, GPU
+    python benchmarks/vae_decode.py --preset wan22-704p-121f       # real Wan2.2 VAE, 1x48x31x44x80 latents, GPU
 
 A child process builds a random diffusers ``AutoencoderKLWan`` (torch.manual_seed(0)) and saves it with
 save_pretrained; one child per framework then loads it (ours through ``VAELoader``), decodes the same latents
@@ -29,9 +30,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 PRESETS = {
-    # diffusers AutoencoderKLWan kwargs (the vae preset of our config), latents (B, C, T, h, w)
-    "tiny": ("tiny", (1, 16, 5, 8, 12)),
-    "wan-480p-81f": ("wan2.1", (1, 16, 21, 60, 104)),
+    # diffusers AutoencoderKLWan kwargs (the vae preset of our config), latents (B, C, T, h, w), spatial factor
+    "tiny": ("tiny", (1, 16, 5, 8, 12), 8),
+    "wan-480p-81f": ("wan2.1", (1, 16, 21, 60, 104), 8),
+    "tiny-wan2.2": ("tiny-wan2.2", (1, 48, 5, 4, 6), 16),
+    "wan22-704p-121f": ("wan2.2", (1, 48, 31, 44, 80), 16),  # Wan2.2 TI2V-5B's default 704x1280, 121 frames
 }
 
 
@@ -139,9 +142,9 @@ def main(argv=None) -> None:
     shape = tuple(args.latent_shape or PRESETS[args.preset][1])
     with tempfile.TemporaryDirectory() as d:
         built = _run_child("build", d, args.preset, *map(str, shape))
-        frames = 1 + 4 * (shape[2] - 1)
+        frames, r = 1 + 4 * (shape[2] - 1), PRESETS[args.preset][2]
         print(f"preset {args.preset}: {built['params'] / 1e6:.2f} M params, latents {shape} -> {frames} frames "
-              f"{shape[3] * 8}x{shape[4] * 8}, {args.dtype}, tiled={args.tiled}")
+              f"{shape[3] * r}x{shape[4] * r}, {args.dtype}, tiled={args.tiled}")
         flags = (args.dtype, str(args.iters), "1" if args.tiled else "0")
         ours = _run_child("jax", d, *flags)
         ref = None if args.skip_torch else _run_child("torch", d, *flags)
