@@ -66,7 +66,8 @@ def _write_model(name: str, src: Path, dst: Path, to: str, precision: str) -> No
 
         orbax_io.save_params(dst, nnx.state(model, nnx.Param), model.config.precision)
     else:
-        weights = "model.safetensors" if name.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"
+        weights = ("model.safetensors" if name.startswith(("text_encoder", "image_encoder"))  # Transformers
+                   else "diffusion_pytorch_model.safetensors")
         save_safetensors(dst / weights, export_component(model), metadata={"format": "pt"})
 
 

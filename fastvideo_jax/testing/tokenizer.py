@@ -37,3 +37,21 @@ def write_t5_tokenizer(directory: str | Path, vocab_size: int = 100):
     tokenizer = build_t5_tokenizer(vocab_size)
     tokenizer.save_pretrained(str(directory))
     return tokenizer
+
+
+def build_clip_tokenizer():
+    """A tiny byte-pair ``CLIPTokenizer`` (a-z, each also as a word end, four merges, then <|startoftext|> and
+    <|endoftext|>; 58 ids): CLIP's special tokens and padding (pad = eos = <|endoftext|>), no download."""
+    from transformers import CLIPTokenizer
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces = letters + [c + "</w>" for c in letters] + ["th", "the</w>", "ca", "cat</w>"]
+    vocab = {p: i for i, p in enumerate(pieces + ["<|startoftext|>", "<|endoftext|>"])}
+    merges = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>")]
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def write_clip_tokenizer(directory: str | Path):
+    tokenizer = build_clip_tokenizer()
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer

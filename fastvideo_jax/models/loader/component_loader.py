@@ -46,6 +46,7 @@ __all__ = [
     "VAELoader",
     "TextEncoderLoader",
     "ImageEncoderLoader",
+    "ImageProcessorLoader",
     "TokenizerLoader",
     "check_finite",
     "export_component",
@@ -214,6 +215,21 @@ class ImageEncoderLoader:
         return load_component(
             component_dir, expected_kind=class_names("image_encoder"), mesh=mesh, rules=rules, **overrides
         )
+
+
+class ImageProcessorLoader:
+    """The CLIP image processor of an ``image_processor/`` directory (its ``preprocessor_config.json``)."""
+
+    def load(self, component_dir: str | Path, **kwargs):
+        from fastvideo_jax.models.encoders.image_processor import CLIPImageProcessor
+
+        component_dir = Path(component_dir)
+        config = read_config(component_dir, "preprocessor_config.json")
+        kind = config.get("image_processor_type", "CLIPImageProcessor")
+        if kind.removesuffix("Fast").removesuffix("Pil") != "CLIPImageProcessor":
+            raise CheckpointError(f"{component_dir / 'preprocessor_config.json'}: image_processor_type {kind!r} is not "
+                                  "supported (CLIPImageProcessor is)")
+        return CLIPImageProcessor.from_config({**config, **kwargs}, str(component_dir / "preprocessor_config.json"))
 
 
 class TokenizerLoader:

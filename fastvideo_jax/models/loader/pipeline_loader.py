@@ -2,8 +2,8 @@
 
 A pipeline directory (Diffusers layout, or one converted by ``fastvideo-jax convert``) holds
 ``model_index.json`` mapping each component name to ``[library, ClassName]``. Model components (DiT, text
-encoder, VAE) load through the component loaders; tokenizers through ``AutoTokenizer``; schedulers through
-the registry and their ``from_config``.
+encoders, image encoder, VAE) load through the component loaders; tokenizers through ``AutoTokenizer``; the CLIP
+image processor from its ``preprocessor_config.json``; schedulers through the registry and their ``from_config``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 from jax.sharding import Mesh
 
 from fastvideo_jax.models.loader.component_loader import (
+    ImageEncoderLoader,
+    ImageProcessorLoader,
     TextEncoderLoader,
     TokenizerLoader,
     TransformerLoader,
@@ -39,9 +41,18 @@ MODEL_LOADERS = {
     "transformer_2": TransformerLoader,
     "vae": VAELoader,
     "text_encoder": TextEncoderLoader,
+    "text_encoder_2": TextEncoderLoader,
+    "image_encoder": ImageEncoderLoader,
 }
 _INDEX_METADATA = {"_class_name", "_diffusers_version", "_name_or_path", "_fastvideo_jax"}
-_MODEL_KINDS = {"transformer": "dit", "transformer_2": "dit", "vae": "vae", "text_encoder": "text_encoder"}
+_MODEL_KINDS = {
+    "transformer": "dit",
+    "transformer_2": "dit",
+    "vae": "vae",
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder",
+    "image_encoder": "image_encoder",
+}
 
 
 class SchedulerLoader:
@@ -54,13 +65,15 @@ class SchedulerLoader:
 
 
 def component_kind(name: str) -> str:
-    """"model", "tokenizer", "scheduler" or "other" for a model_index.json component name."""
+    """"model", "tokenizer", "scheduler", "image_processor" or "other" for a model_index.json component name."""
     if name in MODEL_LOADERS:
         return "model"
     if name.startswith("tokenizer"):
         return "tokenizer"
     if name == "scheduler":
         return "scheduler"
+    if name == "image_processor":
+        return "image_processor"
     return "other"
 
 
@@ -127,6 +140,9 @@ def check_components(root: str | Path, names: list[str]) -> dict[str, dict[str, 
             configs[name] = config
         elif kind == "tokenizer":
             configs[name] = {}
+        elif kind == "image_processor":
+            ImageProcessorLoader().load(directory)  # small: parsed and validated whole
+            configs[name] = read_config(directory, "preprocessor_config.json")
         else:
             raise CheckpointError(f"{root}: component {name!r} has no loader")
     return configs
@@ -155,6 +171,8 @@ def load_components(
             out[name] = MODEL_LOADERS[name]().load(directory, mesh=mesh, **kwargs)
         elif kind == "tokenizer":
             out[name] = TokenizerLoader().load(directory)
+        elif kind == "image_processor":
+            out[name] = ImageProcessorLoader().load(directory)
         else:
             out[name] = SchedulerLoader().load(directory)
     return out
