@@ -147,6 +147,19 @@ def test_without_feature_cache_same_result(ckpt_dir, vae):
     assert err < 1e-5, f"encode with one chunk vs 4-frame scan: {msg}"
 
 
+def test_bf16_decode_as_accurate_as_diffusers_bf16(torch_vae, ckpt_dir):
+    # bf16 has 8 mantissa bits; the justified bound is diffusers' own bf16 error against fp32.
+    z = _latents(3, (1, 48, 2, 2, 3))
+    with torch.no_grad():
+        ref = torch_vae.decode(torch.from_numpy(z)).sample.numpy()
+        tb16 = diffusers.AutoencoderKLWan.from_pretrained(ckpt_dir, torch_dtype=torch.bfloat16).eval()
+        ref16 = tb16.decode(torch.from_numpy(z).bfloat16()).sample.float().numpy()
+    ours = VAELoader().load(ckpt_dir, precision="bf16", load_encoder=False)
+    got = np.asarray(ours.decode(z), np.float32)
+    ours_err, torch_err = np.abs(got - ref).mean(), np.abs(ref16 - ref).mean()
+    assert ours_err <= 1.5 * torch_err, f"bf16 mean-abs error {ours_err:.3e}, diffusers bf16 {torch_err:.3e}"
+
+
 def test_latent_normalisation_uses_checkpoint_stats(ckpt_dir, vae, tmp_path):
     assert vae.config.latents_mean == WAN22_LATENTS_MEAN and vae.config.latents_std == WAN22_LATENTS_STD
     z = _latents(5, (1, 48, 2, *LATENT))
@@ -209,15 +222,28 @@ MICRO = dict(base_dim=8, z_dim=16, dim_mult=(1, 2), num_res_blocks=1, temperal_d
              patch_size=2, in_channels=12, out_channels=12, scale_factor_temporal=2, scale_factor_spatial=4)
 
 
-def test_decode_on_mesh_equals_one_device():
-    config = AutoencoderKLWan.config_class().update_model_arch(MICRO).update_model_config(load_encoder=False)
+# Tiles of 4x4 latents at a stride of 4x3 (16x16 px, stride 16x12): 4x8 latents decode as 4x4, 4x4, 4x2 tiles.
+MICRO_TILES = dict(tile_sample_min_height=16, tile_sample_min_width=16, tile_sample_stride_height=16,
+                   tile_sample_stride_width=12)
+
+
+@pytest.fixture(scope="module")
+def micro_vaes():
+    """The same random micro VAE on one device and replicated on data=2 x sequence=4."""
+    config = AutoencoderKLWan.config_class().update_model_arch(MICRO).update_model_config(load_encoder=False,
+                                                                                         **MICRO_TILES)
     graph, abstract = build_abstract(AutoencoderKLWan, config)
     state = random_state(abstract, 7)
     mesh = make_mesh(MeshConfig(data=2, sequence=4))
-    on_mesh = nnx.merge(graph, jax.device_put(state, NamedSharding(mesh, PartitionSpec())))
-    z = _latents(2, (1, 16, 2, 8, 8))
-    reference = np.asarray(nnx.merge(graph, state).decode(z))
-    video = decode_on_mesh(on_mesh, z, mesh)
-    assert video.shape == (1, 3, 3, 32, 32)
+    return nnx.merge(graph, state), nnx.merge(graph, jax.device_put(state, NamedSharding(mesh, PartitionSpec()))), mesh
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_decode_on_mesh_equals_one_device(micro_vaes, tiled):
+    single, on_mesh, mesh = micro_vaes
+    z = _latents(2, (1, 16, 2, 8, 8) if not tiled else (1, 16, 2, 4, 8))
+    reference = np.asarray(single.decode(z, tiled=tiled))
+    video = decode_on_mesh(on_mesh, z, mesh, tiled=tiled)
+    assert video.shape == (1, 3, 3, 4 * z.shape[3], 4 * z.shape[4])
     err, msg = _err(video, reference)
-    assert err < 1e-5, f"decode split over data=2 x sequence=4 vs one device: {msg}"
+    assert err < 1e-5, f"decode (tiled={tiled}) split over data=2 x sequence=4 vs one device: {msg}"
