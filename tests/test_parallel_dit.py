@@ -29,10 +29,11 @@ ARCH = dict(patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=12, 
             qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 
 
-def _model(num_layers=2, heads=8, **overrides) -> WanTransformer3DModel:
+def _model(num_layers=2, heads=8, in_channels=16, out_channels=16, **overrides) -> WanTransformer3DModel:
     """Built abstractly, then every parameter filled with noise (zero-initialised biases and tables included)."""
     config = WanVideoConfig(precision="fp32", attention_backend="reference").update_model_arch(
-        {**ARCH, "num_layers": num_layers, "num_attention_heads": heads})
+        {**ARCH, "num_layers": num_layers, "num_attention_heads": heads, "in_channels": in_channels,
+         "out_channels": out_channels})
     if overrides:
         config = config.update_model_config(**overrides)
     graphdef, abstract = build_abstract(WanTransformer3DModel, config)

@@ -1,4 +1,4 @@
-"""Wan2.1 DiT (``WanTransformer3DModel``) in Flax NNX.
+"""Wan2.1 / Wan2.2 DiT (``WanTransformer3DModel``) in Flax NNX.
 
 Module attributes follow FastVideo's names (see ``WAN_PARAM_NAMES_MAPPING``), so a Diffusers checkpoint loads
 through the regex mapping and the standard tensor transforms. Blocks are built stacked (``nnx.vmap``) and run
@@ -7,6 +7,10 @@ depth; ``__call__`` runs the forward under a cached module-level jit (``compiled
 ``matmul_precision``, so a second eager call with the same shapes does not compile. Precision follows the
 original: parameters in the configured dtype, with the time embedder, the modulation tables and the affine
 norms kept in fp32; RoPE tables are computed in float64 and applied in fp32.
+
+The timestep is one per sample (B,) or, for Wan2.2 TI2V (``expand_timesteps``), one per token (B, L) in the
+order of the flattened (frame, height, width) patch grid: then the time embedding, every block's modulation
+and the output head's shift/scale are per token (split over the sequence axis with the tokens), as diffusers.
 """
 
 from __future__ import annotations
@@ -96,10 +100,10 @@ class WanConditionEmbedder(nnx.Module):
             else WanImageEmbedding(cfg.image_dim, dim, cfg.pos_embed_seq_len, param_dtype=param_dtype, rngs=rngs)
         )
 
-    def __call__(self, timestep, text, image):
+    def __call__(self, timestep, text, image):  # timestep (B,) or per token (B, L)
         t = timestep_embedding(timestep, self.freq_dim)
-        temb = self.time_embedder.mlp(t).astype(text.dtype)  # (B, D), in the text input's dtype as the original
-        temb_proj = self.time_modulation.linear(jax.nn.silu(temb))  # (B, 6D)
+        temb = self.time_embedder.mlp(t).astype(text.dtype)  # (B[, L], D), in the text input's dtype as the original
+        temb_proj = self.time_modulation.linear(jax.nn.silu(temb))  # (B[, L], 6D)
         context = self.text_embedder(text)
         image_context = None if image is None else self.image_embedder(image)
         return temb, temb_proj, context, image_context
@@ -192,11 +196,16 @@ class WanTransformerBlock(_QKNormProjections):
         return self._merge_heads_out(ulysses_attention(q, k, v, attend, kv_mask))
 
     def __call__(self, x, context, image_context, temb_proj, cos, sin, sta: StaLayer | None = None, kv_mask=None):
-        # x (B, L, D), temb_proj (B, 6, D); sta: this layer's sliding-tile windows (None = dense);
-        # kv_mask (B, L): real tokens
+        # x (B, L, D), temb_proj (B, 6, D) or per token (B, L, 6, D); sta: this layer's sliding-tile windows
+        # (None = dense); kv_mask (B, L): real tokens
         x = constrain(x, ("batch", "length", "embed"))
-        mod = self.scale_shift_table[...] + temb_proj.astype(F32)
-        shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, i : i + 1] for i in range(6))
+        table = self.scale_shift_table[...]
+        if temb_proj.ndim == 4:  # one modulation per token, each slice added on its own (no (B, L, 6, D) sum)
+            shift, scale, gate, c_shift, c_scale, c_gate = (table[:, i] + temb_proj[:, :, i].astype(F32)
+                                                            for i in range(6))
+        else:
+            mod = table + temb_proj.astype(F32)
+            shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, i : i + 1] for i in range(6))
         dtype = x.dtype
         h = (self.norm(x.astype(F32)) * (1 + scale) + shift).astype(dtype)
         x = (x.astype(F32) + self._self_attention(h, cos, sin, sta, kv_mask) * gate).astype(dtype)
@@ -265,7 +274,7 @@ class WanTransformer3DModel(BaseDiT):
         self,
         hidden_states: jax.Array,  # (B, C, F, H, W)
         encoder_hidden_states: jax.Array,  # (B, Lt, text_dim)
-        timestep: jax.Array,  # (B,)
+        timestep: jax.Array,  # (B,) or, per token (Wan2.2 TI2V's expand_timesteps), (B, L) with L = F*H*W/patch
         encoder_hidden_states_image: jax.Array | None = None,  # (B, Li, image_dim)
         guidance: jax.Array | None = None,  # Wan has no guidance embedding: must stay None
         **kwargs,  # sta_layer_ids (num_layers,) int32, sta_palette: static per-head window sets
@@ -279,6 +288,7 @@ class WanTransformer3DModel(BaseDiT):
             raise TypeError("WanTransformer3DModel has no guidance embedding: guidance must be None "
                             "(classifier-free guidance is the pipeline's)")
         self._check_inputs(hidden_states, encoder_hidden_states_image)
+        self._check_timestep(hidden_states, timestep)
         palette, ids = self._sta_inputs(kwargs.get("sta_layer_ids"), kwargs.get("sta_palette"))
         with mesh_scope(params_mesh(nnx.state(self))):  # loaded on a mesh: split the work on it too
             return compiled_call(_forward, self, hidden_states, timestep, encoder_hidden_states,
@@ -318,6 +328,17 @@ class WanTransformer3DModel(BaseDiT):
         if (encoder_hidden_states_image is None) != (self.condition_embedder.image_embedder is None):
             raise ValueError("encoder_hidden_states_image must be given exactly when the model has image_dim set")
 
+    def _check_timestep(self, hidden_states, timestep) -> None:
+        """A scalar, one timestep per sample (B,), or one per token (B, L) in the order of the flattened
+        (frame, height, width) patch grid."""
+        B, _, F, H, W = hidden_states.shape
+        pt, ph, pw = self.config.arch_config.patch_size
+        L = (F // pt) * (H // ph) * (W // pw)
+        shape = jnp.shape(timestep)
+        if shape not in ((), (B,), (B, L)):
+            raise ValueError(f"WanTransformer3DModel: timestep of shape {shape} for latents {hidden_states.shape}; "
+                             f"expected (), ({B},) or per token ({B}, {L})")
+
     def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
                 sta_layer_ids=None, *, sta_palette=None):
         """The traced forward (``__call__`` runs it under jit with the configured matmul precision)."""
@@ -328,14 +349,24 @@ class WanTransformer3DModel(BaseDiT):
         cos, sin = rope_3d_tables(cfg.attention_head_dim, grid, cfg.rope_max_seq_len)
         # patches (B, L, pt*ph*pw*C) are split by tokens before they are embedded: no (B, L, D) array is ever whole
         patches = rearrange(self.patch_embedding.proj.patchify(hidden_states), "b f h w k -> b (f h w) k")
-        temb, temb_proj, context, image_context = self.condition_embedder(
-            jnp.broadcast_to(timestep, (B,)), encoder_hidden_states, encoder_hidden_states_image
-        )
-        temb_proj = constrain(rearrange(temb_proj, "b (six d) -> b six d", six=6), ("batch", None, "embed"))
-        context = constrain(context, ("batch", "text_length", "embed"))
         # Tokens go over the sequence mesh axis: pad to a multiple of it, mask the padded keys, drop them at the end
         L = patches.shape[1]
         Lp = pad_length(L)
+        per_token = jnp.ndim(timestep) == 2
+        if per_token:  # (B, L): embedded and modulated per token, sharded like the tokens (padding: timestep 0)
+            timestep = constrain(jnp.pad(timestep, ((0, 0), (0, Lp - L))), ("batch", "length"))
+        else:
+            timestep = jnp.broadcast_to(timestep, (B,))
+        temb, temb_proj, context, image_context = self.condition_embedder(
+            timestep, encoder_hidden_states, encoder_hidden_states_image
+        )
+        if per_token:
+            temb = constrain(temb, ("batch", "length", "embed"))
+            temb_proj = constrain(rearrange(temb_proj, "b l (six d) -> b l six d", six=6),
+                                  ("batch", "length", None, "embed"))
+        else:
+            temb_proj = constrain(rearrange(temb_proj, "b (six d) -> b six d", six=6), ("batch", None, "embed"))
+        context = constrain(context, ("batch", "text_length", "embed"))
         patches, cos, sin = (jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, Lp - L), (0, 0)]) for a in (patches, cos, sin))
         x = self.patch_embedding.proj.project(constrain(patches, ("batch", "length", None)))
         x = constrain(x, ("batch", "length", "embed"))
@@ -350,7 +381,11 @@ class WanTransformer3DModel(BaseDiT):
                 tile = auto_sta_tile(grid, like)
             sta = (grid, tile, sta_palette, jnp.clip(sta_layer_ids, 0, len(sta_palette) - 1))
         x = _run_blocks(x, self.blocks, context, image_context, temb_proj, cos, sin, sta, kv_mask)
-        shift, scale = jnp.split(self.scale_shift_table[...] + temb.astype(F32)[:, None, :], 2, axis=1)
+        table = self.scale_shift_table[...]  # (1, 2, D)
+        if per_token:  # temb (B, Lp, D): the output head's shift and scale per token
+            shift, scale = (table[:, i][:, None] + temb.astype(F32) for i in range(2))
+        else:
+            shift, scale = jnp.split(table + temb.astype(F32)[:, None, :], 2, axis=1)
         x = (self.norm_out(x.astype(F32)) * (1 + scale) + shift).astype(x.dtype)
         x = self.proj_out(x)[:, :L]
         return rearrange(

@@ -10,13 +10,14 @@ import numpy as np
 from einops import rearrange
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:  # (B,) -> (B, dim)
-    """Sinusoidal embedding, cosine half first (``flip_sin_to_cos=True``, ``downscale_freq_shift=0``)."""
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:  # (...) -> (..., dim)
+    """Sinusoidal embedding of every entry of ``t`` ((B,) or per token (B, L)), cosine half first
+    (``flip_sin_to_cos=True``, ``downscale_freq_shift=0``)."""
     if dim % 2:
         raise ValueError(f"timestep embedding dim must be even, got {dim}")
     half = dim // 2
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    args = t.astype(jnp.float32)[..., None] * freqs
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
