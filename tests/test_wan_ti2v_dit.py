@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastvideo_jax.models.dits.wanvideo import per_token_timesteps
 from fastvideo_jax.models.loader.component_loader import TransformerLoader
 from fastvideo_jax.parallel.mesh import MeshConfig, make_mesh
 from tests.oracles import dit_call, errors, tiny_wan_dit, torch_out
@@ -93,3 +94,19 @@ def test_bad_timestep_shape(ti2v, shape):
     x, _, ctx = _jx(*_inputs())
     with pytest.raises(ValueError, match=r"timestep of shape .* expected \(\), \(2,\) or per token \(2, 45\)"):
         dit_call(model, x, jnp.zeros(shape), ctx)
+
+
+@pytest.mark.parametrize("clean_first_frame", [False, True])
+def test_per_token_timesteps_as_diffusers_builds_them(clean_first_frame):
+    """diffusers' WanPipeline / WanImageToVideoPipeline with expand_timesteps: a latent-sized mask (first frame 0
+    for image-to-video), subsampled to the patch grid, times t, flattened and expanded over the batch."""
+    shape = (2, 48, 3, 6, 10)
+    t = torch.tensor(757.25)
+    mask = torch.ones(shape)
+    if clean_first_frame:
+        mask[:, :, 0] = 0
+    ref = (mask[0][0][:, ::2, ::2] * t).flatten().unsqueeze(0).expand(shape[0], -1).numpy()
+    ours = np.asarray(per_token_timesteps(jnp.float32(757.25), shape, clean_first_frame=clean_first_frame))
+    np.testing.assert_array_equal(ours, ref)
+    per_sample = np.asarray(per_token_timesteps(jnp.asarray([10.0, 20.0]), shape))
+    np.testing.assert_array_equal(per_sample, np.repeat([[10.0], [20.0]], 45, axis=1))

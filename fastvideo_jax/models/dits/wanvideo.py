@@ -394,6 +394,21 @@ class WanTransformer3DModel(BaseDiT):
         )
 
 
+def per_token_timesteps(t: jax.Array, latent_shape: tuple[int, ...], patch_size: tuple[int, int, int] = (1, 2, 2),
+                        clean_first_frame: bool = False) -> jax.Array:
+    """Wan2.2 TI2V's (B, L) timestep for a scalar (or (B,)) step timestep ``t`` on latents of ``latent_shape``
+    (B, C, F, H, W): ``t`` on every token, 0 on the first latent frame's tokens when ``clean_first_frame``
+    (image-to-video keeps that frame clean), as diffusers' ``(mask[0][0][:, ::2, ::2] * t).flatten()``."""
+    B, _, F, H, W = latent_shape
+    pt, ph, pw = patch_size
+    grid = (F // pt, H // ph, W // pw)
+    mask = np.ones(grid, np.float32)
+    if clean_first_frame:
+        mask[0] = 0.0  # the first latent frame (patch_size[0] is 1 in every Wan2.2 checkpoint)
+    t = jnp.asarray(t, jnp.float32)
+    return jnp.asarray(mask.reshape(-1)) * jnp.reshape(jnp.broadcast_to(t, (B,)), (B, 1))
+
+
 def _forward(model: WanTransformer3DModel, *args, **static):
     return model.forward(*args, **static)
 
