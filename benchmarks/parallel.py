@@ -131,7 +131,8 @@ def _step_inputs(latent_shape, text_len: int, text_dim: int, mesh):
     from jax.sharding import NamedSharding, PartitionSpec
 
     from fastvideo_jax.parallel.activations import spec_for
-    from fastvideo_jax.pipelines.wan import _state_axes, pad_tables
+    from fastvideo_jax.pipelines.stages.denoising import _state_axes
+    from fastvideo_jax.pipelines.stages.timesteps import pad_tables
     from fastvideo_jax.schedulers.flow_unipc import FlowUniPCMultistepScheduler
     from fastvideo_jax.testing.tiny_pipeline import UNIPC_FLOW_CONFIG
 
@@ -151,18 +152,20 @@ def _step_inputs(latent_shape, text_len: int, text_dim: int, mesh):
 
     replicated = functools.partial(place, axes_batch=0)
     return scheduler, (place(latents, batch), jax.tree.map(lambda a: place(a, batch), state),
-                       jax.tree.map(replicated, tables), place(context, context.shape[0]), replicated(guidance))
+                       jax.tree.map(replicated, tables), {"encoder_hidden_states": place(context, context.shape[0])},
+                       None, replicated(guidance))
 
 
 def _compile_step(arch, layers, latent_shape, text_len, mesh):
     import jax
+    import jax.numpy as jnp
 
     from fastvideo_jax.parallel.activations import mesh_scope
-    from fastvideo_jax.pipelines.wan import _denoise_step
+    from fastvideo_jax.pipelines.stages.denoising import _denoise_step
 
     graphdef, state = _abstract_dit(arch, layers, mesh)
     scheduler, inputs = _step_inputs(latent_shape, text_len, arch["text_dim"], mesh)
-    step = jax.jit(functools.partial(_denoise_step, graphdef, scheduler, True))
+    step = jax.jit(functools.partial(_denoise_step, graphdef, scheduler, True, jnp.bfloat16))
     with mesh_scope(mesh):
         return step.lower(state, *inputs).compile()
 

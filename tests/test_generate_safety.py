@@ -330,7 +330,7 @@ def test_vae_tiling_reaches_the_decode(gen):
     """With small tiles, the tiled decode differs from the untiled one except in the top-left tile's kept
     region, which is that tile's own untiled decode (as tests/test_wan_vae.py establishes)."""
     from fastvideo_jax.models.loader.component_loader import VAELoader
-    from fastvideo_jax.pipelines.wan import WanT2VPipeline
+    from fastvideo_jax.pipelines.wan import WanPipeline
 
     vae = VAELoader().load(gen.model_path / "vae", precision="fp32", tile_sample_min_height=32,
                            tile_sample_min_width=32, tile_sample_stride_height=16, tile_sample_stride_width=16)
@@ -339,7 +339,7 @@ def test_vae_tiling_reaches_the_decode(gen):
     frames = {}
     for tiling in (False, True):
         config = dataclasses.replace(p.config, vae_tiling=tiling)
-        frames[tiling] = WanT2VPipeline(p.tokenizer, p.text_encoder, p.transformer, vae, p.scheduler, config).decode(z)
+        frames[tiling] = WanPipeline({**p.components, "vae": vae}, config).decode(z)
     assert not np.array_equal(frames[True], frames[False])
     top_left = np.asarray(vae.decode(vae.denormalize_latents(jnp.asarray(z))[..., :4, :4], tiled=False))
     expected = np.asarray(video_frames(top_left))[:, :, :16, :16]
@@ -347,7 +347,7 @@ def test_vae_tiling_reaches_the_decode(gen):
 
 
 def video_frames(video_b3fhw):
-    from fastvideo_jax.pipelines.wan import _to_uint8
+    from fastvideo_jax.pipelines.stages.decoding import _to_uint8
 
     return _to_uint8(jnp.asarray(video_b3fhw))
 

@@ -9,7 +9,6 @@ prompts (``text_encoder_offload``).
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ from fastvideo_jax.models.vaes.wanvae import AutoencoderKLWan
 from fastvideo_jax.parallel.activations import mesh_scope
 from fastvideo_jax.parallel.memory import move_params, params_memory_kind
 from fastvideo_jax.parallel.mesh import MeshConfig, make_mesh
-from fastvideo_jax.pipelines.wan import WanT2VPipeline
+from fastvideo_jax.pipelines.stages import TextEncodingStage
 from fastvideo_jax.testing.tiny_checkpoints import random_state, write_random_component
 from fastvideo_jax.testing.tokenizer import write_t5_tokenizer
 
@@ -126,10 +125,11 @@ def test_pipeline_keeps_text_encoder_on_host_between_prompts(text_parts, text_re
     mesh = make_mesh(MESHES["data2xsp4"])
     encoder = TextEncoderLoader().load(directory, mesh=mesh)
     config = PipelineConfig(text_len=TEXT_LEN, text_encoder_offload=True)
-    stage = SimpleNamespace(tokenizer=tokenizer, text_encoder=encoder, config=config, dit_dtype=jnp.float32)
+    stage = TextEncodingStage(tokenizer, encoder, text_len=config.text_len, clean=config.clean_prompts,
+                              dtype=jnp.float32, offload=config.text_encoder_offload)
     move_params(encoder, "pinned_host")
     for _ in range(2):
-        embeds = WanT2VPipeline.encode_text(stage, PROMPTS[:1], PROMPTS[1:])
+        embeds = stage.encode(PROMPTS[:1], PROMPTS[1:])
         assert params_memory_kind(encoder) == {"pinned_host"}
         assert _rel(embeds, text_reference) <= TOL
 

@@ -78,18 +78,19 @@ def test_same_seed_same_frames_other_seed_differs(ours):
 
 def test_steps_guidance_seed_do_not_recompile(ours, monkeypatch):
     """The jitted denoising step is traced once per shape: steps, guidance and seed are runtime values."""
-    import fastvideo_jax.pipelines.wan as wan
+    import fastvideo_jax.pipelines.stages.denoising as denoising
+    from fastvideo_jax.pipelines.wan import WanPipeline
 
     traces = []
-    real = wan._denoise_step
+    real = denoising._denoise_step
 
     def counting(*args):
         traces.append(args[2])  # use_cfg
         return real(*args)
 
-    monkeypatch.setattr(wan, "_denoise_step", counting)
+    monkeypatch.setattr(denoising, "_denoise_step", counting)
     p = ours.pipeline
-    fresh = wan.WanT2VPipeline(p.tokenizer, p.text_encoder, p.transformer, p.vae, p.scheduler, p.config)
+    fresh = WanPipeline(p.components, p.config)
     gen = VideoGenerator(fresh, ours.defaults, ours.model_path)
     for steps, guidance, seed in [(4, 5.0, 1), (2, 3.0, 2), (6, 7.5, 3)]:
         gen.generate_video("a prompt", progress=False, **{**REQUEST, "num_inference_steps": steps,

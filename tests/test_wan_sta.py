@@ -188,29 +188,40 @@ def test_bad_sta_configs_are_clear(dit_dir, inputs):
         _load(dit_dir)(*inputs, sta_layer_ids=np.asarray([0, 0], np.int32))
 
 
-def _pipeline(transformer, strategy=None):
-    from fastvideo_jax.configs.pipelines.base import PipelineConfig
-    from fastvideo_jax.pipelines.wan import WanT2VPipeline
-    from fastvideo_jax.schedulers.flow_match_euler import FlowMatchEulerScheduler
+class _Denoiser:
+    """The pipeline's denoising stage on its own (no text encoder or VAE), driven as the pipeline drives it."""
 
-    return WanT2VPipeline(None, None, transformer, None, FlowMatchEulerScheduler(shift=3.0),
-                          PipelineConfig(dit_precision="fp32"), mask_strategy=strategy)
+    def __init__(self, transformer, strategy=None):
+        from fastvideo_jax.pipelines.stages import DenoisingStage, TimestepPreparationStage
+        from fastvideo_jax.schedulers.flow_match_euler import FlowMatchEulerScheduler
+
+        self.scheduler = FlowMatchEulerScheduler(shift=3.0)
+        self.timesteps = TimestepPreparationStage(self.scheduler)
+        self.stage = DenoisingStage(transformer, self.scheduler, mask_strategy=strategy, progress=False)
+
+    def denoise(self, x, ctx, steps, guidance, progress=False):
+        return self.stage.denoise(x, {"encoder_hidden_states": ctx}, self.timesteps.tables(steps), steps, guidance,
+                                  do_cfg=False)
+
+
+def _pipeline(transformer, strategy=None):
+    return _Denoiser(transformer, strategy)
 
 
 def test_pipeline_applies_per_step_windows_in_one_executable(dit_dir, inputs, monkeypatch):
     """Each denoising step uses its own windows from the strategy; the step is traced once for all of them."""
-    import fastvideo_jax.pipelines.wan as wan
+    import fastvideo_jax.pipelines.stages.denoising as denoising
 
     strategy = load_mask_strategy({f"{s}_{layer}_{h}": [(SMALL, WIDE, (9, 9, 9))[(s + layer) % 3][0], 1 + s % 2, 1 + h]
                                    for s in range(3) for layer in range(2) for h in range(2)})
     traces = []
-    real = wan._denoise_step
+    real = denoising._denoise_step
 
     def counting(*args, **kwargs):
         traces.append(kwargs.get("sta_palette"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(wan, "_denoise_step", counting)
+    monkeypatch.setattr(denoising, "_denoise_step", counting)
     x, _, ctx = inputs
     pipe = _pipeline(_sta(dit_dir), strategy)
     pipe.denoise(x, ctx, 1, 1.0, progress=False)

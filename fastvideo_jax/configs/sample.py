@@ -22,7 +22,7 @@ WAN_NEGATIVE_PROMPT_ZH = (
     "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
     "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
-# Scheduler tables are padded to this many steps (pipelines/wan.py), so this is the most a request may ask for.
+# Scheduler tables are padded to this many steps (pipelines/stages/timesteps.py), so this is the most a request may ask for.
 MAX_INFERENCE_STEPS = 1000
 _INT_FIELDS = ("height", "width", "num_frames", "num_inference_steps", "seed", "fps", "num_videos_per_prompt")
 

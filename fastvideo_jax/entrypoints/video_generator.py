@@ -16,19 +16,19 @@ from jax.sharding import Mesh
 
 from fastvideo_jax.configs.pipelines.base import PipelineConfig
 from fastvideo_jax.configs.sample import SamplingParam
-from fastvideo_jax.entrypoints.model_spec import NEEDED_COMPONENTS, ModelSpec, check_request
+from fastvideo_jax.entrypoints.model_spec import ModelSpec, check_request
 from fastvideo_jax.models.loader.pipeline_loader import load_components
 from fastvideo_jax.parallel.distributed import initialize_from_env, is_primary
 from fastvideo_jax.parallel.mesh import MeshConfig
 from fastvideo_jax.parallel.spec import resolve_mesh
-from fastvideo_jax.pipelines.wan import WanT2VPipeline
+from fastvideo_jax.pipelines.base import ComposedPipeline
 from fastvideo_jax.utils.compile_cache import enable_persistent_cache
 from fastvideo_jax.utils.paths import cache_dir
 from fastvideo_jax.utils.video import check_output_path, numbered_paths, write_videos
 
 
 class VideoGenerator:
-    def __init__(self, pipeline: WanT2VPipeline, defaults: SamplingParam, model_path: Path):
+    def __init__(self, pipeline: ComposedPipeline, defaults: SamplingParam, model_path: Path):
         self.pipeline = pipeline
         self.defaults = defaults
         self.model_path = model_path
@@ -55,12 +55,9 @@ class VideoGenerator:
         mesh = resolve_mesh(mesh, num_heads=spec.dit_arch.num_attention_heads)  # before any weight is read
         enable_persistent_cache(cache_dir() / "xla")
         config = spec.config
-        precisions = {"transformer": config.dit_precision, "text_encoder": config.text_encoder_precisions[0],
-                      "vae": config.vae_decode_precision}
-        parts = load_components(spec.path, list(NEEDED_COMPONENTS), mesh=mesh, precisions=precisions)
-        pipeline = WanT2VPipeline(parts["tokenizer"], parts["text_encoder"], parts["transformer"], parts["vae"],
-                                  parts["scheduler"], config)
-        return cls(pipeline, spec.defaults, spec.path)
+        parts = load_components(spec.path, list(spec.components), mesh=mesh,
+                                precisions=component_precisions(config, spec.components))
+        return cls(spec.pipeline_cls(parts, config), spec.defaults, spec.path)
 
     def sampling_param(self, **overrides: Any) -> SamplingParam:
         """This model's defaults with ``overrides`` (None values keep the default), checked against the model
@@ -89,3 +86,22 @@ class VideoGenerator:
             result["paths"] = write_videos(paths, list(frames), fps=param.fps)
             result["path"] = result["paths"][0]
         return result
+
+
+def component_precisions(config: PipelineConfig, names: tuple[str, ...]) -> dict[str, str]:
+    """Each model component's precision from the pipeline config: DiTs ``dit_precision``, the VAE
+    ``vae_decode_precision``, the n-th text encoder ``text_encoder_precisions[n]`` (the last one repeats)."""
+    out = {}
+    for name in names:
+        if name.startswith("transformer"):
+            out[name] = config.dit_precision
+        elif name == "vae":
+            out[name] = config.vae_decode_precision
+        elif name.startswith("text_encoder"):
+            suffix = name.removeprefix("text_encoder").lstrip("_")
+            i = int(suffix) - 1 if suffix.isdigit() else 0
+            precisions = config.text_encoder_precisions
+            out[name] = precisions[min(i, len(precisions) - 1)]
+        elif name == "image_encoder" and hasattr(config, "image_encoder_precision"):
+            out[name] = config.image_encoder_precision
+    return out

@@ -16,6 +16,7 @@ from fastvideo_jax.configs.pipelines.wan import (
     Wan22TI2V5BConfig, WanI2V480PConfig, WanI2V720PConfig, WanT2V480PConfig, WanT2V720PConfig, WanTinyConfig,
 )
 from fastvideo_jax.configs.sample import WAN_NEGATIVE_PROMPT, WAN_NEGATIVE_PROMPT_ZH, SamplingParam
+from fastvideo_jax.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,6 @@ class ModelDefaults:
 
 
 _DEFAULTS: dict[str, ModelDefaults] = {}
-_FALLBACK = ModelDefaults("(unknown Wan model)", WanT2V480PConfig(), SamplingParam(negative_prompt=WAN_NEGATIVE_PROMPT))
 
 
 def register_model_defaults(model_id: str, pipeline: PipelineConfig, sampling: SamplingParam,
@@ -151,10 +151,9 @@ register_model_defaults(
 
 
 def find_model_defaults(model: str | Path, transformer_config: Mapping[str, Any] | None = None,
-                        model_index: Mapping[str, Any] | None = None) -> ModelDefaults:
+                        model_index: Mapping[str, Any] | None = None) -> ModelDefaults | None:
     """The registered id ``model``; else, of the entries whose signature ``transformer_config`` (and
-    ``model_index``, when given) matches, the most specific (the first registered on a tie); else Wan 480p
-    defaults (logged)."""
+    ``model_index``, when given) matches, the most specific (the first registered on a tie); else None."""
     text = str(model).rstrip("/")
     if text in _DEFAULTS:
         return _DEFAULTS[text]
@@ -162,11 +161,22 @@ def find_model_defaults(model: str | Path, transformer_config: Mapping[str, Any]
         found = [e for e in _DEFAULTS.values() if e.matches(transformer_config, model_index)]
         if found:
             return max(found, key=lambda e: e.specificity)  # max keeps the first of equals
-    logger.warning("%s: no registered defaults match its transformer config; using Wan 480p defaults", text)
-    return _FALLBACK
+    return None
 
 
 def get_model_defaults(model: str | Path, transformer_config: Mapping[str, Any] | None = None,
-                       model_index: Mapping[str, Any] | None = None) -> tuple[PipelineConfig, SamplingParam]:
+                       model_index: Mapping[str, Any] | None = None, *,
+                       fallback: tuple[PipelineConfig, SamplingParam] | None = None,
+                       family: str = "this pipeline") -> tuple[PipelineConfig, SamplingParam]:
+    """A registered model's presets (by id, else by its DiT config and model_index.json); else ``fallback``, the
+    pipeline family's generic defaults (logged); with neither, a ``UserError`` (never another family's defaults
+    silently)."""
     entry = find_model_defaults(model, transformer_config, model_index)
-    return entry.pipeline, entry.sampling
+    if entry is not None:
+        return entry.pipeline, entry.sampling
+    if fallback is None:
+        raise UserError(f"{model}: no registered presets match it and {family} has no generic defaults; "
+                        f"register them with register_model_defaults (registered: {sorted(_DEFAULTS)})")
+    logger.warning("%s: no registered defaults match its transformer config; using %s's generic defaults",
+                   str(model).rstrip("/"), family)
+    return fallback

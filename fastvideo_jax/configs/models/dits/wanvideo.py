@@ -115,7 +115,7 @@ class WanVideoConfig(DiTConfig):
     "auto": the tile that pads the latent grid least) and, per layer, the window ``sta_layer_windows[i]`` if
     given (a (wt, wh, ww) in tiles, one per head, or None = the full window, i.e. dense), else ``sta_window``
     for every layer (None = the full window). All layers run in one scan whatever their windows; a pipeline
-    can also pick windows per step at run time (``WanT2VPipeline.mask_strategy``)."""
+    can also pick windows per step at run time (``WanPipeline(..., mask_strategy=...)``)."""
 
     arch_config: WanVideoArchConfig = dataclasses.field(default_factory=WanVideoArchConfig)
     prefix: str = "Wan"

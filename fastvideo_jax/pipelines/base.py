@@ -1,0 +1,85 @@
+"""``ComposedPipeline``: a pipeline is its components, its config and a list of stages over one batch.
+
+A pipeline class declares the ``model_index.json`` components it needs (``_required_components``) and may use
+(``_optional_components``), its family defaults (``default_config``), and builds its stages in
+``create_stages``. Running it threads one ``ForwardBatch`` through the stages. Components are reachable as
+attributes (``pipeline.transformer``, ``pipeline.vae``, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
+
+from fastvideo_jax.configs.pipelines.base import PipelineConfig
+from fastvideo_jax.configs.sample import SamplingParam
+from fastvideo_jax.errors import CheckpointError
+from fastvideo_jax.pipelines.batch import ForwardBatch
+from fastvideo_jax.pipelines.stages.base import PipelineStage
+
+__all__ = ["ComposedPipeline"]
+
+S = TypeVar("S", bound=PipelineStage)
+
+
+class ComposedPipeline:
+    _required_components: ClassVar[tuple[str, ...]] = ()
+    _optional_components: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, components: Mapping[str, Any], config: PipelineConfig):
+        name = type(self).__name__
+        missing = [c for c in self._required_components if components.get(c) is None]
+        if missing:
+            raise CheckpointError(f"{name} needs the component(s) {missing} (given: {sorted(components)})")
+        unknown = sorted(set(components) - set(self._required_components) - set(self._optional_components))
+        if unknown:
+            raise ValueError(f"{name} takes the components {list(self._required_components)} and optionally "
+                             f"{list(self._optional_components)}; got unknown {unknown}")
+        self.components = dict(components)
+        self.config = config
+        self.stages: tuple[PipelineStage, ...] = tuple(self.create_stages())
+
+    @classmethod
+    def components_to_load(cls, available: Mapping[str, Any]) -> list[str]:
+        """The components to load from a ``model_index.json`` listing ``available`` (name -> entry; an entry
+        of None is an absent component): every required one and the optional ones present."""
+        return [*cls._required_components,
+                *(c for c in cls._optional_components if available.get(c) not in (None, (None, None)))]
+
+    @classmethod
+    def default_config(cls) -> tuple[PipelineConfig, SamplingParam]:
+        """The family's defaults for a checkpoint of this pipeline class that no preset names."""
+        raise NotImplementedError(f"{cls.__name__} has no family defaults: register a preset for the model")
+
+    def create_stages(self) -> list[PipelineStage]:
+        raise NotImplementedError(f"{type(self).__name__} must implement create_stages")
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "components":  # not set yet (inside __init__): no recursion
+            raise AttributeError(name)
+        if name in self._required_components or name in self._optional_components:
+            return self.components.get(name)
+        raise AttributeError(f"{type(self).__name__} has no attribute or component {name!r}")
+
+    def stage(self, kind: type[S]) -> S:
+        """This pipeline's first stage of type ``kind``."""
+        for s in self.stages:
+            if isinstance(s, kind):
+                return s
+        raise LookupError(f"{type(self).__name__} has no {kind.__name__} (stages: {list(self.stages)})")
+
+    def initial_batch(self, param: SamplingParam, latents: Any | None = None) -> ForwardBatch:
+        return ForwardBatch(param=param, do_cfg=param.guidance_scale > 1.0, latents=latents)
+
+    def run(self, batch: ForwardBatch) -> ForwardBatch:
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch
+
+    def __call__(self, param: SamplingParam, latents: Any | None = None, progress: bool = True) -> dict[str, Any]:
+        """One request: ``latents`` (the final latents, on the devices) and ``frames`` (B, F, H, W, 3) uint8."""
+        for s in self.stages:
+            if hasattr(s, "progress"):
+                s.progress = progress
+        batch = self.run(self.initial_batch(param, latents))
+        return {"latents": batch.latents, "frames": batch.frames}

@@ -1,0 +1,42 @@
+"""Input validation: a request the model cannot run is a ``UserError`` naming the field, before any work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastvideo_jax.configs.sample import SamplingParam
+from fastvideo_jax.errors import UserError
+from fastvideo_jax.pipelines.batch import ForwardBatch
+from fastvideo_jax.pipelines.stages.base import PipelineStage
+
+__all__ = ["InputValidationStage", "check_request"]
+
+
+def check_request(param: SamplingParam, dit_arch: Any, vae_arch: Any) -> None:
+    """``UserError`` for a request this model cannot run: field types and ranges, sizes that do not divide
+    into latents and patches, and a token grid longer on some axis than the DiT's RoPE table."""
+    spatial, temporal = vae_arch.spatial_compression_ratio, vae_arch.temporal_compression_ratio
+    pt, ph, pw = dit_arch.patch_size
+    param.validate(spatial, ph, temporal)
+    frames = (param.num_frames - 1) // temporal + 1
+    if frames % pt:
+        raise UserError(f"num_frames={param.num_frames} gives {frames} latent frames, not a multiple of the "
+                        f"patch's {pt}")
+    grid = (frames // pt, param.height // spatial // ph, param.width // spatial // pw)
+    limit = getattr(dit_arch, "rope_max_seq_len", None)
+    if limit is not None and max(grid) > limit:
+        axes = ", ".join(f"{name} {n}" for name, n in zip(("frames", "height", "width"), grid) if n > limit)
+        raise UserError(
+            f"{param.height}x{param.width} with {param.num_frames} frames is too large for this model: its RoPE "
+            f"table covers {limit} tokens per axis, the request needs {axes} (at most "
+            f"{limit * spatial * ph}x{limit * spatial * pw} pixels, {(limit * pt - 1) * temporal + 1} frames)"
+        )
+
+
+class InputValidationStage(PipelineStage):
+    def __init__(self, dit_arch: Any, vae_arch: Any):
+        self.dit_arch, self.vae_arch = dit_arch, vae_arch
+
+    def __call__(self, batch: ForwardBatch) -> ForwardBatch:
+        check_request(batch.param, self.dit_arch, self.vae_arch)
+        return batch
