@@ -183,9 +183,9 @@ def test_bad_sta_configs_are_clear(dit_dir, inputs):
     with pytest.raises(ValueError, match="self_attention_backend"):
         _load(dit_dir, self_attention_backend="sparse-ish")
     with pytest.raises(ValueError, match="must index"):
-        _sta(dit_dir)(*inputs, sta_layer_ids=np.asarray([0, 3], np.int32))
+        dit_call(_sta(dit_dir), *inputs, sta_layer_ids=np.asarray([0, 3], np.int32))
     with pytest.raises(ValueError, match="sliding-tile model"):
-        _load(dit_dir)(*inputs, sta_layer_ids=np.asarray([0, 0], np.int32))
+        dit_call(_load(dit_dir), *inputs, sta_layer_ids=np.asarray([0, 0], np.int32))
 
 
 class _Denoiser:
