@@ -110,3 +110,18 @@ def test_per_token_timesteps_as_diffusers_builds_them(clean_first_frame):
     np.testing.assert_array_equal(ours, ref)
     per_sample = np.asarray(per_token_timesteps(jnp.asarray([10.0, 20.0]), shape))
     np.testing.assert_array_equal(per_sample, np.repeat([[10.0], [20.0]], 45, axis=1))
+
+
+@pytest.mark.parametrize("preset, image", [("tiny-ti2v", False), ("tiny-i2v", True), ("tiny-i2v-a14b", False)])
+def test_tiny_layout_presets_load_and_run(tmp_path, preset, image):
+    """The tiny twins of the Wan2.1 I2V / Wan2.2 TI2V / A14B-I2V layouts (for tiny pipelines) write, load and run,
+    with the tiny CLIP vision width (24) as the I2V image input."""
+    from fastvideo_jax.configs.models.dits.wanvideo import WAN_PRESETS
+    from fastvideo_jax.testing.tiny_checkpoints import write_random_dit
+
+    arch = WAN_PRESETS[preset]
+    model = TransformerLoader().load(write_random_dit(tmp_path / preset, preset), precision="fp32")
+    x = jnp.ones((1, arch["in_channels"], 2, 4, 4))
+    kwargs = {"encoder_hidden_states_image": jnp.ones((1, 3, 24))} if image else {}
+    out = dit_call(model, x, jnp.asarray([500.0]), jnp.ones((1, 5, 32)), **kwargs)
+    assert out.shape == (1, arch["out_channels"], 2, 4, 4) and bool(jnp.isfinite(out).all())

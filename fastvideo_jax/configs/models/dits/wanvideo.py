@@ -133,6 +133,23 @@ WAN_PRESETS = MappingProxyType(
             text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
         ),
+        # Tiny twins of the other Wan layouts (tiny pipelines: UMT5 d_model 32, tiny CLIP vision hidden 24):
+        # Wan2.1 I2V (36 channels + CLIP image branch), Wan2.2 TI2V (48 channels), an A14B I2V expert (36, no CLIP).
+        "tiny-i2v": dict(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+            text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=24, added_kv_proj_dim=24,
+        ),
+        "tiny-ti2v": dict(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=48, out_channels=48,
+            text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        ),
+        "tiny-i2v-a14b": dict(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+            text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        ),
         "wan2.1-t2v-1.3b": dict(
             num_attention_heads=12, attention_head_dim=128, text_dim=4096, ffn_dim=8960, num_layers=30,
         ),
