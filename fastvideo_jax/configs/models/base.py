@@ -124,6 +124,9 @@ class MappedArchConfig(ArchConfig):
     scanned_prefixes: tuple[str, ...] = internal(())
     # Checkpoint tensors consumed and dropped by name (e.g. ones the original also ignores on load).
     ignored_param_patterns: tuple[str, ...] = internal(())
+    # Checkpoint tensors dropped WITH a warning, as (pattern, why): weights of a feature not implemented yet, so
+    # the model runs without them (the loader says which and why; they are not in an exported checkpoint).
+    ignored_param_warnings: tuple[tuple[str, str], ...] = internal(())
     # Checkpoint names that are tied copies of another tensor: dropped when that tensor is present too.
     tied_param_names: tuple[str, ...] = internal(())
 

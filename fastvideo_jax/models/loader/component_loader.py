@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,7 @@ def _from_safetensors(component_dir: Path, model_config: ModelConfig, abstract: 
         leaf_specs(abstract),
         NameMapper(arch.param_names_mapping),
         scanned_prefixes=arch.scanned_prefixes,
-        ignored_patterns=arch.ignored_param_patterns,
+        ignored_patterns=arch.ignored_param_patterns + tuple(p for p, _ in arch.ignored_param_warnings),
         source_name=str(component_dir),
         tied_names=arch.tied_param_names,
     )
@@ -170,6 +171,10 @@ def _from_safetensors(component_dir: Path, model_config: ModelConfig, abstract: 
                 require_float(checkpoint[source.key], source.key)
     if plan.ignored:
         logger.info("%s: dropped %d tensors by ignore pattern: %s", component_dir, len(plan.ignored), plan.ignored[:5])
+    for pattern, why in arch.ignored_param_warnings:
+        hits = [k for k in plan.ignored if re.match(pattern, k)]
+        if hits:
+            logger.warning("%s: %s (%d tensors dropped, e.g. %s)", component_dir, why, len(hits), hits[0])
     return {path: place_leaf(plan, path, shardings[path], checkpoint.read) for path in plan.leaves}
 
 

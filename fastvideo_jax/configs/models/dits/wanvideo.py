@@ -91,6 +91,13 @@ class WanVideoArchConfig(DiTArchConfig):
     exclude_lora_layers: tuple[str, ...] = internal(("embedder",))
     # Checkpoint tensors that diffusers drops on load; we consume and drop them too, by name.
     ignored_param_patterns: tuple[str, ...] = internal((r".*\.norm_added_q\..*",))
+    # FastWan's VSA checkpoints carry a learned compress gate per block; diffusers drops it on load and so do
+    # we, loudly, until video sparse attention is implemented (the DiT then runs dense self-attention).
+    ignored_param_warnings: tuple[tuple[str, str], ...] = internal((
+        (r"^blocks\.\d+\.to_gate_compress\..*",
+         "video sparse attention's compress gate (to_gate_compress) is not used: VSA is not implemented, "
+         "self-attention runs dense"),
+    ))
 
     hidden_size: int = derived(0)
     num_channels_latents: int = derived(0)
