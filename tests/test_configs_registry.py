@@ -78,16 +78,38 @@ def test_unknown_class_lists_registered():
         resolve_model_cls({"hidden_size": 3})
 
 
-def test_register_out_of_tree():
+@pytest.fixture
+def restore_registry():
+    """register_model changes process-wide tables: put them back after the test."""
+    from fastvideo_jax.models import registry
+
+    entries = dict(registry.ModelRegistry._entries)
+    kinds = {k: dict(v) for k, v in registry._KINDS.items()}
+    yield
+    registry.ModelRegistry._entries.clear()
+    registry.ModelRegistry._entries.update(entries)
+    for k, v in kinds.items():
+        registry._KINDS[k].clear()
+        registry._KINDS[k].update(v)
+
+
+def test_register_out_of_tree(restore_registry):
+    from fastvideo_jax.models.registry import class_names
+
     class MyDiT:
         pass
 
-    register_model("MyDiT3DModel", MyDiT)
+    register_model("MyDiT3DModel", MyDiT, kind="dit")
     assert resolve_model_cls({"_class_name": "MyDiT3DModel"})[0] is MyDiT
-    register_model("MyOtherDiT", "fastvideo_jax.models.dits.wanvideo:WanTransformer3DModel")
+    assert "MyDiT3DModel" in class_names("dit") and "MyDiT3DModel" not in class_names("vae")
+    register_model("MyOtherDiT", "fastvideo_jax.models.dits.wanvideo:WanTransformer3DModel", kind="dit")
     assert resolve_model_cls({"_class_name": "MyOtherDiT"})[0].__name__ == "WanTransformer3DModel"
     with pytest.raises(ValueError, match="module:Class"):
-        register_model("Bad", "no_colon_here")
+        register_model("Bad", "no_colon_here", kind="dit")
+    with pytest.raises(ValueError, match="pass kind="):
+        register_model("NoKind", MyDiT)
+    with pytest.raises(ValueError, match="unknown kind 'unet'"):
+        register_model("BadKind", MyDiT, kind="unet")
 
 
 def test_registry_import_is_lazy():

@@ -132,9 +132,29 @@ class _ModelRegistry:
 ModelRegistry = _ModelRegistry(_FAST_VIDEO_MODELS)
 
 
-def register_model(name: str, target: Any) -> None:
-    """Register an out-of-tree class (or ``"module:Class"``) under a checkpoint class name."""
+def _kind_of(target: Any) -> str | None:
+    """The component kind a model class declares through its base class (DiT, text or image encoder)."""
+    from fastvideo_jax.models.dits.base import BaseDiT
+    from fastvideo_jax.models.encoders.base import ImageEncoder, TextEncoder
+
+    for base, kind in ((BaseDiT, "dit"), (TextEncoder, "text_encoder"), (ImageEncoder, "image_encoder")):
+        if isinstance(target, type) and issubclass(target, base):
+            return kind
+    return None
+
+
+def register_model(name: str, target: Any, kind: str | None = None) -> None:
+    """Register an out-of-tree class (or ``"module:Class"``) under a checkpoint class name, as a component of
+    ``kind`` (``dit``, ``text_encoder``, ``image_encoder``, ``vae``, ``scheduler``), which a class subclassing
+    ``BaseDiT`` / ``TextEncoder`` / ``ImageEncoder`` implies; the loaders take only classes of their kind."""
+    kind = kind or _kind_of(target)
+    if kind is None:
+        raise ValueError(f"register_model({name!r}, {target!r}): pass kind= (one of {sorted(_KINDS)}); only a class "
+                         "subclassing BaseDiT, TextEncoder or ImageEncoder implies its kind")
+    if kind not in _KINDS:
+        raise ValueError(f"register_model({name!r}, ...): unknown kind {kind!r}; kinds: {sorted(_KINDS)}")
     ModelRegistry.register(name, target)
+    _KINDS[kind][name] = target
 
 
 def class_names_from_config(config: Mapping[str, Any], source: str = "config.json") -> list[str]:

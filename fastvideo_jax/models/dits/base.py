@@ -20,6 +20,7 @@ no use for ``guidance`` or an image embedding refuses one rather than ignoring i
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 from flax import nnx
@@ -57,6 +58,19 @@ def check_attention_backend(model_cls: type, requested: Any) -> AttentionBackend
     return backend
 
 
+_CALL_INPUTS = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidden_states_image", "guidance")
+
+
+def _check_call_signature(cls: type) -> None:
+    """Pipelines call every DiT by keyword: ``__call__`` must take the common inputs by those names."""
+    params = inspect.signature(cls.__call__).parameters
+    keyword = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    missing = [n for n in _CALL_INPUTS if n not in keyword]
+    if missing:
+        raise TypeError(f"{cls.__name__}.__call__ must take hidden_states, encoder_hidden_states, timestep, "
+                        f"encoder_hidden_states_image=None, guidance=None by keyword (missing: {missing})")
+
+
 class BaseDiT(nnx.Module):
     """Base of every video DiT (see the module docstring for the contract)."""
 
@@ -77,6 +91,7 @@ class BaseDiT(nnx.Module):
         if bad:
             raise TypeError(f"{cls.__name__}._supported_attention_backends must hold AttentionBackend members, "
                             f"got {bad}")
+        _check_call_signature(cls)
 
     def __init__(self, config: DiTConfig) -> None:
         """Subclasses call this first: it stores the config and checks the requested attention backend."""

@@ -83,6 +83,10 @@ def leaf_specs(state: nnx.State) -> dict[tuple, LeafSpec]:
             raise TypeError(f"{'.'.join(map(str, path))}: only nnx.Param state is loadable, found {type(var).__name__}")
         axes = var_axes(var)
         value = var_value(var)
+        if not axes or len(axes) != value.ndim:
+            raise ValueError(f"{'.'.join(map(str, path))}: parameter of shape {tuple(value.shape)} has no logical axis "
+                             f"names (got {axes!r}); create it with make_param(..., axes) or Linear(..., axes=...) "
+                             "so the rules table can place it on a mesh")
         specs[path] = LeafSpec(tuple(value.shape), np.dtype(value.dtype), bool(axes) and axes[0] == "layers")
     return specs
 
@@ -112,6 +116,8 @@ def load_component(
     raw = read_config(component_dir)
     names = class_names_from_config(raw, str(component_dir / "config.json"))
     if expected_kind is not None and not any(n in expected_kind for n in names):
+        if not any(ModelRegistry.is_registered(n) for n in names):
+            ModelRegistry.resolve_model_cls(names)  # UnknownModelError listing what is registered
         raise CheckpointError(
             f"{component_dir}: class {names} is not a component of this kind (expected one of {sorted(expected_kind)})"
         )

@@ -130,6 +130,8 @@ def check_components(root: str | Path, names: list[str]) -> dict[str, dict[str, 
             names_in = class_names_from_config(config, str(directory / "config.json"))
             expected = class_names(_MODEL_KINDS[name])
             if not any(n in expected for n in names_in):
+                if not any(ModelRegistry.is_registered(n) for n in names_in):
+                    ModelRegistry.resolve_model_cls(names_in)  # UnknownModelError listing what is registered
                 raise CheckpointError(f"{directory / 'config.json'}: class {names_in} is not a {name} class "
                                       f"(expected one of {sorted(expected)})")
             ModelRegistry.resolve_model_cls(names_in)
