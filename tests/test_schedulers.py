@@ -104,6 +104,20 @@ def test_euler_shift_terminal_matches():
     np.testing.assert_array_equal(np.asarray(tables.sigmas), ref.sigmas.numpy())
 
 
+@pytest.mark.parametrize("shift,terminal", [(7.0, None), (17.0, None), (3.0, 0.1), (1.0, None)])
+@pytest.mark.parametrize("n", [1, 6, 50])
+def test_euler_explicit_sigmas_match(n, shift, terminal):
+    """HunyuanVideo's schedule: diffusers' set_timesteps(sigmas=linspace(1, 0, n + 1)[:-1])."""
+    sigmas = np.linspace(1.0, 0.0, n + 1)[:-1]
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift, shift_terminal=terminal)
+    ref.set_timesteps(sigmas=sigmas)
+    tables = FlowMatchEulerScheduler(shift=shift, shift_terminal=terminal).set_sigmas(sigmas)
+    np.testing.assert_array_equal(np.asarray(tables.timesteps), ref.timesteps.numpy())
+    np.testing.assert_array_equal(np.asarray(tables.sigmas), ref.sigmas.numpy())
+    with pytest.raises(ValueError, match=r"sigmas must be a non-empty 1-D sequence in \[0, 1\]"):
+        FlowMatchEulerScheduler(shift=shift).set_sigmas([1.5, 0.5])
+
+
 # --------------------------------------------------------------------------- UniPC
 
 @pytest.mark.parametrize("shift", SHIFTS)

@@ -105,6 +105,18 @@ class FlowMatchEulerScheduler:
         sigmas = np.concatenate([s32, np.zeros(1, np.float32)])
         return EulerTables(jnp.asarray(timesteps), jnp.asarray(sigmas))
 
+    def set_sigmas(self, sigmas: Any) -> EulerTables:
+        """Schedule from explicit unshifted ``sigmas`` (one per step), as diffusers' ``set_timesteps(sigmas=...)``
+        (HunyuanVideo passes ``linspace(1, 0, n + 1)[:-1]``): shifted in float32, timesteps = sigmas x train steps."""
+        s = np.asarray(sigmas, np.float64).astype(np.float32)
+        if s.ndim != 1 or not len(s) or not np.all(np.isfinite(s)) or s.min() < 0 or s.max() > 1:
+            raise ValueError(f"sigmas must be a non-empty 1-D sequence in [0, 1], got {np.asarray(sigmas)!r}")
+        s = (self.shift * s / (1 + (self.shift - 1) * s)).astype(np.float32)
+        if self.shift_terminal:
+            s = stretch_to_terminal(s, self.shift_terminal).astype(np.float32)
+        timesteps = s * np.float32(self.num_train_timesteps)
+        return EulerTables(jnp.asarray(timesteps), jnp.asarray(np.concatenate([s, np.zeros(1, np.float32)])))
+
     def init_state(self, tables: EulerTables, sample_shape: tuple[int, ...] | None = None,
                    dtype: Any = None, begin_index: int = 0, *, key: Any = None) -> EulerState:
         """Fresh state; ``sample_shape``/``dtype``/``key`` are accepted for API symmetry and unused."""

@@ -3,6 +3,7 @@ new step count does not recompile the denoising step."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -30,11 +31,16 @@ def pad_tables(tables: Any, num_steps: int, length: int = MAX_STEPS) -> Any:
 
 
 class TimestepPreparationStage(PipelineStage):
-    def __init__(self, scheduler: Any):
-        self.scheduler = scheduler
+    """``sigmas``: None for the scheduler's own spacing (``set_timesteps(n)``), or a function of the step count
+    giving the unshifted sigmas the pipeline passes (``set_sigmas``; e.g. HunyuanVideo's ``linspace(1, 0, n+1)[:-1]``)."""
+
+    def __init__(self, scheduler: Any, sigmas: Callable[[int], Any] | None = None):
+        self.scheduler, self.sigmas = scheduler, sigmas
 
     def tables(self, num_steps: int) -> Any:
-        return pad_tables(self.scheduler.set_timesteps(num_steps), num_steps)
+        if self.sigmas is None:
+            return pad_tables(self.scheduler.set_timesteps(num_steps), num_steps)
+        return pad_tables(self.scheduler.set_sigmas(self.sigmas(num_steps)), num_steps)
 
     def __call__(self, batch: ForwardBatch) -> ForwardBatch:
         n = batch.param.num_inference_steps
