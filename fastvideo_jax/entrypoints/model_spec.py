@@ -16,7 +16,7 @@ from typing import Any
 from fastvideo_jax.configs.pipelines.base import PipelineConfig
 from fastvideo_jax.configs.pipelines.registry import TINY_WAN_ID, get_model_defaults
 from fastvideo_jax.configs.sample import SamplingParam
-from fastvideo_jax.errors import CheckpointError
+from fastvideo_jax.errors import CheckpointError, UserError
 from fastvideo_jax.models.loader.component_loader import read_config
 from fastvideo_jax.models.loader.pipeline_loader import check_components, read_model_index, resolve_model_path
 from fastvideo_jax.models.registry import resolve_model_cls
@@ -58,15 +58,32 @@ class ModelSpec:
         configs = check_components(path, names)
         defaults_config, sampling = get_model_defaults(model, configs.get("transformer"), raw_index,
                                                        fallback=_family_defaults(pipeline_cls), family=pipeline_name)
-        config = (pipeline_config or defaults_config).replace(**overrides).validate()
+        config = (pipeline_config or _with_index_fields(defaults_config, raw_index, path)).replace(**overrides)
+        config = config.validate()
+        pipeline_cls.check_config(config, names)
         return cls(path, config, sampling, _arch(configs["transformer"]), _arch(configs["vae"]), pipeline_cls,
                    tuple(names))
 
     def sampling_param(self, **overrides: Any) -> SamplingParam:
         """This model's defaults with ``overrides`` (None keeps a default), checked against the model."""
         param = self.defaults.replace(**overrides)
-        check_request(param, self.dit_arch, self.vae_arch)
+        check_request(param, self.dit_arch, self.vae_arch, self.config)
         return param
+
+
+# model_index.json fields that are PipelineConfig fields (diffusers' WanPipeline registers them to its config):
+# the checkpoint's own statement wins over a preset's; the caller's overrides win over both.
+_INDEX_CONFIG_FIELDS = ("boundary_ratio", "expand_timesteps")
+
+
+def _with_index_fields(config: PipelineConfig, raw_index: dict[str, Any], path: Path) -> PipelineConfig:
+    fields = {k: raw_index[k] for k in _INDEX_CONFIG_FIELDS if k in raw_index}
+    if not fields:
+        return config
+    try:
+        return config.replace(**fields).validate()
+    except UserError as e:
+        raise CheckpointError(f"{path}/model_index.json: {e}") from None
 
 
 def _family_defaults(pipeline_cls: type) -> tuple[PipelineConfig, SamplingParam] | None:

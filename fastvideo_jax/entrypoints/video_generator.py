@@ -63,22 +63,24 @@ class VideoGenerator:
         """This model's defaults with ``overrides`` (None values keep the default), checked against the model
         (``UserError`` naming the field)."""
         param = self.defaults.replace(**overrides)
-        check_request(param, self.pipeline.transformer.config.arch_config, self.pipeline.vae.config.arch_config)
+        check_request(param, self.pipeline.transformer.config.arch_config, self.pipeline.vae.config.arch_config,
+                      self.pipeline.config)
         return param
 
     def generate_video(self, prompt: str, *, output_path: str | Path | None = None, latents: Any | None = None,
-                       progress: bool = True, **overrides: Any) -> dict[str, Any]:
+                       progress: bool = True, image: Any | None = None, **overrides: Any) -> dict[str, Any]:
         """Generate one request. Returns ``frames`` (F, H, W, 3) uint8 (or (B, F, H, W, 3) when
         ``num_videos_per_prompt`` > 1), ``latents``, ``param``, ``seconds`` and, when ``output_path`` is given,
         ``paths``: the mp4s written, ``output_path`` itself for one video, ``<stem>_0.mp4``, ``<stem>_1.mp4``,
         ... beside it for several (``path`` is the first). The request and the output path are checked before
-        any work; the videos are written all or none (``OutputPathError`` names the path and the cause)."""
+        any work; the videos are written all or none (``OutputPathError`` names the path and the cause).
+        ``image``: the first frame of an image-to-video request (a path, a PIL.Image or a uint8 (H, W, 3) array)."""
         param = self.sampling_param(prompt=prompt, **overrides)
         paths = None
         if output_path is not None:
             paths = [check_output_path(p) for p in numbered_paths(output_path, param.num_videos_per_prompt)]
         start = time.perf_counter()
-        out = self.pipeline(param, latents=latents, progress=progress)
+        out = self.pipeline(param, latents=latents, progress=progress, image=image)
         frames = out["frames"]
         result = {"frames": frames[0] if frames.shape[0] == 1 else frames, "latents": out["latents"],
                   "param": dataclasses.asdict(param), "seconds": time.perf_counter() - start}

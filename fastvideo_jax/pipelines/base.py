@@ -8,12 +8,12 @@ attributes (``pipeline.transformer``, ``pipeline.vae``, ...).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from fastvideo_jax.configs.pipelines.base import PipelineConfig
 from fastvideo_jax.configs.sample import SamplingParam
-from fastvideo_jax.errors import CheckpointError
+from fastvideo_jax.errors import CheckpointError, UserError
 from fastvideo_jax.pipelines.batch import ForwardBatch
 from fastvideo_jax.pipelines.stages.base import PipelineStage
 
@@ -51,6 +51,11 @@ class ComposedPipeline:
         """The family's defaults for a checkpoint of this pipeline class that no preset names."""
         raise NotImplementedError(f"{cls.__name__} has no family defaults: register a preset for the model")
 
+    @classmethod
+    def check_config(cls, config: PipelineConfig, components: Sequence[str]) -> None:
+        """Raise ``CheckpointError`` when ``config`` cannot drive this pipeline with ``components`` (names);
+        called before any weight is read. Default: nothing to check."""
+
     def create_stages(self) -> list[PipelineStage]:
         raise NotImplementedError(f"{type(self).__name__} must implement create_stages")
 
@@ -68,7 +73,9 @@ class ComposedPipeline:
                 return s
         raise LookupError(f"{type(self).__name__} has no {kind.__name__} (stages: {list(self.stages)})")
 
-    def initial_batch(self, param: SamplingParam, latents: Any | None = None) -> ForwardBatch:
+    def initial_batch(self, param: SamplingParam, latents: Any | None = None, image: Any | None = None) -> ForwardBatch:
+        if image is not None:
+            raise UserError(f"{type(self).__name__} takes no image (it is text-to-video)")
         return ForwardBatch(param=param, do_cfg=param.guidance_scale > 1.0, latents=latents)
 
     def run(self, batch: ForwardBatch) -> ForwardBatch:
@@ -76,10 +83,12 @@ class ComposedPipeline:
             batch = stage(batch)
         return batch
 
-    def __call__(self, param: SamplingParam, latents: Any | None = None, progress: bool = True) -> dict[str, Any]:
-        """One request: ``latents`` (the final latents, on the devices) and ``frames`` (B, F, H, W, 3) uint8."""
+    def __call__(self, param: SamplingParam, latents: Any | None = None, progress: bool = True,
+                 image: Any | None = None) -> dict[str, Any]:
+        """One request: ``latents`` (the final latents, on the devices) and ``frames`` (B, F, H, W, 3) uint8.
+        ``image``: the conditioning image of an image-to-video request."""
         for s in self.stages:
             if hasattr(s, "progress"):
                 s.progress = progress
-        batch = self.run(self.initial_batch(param, latents))
+        batch = self.run(self.initial_batch(param, latents, image))
         return {"latents": batch.latents, "frames": batch.frames}

@@ -28,6 +28,10 @@ class ForwardBatch:
     conditioning: dict[str, jax.Array] = struct.field(default_factory=dict)
     # Latents concatenated to the noisy latents on the channel axis at every step (image-to-video), (B, C', F, H, W).
     latent_condition: jax.Array | None = None
+    # Wan2.2 TI2V image-to-video: the clean first-frame latent (B, C, 1, H, W), kept in place while denoising.
+    first_frame_latent: jax.Array | None = None
+    # The request's conditioning image as the caller gave it (a path, a PIL.Image or a uint8 (H, W, 3) array).
+    image: Any = struct.field(pytree_node=False, default=None)
     # Scheduler tables padded to a fixed length, and the number of real steps (static: it sizes the loop).
     tables: Any = None
     num_steps: int = struct.field(pytree_node=False, default=0)

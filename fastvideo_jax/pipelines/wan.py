@@ -1,10 +1,20 @@
-"""Wan2.1 text-to-video (``WanPipeline``): validation -> text encoding -> timesteps -> latents -> denoising (CFG)
--> VAE decode -> uint8 frames, built from the shared stages."""
+"""Wan text-to-video (``WanPipeline``): validation -> text encoding -> timesteps -> latents -> denoising (CFG)
+-> VAE decode -> uint8 frames, built from the shared stages.
+
+One class serves the whole ``WanPipeline`` family, as diffusers' does, by its PipelineConfig:
+* Wan2.1 T2V: one DiT.
+* Wan2.2 TI2V-5B (``expand_timesteps``, 48-channel VAE): per-token timesteps; given an image, its VAE latent is
+  the clean first latent frame (image-to-video), else text-to-video.
+* Wan2.2 T2V-A14B (``transformer_2`` + ``boundary_ratio``): the high-noise expert, then the low-noise one with
+  ``guidance_scale_2``; ``expert_offload`` keeps only the active expert on the devices.
+* FastWan (``dmd_denoising_steps``, ``WanDMDPipeline`` in its model index): few-step DMD sampling, no CFG.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -12,34 +22,59 @@ import numpy as np
 
 from fastvideo_jax.attention.sliding_tile_strategy import MaskStrategy
 from fastvideo_jax.configs.pipelines.base import PipelineConfig
-from fastvideo_jax.configs.pipelines.wan import WanT2V480PConfig
+from fastvideo_jax.configs.pipelines.wan import FASTWAN_DMD_SHIFT, FastWan21T2V480PConfig, WanT2V480PConfig
 from fastvideo_jax.configs.sample import WAN_NEGATIVE_PROMPT, SamplingParam
 from fastvideo_jax.dtypes import to_dtype
+from fastvideo_jax.errors import CheckpointError, UserError
+from fastvideo_jax.models.encoders.image_processor import load_rgb
 from fastvideo_jax.pipelines.base import ComposedPipeline
+from fastvideo_jax.pipelines.batch import ForwardBatch
 from fastvideo_jax.pipelines.stages import (
     DecodingStage,
     DenoisingStage,
+    FirstFrameLatentStage,
     InputValidationStage,
     LatentPreparationStage,
     PipelineStage,
     TextEncodingStage,
     TimestepPreparationStage,
 )
+from fastvideo_jax.schedulers.dmd import DmdScheduler
 
-__all__ = ["WanPipeline"]
+__all__ = ["WanDMDPipeline", "WanPipeline"]
+
+logger = logging.getLogger(__name__)
 
 
 class WanPipeline(ComposedPipeline):
     _required_components = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
+    _optional_components = ("transformer_2",)
 
     def __init__(self, components: Mapping[str, Any], config: PipelineConfig, *,
                  mask_strategy: MaskStrategy | None = None):
         components = dict(components)
+        self.check_config(config, [n for n, c in components.items() if c is not None])
         scheduler = components.get("scheduler")
-        if scheduler is not None and config.flow_shift is not None:
+        if scheduler is not None and config.dmd_denoising_steps is not None:
+            components["scheduler"] = DmdScheduler(
+                config.dmd_denoising_steps, shift=float(config.flow_shift or FASTWAN_DMD_SHIFT),
+                num_train_timesteps=getattr(scheduler, "num_train_timesteps", 1000))
+        elif scheduler is not None and config.flow_shift is not None:
             components["scheduler"] = dataclasses.replace(scheduler, shift=float(config.flow_shift))
         self.mask_strategy = mask_strategy
         super().__init__(components, config)
+
+    @classmethod
+    def check_config(cls, config: PipelineConfig, components: Sequence[str]) -> None:
+        """Two experts need both ``transformer_2`` and ``boundary_ratio``; ``CheckpointError`` otherwise (checked
+        before any weight is read)."""
+        has_2 = "transformer_2" in components
+        if has_2 and config.boundary_ratio is None:
+            raise CheckpointError("this pipeline has a transformer_2 (Wan2.2 A14B's low-noise expert) but no "
+                                  "boundary_ratio (in model_index.json or the pipeline config) says when it runs")
+        if not has_2 and config.boundary_ratio is not None:
+            raise CheckpointError(f"boundary_ratio={config.boundary_ratio} needs a transformer_2 (the low-noise "
+                                  f"expert), and this pipeline has none")
 
     @classmethod
     def default_config(cls) -> tuple[PipelineConfig, SamplingParam]:
@@ -50,16 +85,33 @@ class WanPipeline(ComposedPipeline):
         dit_arch = dit.config.arch_config
         vae_arch = vae.config.arch_config if vae is not None else None
         return [
-            InputValidationStage(dit_arch, vae_arch),
+            InputValidationStage(dit_arch, vae_arch, c),
             TextEncodingStage(self.tokenizer, self.text_encoder, text_len=c.text_len, clean=c.clean_prompts,
                               dtype=to_dtype(dit.config.precision), offload=c.text_encoder_offload),
             TimestepPreparationStage(self.scheduler),
             LatentPreparationStage(dit_arch.num_channels_latents,
                                    *((vae_arch.temporal_compression_ratio, vae_arch.spatial_compression_ratio)
                                      if vae_arch is not None else (4, 8))),
-            DenoisingStage(dit, self.scheduler, mask_strategy=self.mask_strategy),
+            FirstFrameLatentStage(vae),
+            DenoisingStage(dit, self.scheduler, mask_strategy=self.mask_strategy, transformer_2=self.transformer_2,
+                           boundary_ratio=c.boundary_ratio, expert_offload=c.expert_offload,
+                           expand_timesteps=c.expand_timesteps),
             DecodingStage(vae, tiled=c.vae_tiling),
         ]
+
+    def initial_batch(self, param: SamplingParam, latents: Any | None = None, image: Any | None = None) -> ForwardBatch:
+        """The image (TI2V image-to-video) is read and checked here, before any stage runs."""
+        if image is not None:
+            if not self.config.expand_timesteps:
+                raise UserError("this model is text-to-video only: it takes no image (image-to-video needs an I2V "
+                                "or TI2V checkpoint)")
+            image = load_rgb(image)
+        do_cfg = param.guidance_scale > 1.0
+        if self.config.dmd_denoising_steps is not None and do_cfg:
+            logger.warning("guidance_scale=%s ignored: DMD sampling (dmd_denoising_steps) runs without "
+                           "classifier-free guidance", param.guidance_scale)
+            do_cfg = False
+        return ForwardBatch(param=param, do_cfg=do_cfg, latents=latents, image=image)
 
     # ---- the stages one at a time (benchmarks time them separately) -------------------------------------
     @property
@@ -85,3 +137,13 @@ class WanPipeline(ComposedPipeline):
 
     def decode(self, latents: jax.Array) -> np.ndarray:
         return self.stage(DecodingStage).decode(latents)
+
+
+class WanDMDPipeline(WanPipeline):
+    """FastWan2.1's model index names this class: ``WanPipeline`` with few-step DMD sampling (its presets set
+    ``dmd_denoising_steps``)."""
+
+    @classmethod
+    def default_config(cls) -> tuple[PipelineConfig, SamplingParam]:
+        return FastWan21T2V480PConfig(), SamplingParam(height=448, width=832, num_frames=61, num_inference_steps=3,
+                                                       guidance_scale=1.0, negative_prompt=WAN_NEGATIVE_PROMPT)

@@ -34,6 +34,9 @@ class PipelineConfig:
     # Wan2.2 A14B: the high-noise expert ``transformer`` runs while the timestep is >= boundary_ratio * 1000,
     # the low-noise ``transformer_2`` after (with SamplingParam.guidance_scale_2). None: a single DiT.
     boundary_ratio: float | None = None
+    # Two experts: keep only the active one's parameters on the devices (the idle one in pinned host memory,
+    # moved once when the experts switch); off: both stay on the devices (sharded like any DiT).
+    expert_offload: bool = False
     # FastWan: few-step DMD sampling over these fixed timesteps (strictly decreasing, in [1, 1000]); no CFG.
     dmd_denoising_steps: tuple[int, ...] | None = None
 
@@ -59,7 +62,7 @@ class PipelineConfig:
         check_int("text_len", self.text_len)
         if self.text_len < 1:
             raise UserError(f"text_len must be at least 1, got {self.text_len}")
-        for name in ("vae_tiling", "clean_prompts", "text_encoder_offload", "expand_timesteps"):
+        for name in ("vae_tiling", "clean_prompts", "text_encoder_offload", "expand_timesteps", "expert_offload"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.boundary_ratio is not None:

@@ -3,6 +3,7 @@
 from fastvideo_jax.pipelines.stages.base import PipelineStage
 from fastvideo_jax.pipelines.stages.decoding import DecodingStage
 from fastvideo_jax.pipelines.stages.denoising import DenoisingStage
+from fastvideo_jax.pipelines.stages.image_latent import FirstFrameLatentStage
 from fastvideo_jax.pipelines.stages.latents import LatentPreparationStage
 from fastvideo_jax.pipelines.stages.text import TextEncodingStage
 from fastvideo_jax.pipelines.stages.timesteps import TimestepPreparationStage
@@ -11,6 +12,7 @@ from fastvideo_jax.pipelines.stages.validation import InputValidationStage, chec
 __all__ = [
     "DecodingStage",
     "DenoisingStage",
+    "FirstFrameLatentStage",
     "InputValidationStage",
     "LatentPreparationStage",
     "PipelineStage",

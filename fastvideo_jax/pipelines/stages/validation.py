@@ -12,9 +12,11 @@ from fastvideo_jax.pipelines.stages.base import PipelineStage
 __all__ = ["InputValidationStage", "check_request"]
 
 
-def check_request(param: SamplingParam, dit_arch: Any, vae_arch: Any) -> None:
+def check_request(param: SamplingParam, dit_arch: Any, vae_arch: Any, config: Any = None) -> None:
     """``UserError`` for a request this model cannot run: field types and ranges, sizes that do not divide
-    into latents and patches, and a token grid longer on some axis than the DiT's RoPE table."""
+    into latents and patches, a token grid longer on some axis than the DiT's RoPE table and, given the
+    pipeline ``config``, sampling options it cannot use (a DMD model's step count, guidance_scale_2 without a
+    second expert)."""
     spatial, temporal = vae_arch.spatial_compression_ratio, vae_arch.temporal_compression_ratio
     pt, ph, pw = dit_arch.patch_size
     param.validate(spatial, ph, temporal)
@@ -31,12 +33,24 @@ def check_request(param: SamplingParam, dit_arch: Any, vae_arch: Any) -> None:
             f"table covers {limit} tokens per axis, the request needs {axes} (at most "
             f"{limit * spatial * ph}x{limit * spatial * pw} pixels, {(limit * pt - 1) * temporal + 1} frames)"
         )
+    if config is not None:
+        _check_against_config(param, config)
+
+
+def _check_against_config(param: SamplingParam, config: Any) -> None:
+    steps = getattr(config, "dmd_denoising_steps", None)
+    if steps is not None and param.num_inference_steps != len(steps):
+        raise UserError(f"num_inference_steps={param.num_inference_steps}: this DMD model samples exactly "
+                        f"{len(steps)} steps (dmd_denoising_steps={steps})")
+    if param.guidance_scale_2 is not None and getattr(config, "boundary_ratio", None) is None:
+        raise UserError(f"guidance_scale_2={param.guidance_scale_2} is for the low-noise expert of a two-expert "
+                        f"model (boundary_ratio set); this model has one transformer")
 
 
 class InputValidationStage(PipelineStage):
-    def __init__(self, dit_arch: Any, vae_arch: Any):
-        self.dit_arch, self.vae_arch = dit_arch, vae_arch
+    def __init__(self, dit_arch: Any, vae_arch: Any, config: Any = None):
+        self.dit_arch, self.vae_arch, self.config = dit_arch, vae_arch, config
 
     def __call__(self, batch: ForwardBatch) -> ForwardBatch:
-        check_request(batch.param, self.dit_arch, self.vae_arch)
+        check_request(batch.param, self.dit_arch, self.vae_arch, self.config)
         return batch
