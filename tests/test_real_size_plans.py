@@ -139,3 +139,20 @@ def test_clip_vit_large_text_real_size():
         ref = CLIPTextModel(CLIPTextConfig(**arch))
     n, _ = _plan(ref, Ours, arch)
     assert n == 123_060_480, n
+
+
+def test_llava_llama3_8b_text_encoder_real_size():
+    """HunyuanVideo's text_encoder: the llava-llama-3-8b text tower as LlamaModel (fp16 as shipped), GQA 32/8."""
+    from transformers import LlamaConfig, LlamaModel
+
+    from fastvideo_jax.configs.models.encoders.llama import LLAMA_PRESETS
+    from fastvideo_jax.models.encoders.llama import LlamaModel as Ours
+
+    arch = dict(LLAMA_PRESETS["llava-llama-3-8b"])
+    with torch.device("meta"):
+        ref = LlamaModel(LlamaConfig(**arch))
+    n, specs = _plan(ref, Ours, arch)
+    assert n == 7_505_186_816, n  # 128320 x 4096 embeddings + 32 x 218_112_000 per layer + the final norm
+    assert {spec.dtype for spec in specs.values()} == {np.dtype("float16")}, "default precision is the shipped fp16"
+    assert specs[("layers", "self_attn", "k_proj", "kernel")].shape == (32, 4096, 8 * 128)
+    assert specs[("layers", "self_attn", "q_proj", "kernel")].shape == (32, 4096, 32 * 128)

@@ -33,6 +33,9 @@ _TEXT_ENCODER_MODELS = {
     "T5EncoderModel": ("encoders", "t5", "T5EncoderModel"),
     "CLIPTextModel": ("encoders", "clip", "CLIPTextModel"),
     "CLIPTextModelWithProjection": ("encoders", "clip", "CLIPTextModelWithProjection"),
+    "LlamaModel": ("encoders", "llama", "LlamaModel"),
+    # The causal-LM checkpoint loads as its decoder stack (``model.`` prefix stripped, ``lm_head`` dropped).
+    "LlamaForCausalLM": ("encoders", "llama", "LlamaModel"),
 }
 _IMAGE_ENCODER_MODELS = {
     "CLIPVisionModel": ("encoders", "clip", "CLIPVisionModel"),

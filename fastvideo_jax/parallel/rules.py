@@ -49,13 +49,18 @@ ACTIVATION_RULES: Rules = MappingProxyType(
 # Text encoders (UMT5/T5): like the DiT, the model dim over data, fsdp and sequence: the encoder runs once per
 # prompt, so its weights (UMT5-XXL fp32: 22.7 GB) are split over every device and gathered a layer at a time.
 # Axes in mesh order here and below, so the embedding lookup's output reshards by all-to-alls (t5.py).
-TEXT_ENCODER_RULES: Rules = MappingProxyType({**DIT_RULES, "embed": ("data", "fsdp", "sequence")})
+# Grouped-query attention (LLaMA) names its key/value heads "kv_heads": over tensor like the query heads, so each
+# device holds the KV heads its query heads read (query heads are grouped per KV head, contiguously).
+TEXT_ENCODER_RULES: Rules = MappingProxyType(
+    {**DIT_RULES, "embed": ("data", "fsdp", "sequence"), "kv_heads": "tensor"}
+)
 
 # Text-encoder activations: prompts over data (and fsdp when they divide it), the prompt's tokens over
 # sequence (and fsdp when the batch left it), heads and the MLP hidden dim over tensor. Keys and values of
 # self-attention are whole on every device (a text is short; each device attends its queries to all of it).
 TEXT_ENCODER_ACTIVATION_RULES: Rules = MappingProxyType(
-    {"batch": ("data", "fsdp"), "length": ("fsdp", "sequence"), "heads": "tensor", "mlp": "tensor", "embed": None}
+    {"batch": ("data", "fsdp"), "length": ("fsdp", "sequence"), "heads": "tensor", "kv_heads": "tensor",
+     "mlp": "tensor", "embed": None}
 )
 
 # VAE: convolutions are small next to activations; keep weights replicated.
