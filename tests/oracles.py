@@ -37,6 +37,23 @@ def tiny_wan_dit(directory: Path, seed: int = 0, **overrides) -> torch.nn.Module
     return model
 
 
+def tiny_wan_parts() -> dict:
+    """The noised tiny diffusers/transformers parts of a Wan pipeline besides its DiT: VAE, UMT5 text encoder,
+    its tokenizer and a flow UniPC scheduler (shift 3)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from fastvideo_jax.testing.tokenizer import build_t5_tokenizer
+
+    vae = add_noise(AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True]).eval(), scale=0.05, seed=2)
+    text_encoder = add_noise(UMT5EncoderModel(UMT5Config(
+        vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+        relative_attention_max_distance=16, feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval(), seed=3)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return dict(tokenizer=build_t5_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=scheduler)
+
+
 def dit_call(model, x, t, ctx, **kwargs):
     """Our DiT called as pipelines call it (by keyword), from the (x, t, ctx) order the tests build inputs in."""
     return model(hidden_states=x, encoder_hidden_states=ctx, timestep=t, **kwargs)

@@ -25,8 +25,7 @@ from fastvideo_jax.entrypoints.model_spec import ModelSpec
 from fastvideo_jax.entrypoints.video_generator import VideoGenerator
 from fastvideo_jax.models import registry
 from fastvideo_jax.models.loader.component_loader import TransformerLoader
-from fastvideo_jax.testing.tokenizer import build_t5_tokenizer
-from tests.oracles import add_noise, errors
+from tests.oracles import add_noise, errors, tiny_wan_parts
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "add_model.md"
 ARCH = dict(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=8, text_dim=32, freq_dim=32,
@@ -168,19 +167,11 @@ def register_from_guide() -> None:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A diffusers WanPipeline whose transformer is the noised toy original, saved with save_pretrained."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import WanPipeline
 
     torch.manual_seed(0)
     transformer = add_noise(_torch_classes()(**ARCH).eval(), seed=1)
-    vae = add_noise(AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True]).eval(), scale=0.05, seed=2)
-    text_encoder = add_noise(UMT5EncoderModel(UMT5Config(
-        vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-        relative_attention_max_distance=16, feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval(), seed=3)
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipe = WanPipeline(tokenizer=build_t5_tokenizer(), text_encoder=text_encoder, transformer=transformer, vae=vae,
-                       scheduler=scheduler)
+    pipe = WanPipeline(transformer=transformer, **tiny_wan_parts())
     root = tmp_path_factory.mktemp("toy_pipe")
     pipe.save_pretrained(root)
     return root, pipe

@@ -12,9 +12,8 @@ import torch
 from fastvideo_jax.entrypoints.cli import main as cli_main
 from fastvideo_jax.entrypoints.video_generator import VideoGenerator
 from fastvideo_jax.models.loader.safetensors_io import CheckpointError
-from fastvideo_jax.testing.tokenizer import build_t5_tokenizer
 from fastvideo_jax.utils.video import read_mp4
-from tests.oracles import TINY_WAN, add_noise, errors
+from tests.oracles import TINY_WAN, add_noise, errors, tiny_wan_parts
 
 TEXT_LEN = 16
 
@@ -22,19 +21,11 @@ TEXT_LEN = 16
 @pytest.fixture(scope="module")
 def diffusers_pipe(tmp_path_factory):
     """A noised tiny diffusers WanPipeline, saved with save_pretrained."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import WanPipeline, WanTransformer3DModel
 
     torch.manual_seed(0)
     transformer = add_noise(WanTransformer3DModel(**TINY_WAN).eval(), seed=1)
-    vae = add_noise(AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True]).eval(), scale=0.05, seed=2)
-    text_encoder = add_noise(UMT5EncoderModel(UMT5Config(
-        vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-        relative_attention_max_distance=16, feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval(), seed=3)
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipe = WanPipeline(tokenizer=build_t5_tokenizer(), text_encoder=text_encoder, transformer=transformer, vae=vae,
-                       scheduler=scheduler)
+    pipe = WanPipeline(transformer=transformer, **tiny_wan_parts())
     root = tmp_path_factory.mktemp("wan_pipe")
     pipe.save_pretrained(root)
     return root, pipe

@@ -9,7 +9,7 @@ from fastvideo_jax.errors import UserError
 from fastvideo_jax.pipelines.batch import ForwardBatch
 from fastvideo_jax.pipelines.stages.base import PipelineStage
 
-__all__ = ["InputValidationStage", "check_request"]
+__all__ = ["InputValidationStage", "check_request", "patch_of"]
 
 
 def check_request(param: SamplingParam, dit_arch: Any, vae_arch: Any, config: Any = None) -> None:
@@ -18,7 +18,7 @@ def check_request(param: SamplingParam, dit_arch: Any, vae_arch: Any, config: An
     pipeline ``config``, sampling options it cannot use (a DMD model's step count, guidance_scale_2 without a
     second expert)."""
     spatial, temporal = vae_arch.spatial_compression_ratio, vae_arch.temporal_compression_ratio
-    pt, ph, pw = dit_arch.patch_size
+    pt, ph, pw = patch_of(dit_arch)
     param.validate(spatial, ph, temporal)
     frames = (param.num_frames - 1) // temporal + 1
     if frames % pt:
@@ -45,6 +45,14 @@ def _check_against_config(param: SamplingParam, config: Any) -> None:
     if param.guidance_scale_2 is not None and getattr(config, "boundary_ratio", None) is None:
         raise UserError(f"guidance_scale_2={param.guidance_scale_2} is for the low-noise expert of a two-expert "
                         f"model (boundary_ratio set); this model has one transformer")
+
+
+def patch_of(dit_arch: Any) -> tuple[int, int, int]:
+    """A DiT's (t, h, w) patch: ``patch_size`` as a triple (Wan), or an int with ``patch_size_t`` (HunyuanVideo)."""
+    patch = dit_arch.patch_size
+    if isinstance(patch, int):
+        return int(getattr(dit_arch, "patch_size_t", 1) or 1), patch, patch
+    return tuple(patch)
 
 
 class InputValidationStage(PipelineStage):
