@@ -33,9 +33,12 @@ def _axis_angles(dim: int, max_len: int, theta: float) -> np.ndarray:  # (max_le
 
 
 def rope_3d_tables(
-    head_dim: int, grid: tuple[int, int, int], max_len: int, theta: float = 10000.0
+    head_dim: int, grid: tuple[int, int, int], max_len: int, theta: float = 10000.0,
+    axis_dims: tuple[int, int, int] | None = None,
 ) -> tuple[jax.Array, jax.Array]:  # cos, sin: (L, E/2) fp32, L = F*H*W in row-major order
-    """Per-token rotation cos/sin for a (F, H, W) token grid.
+    """Per-token rotation cos/sin for a (F, H, W) token grid. ``axis_dims``: how many of the head dim's channels
+    each of (frame, height, width) rotates (default Wan's split, ``rope_axis_dims``; HunyuanVideo's
+    ``rope_axes_dim`` e.g. (16, 56, 56)).
 
     Angles and their cos/sin are computed in float64 per axis (small constant tables) and stored in fp32; the
     per-token tables are broadcast from them inside the traced program, so no L-sized constant is embedded.
@@ -43,7 +46,9 @@ def rope_3d_tables(
     F, H, W = grid
     if max(grid) > max_len:
         raise ValueError(f"token grid {grid} exceeds rope_max_seq_len={max_len}")
-    dims = rope_axis_dims(head_dim)
+    dims = rope_axis_dims(head_dim) if axis_dims is None else tuple(axis_dims)
+    if sum(dims) != head_dim or any(d % 2 for d in dims):
+        raise ValueError(f"rope axis dims {dims} must be even and sum to the head dim {head_dim}")
     angles = [_axis_angles(d, max_len, theta)[:n] for d, n in zip(dims, grid)]
 
     def expand(tables: list[np.ndarray]) -> jax.Array:

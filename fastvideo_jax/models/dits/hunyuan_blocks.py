@@ -1,0 +1,254 @@
+"""HunyuanVideo DiT blocks in Flax NNX: the text token refiner block, the dual-stream block (separate video and
+text weights, one joint attention over [video; text]) and the single-stream block (one weight set over the
+joint sequence). Attribute names are diffusers' (``attn.to_q``, ``norm1_context.linear``, ...).
+
+Joint attention masks keys only: key j is attended iff j < L_video + text_len_b, for every query row (padded
+text queries included), exactly as diffusers' (B, 1, 1, L) mask; the mask is a prefix, so it reaches the kernel
+as lengths. The refiner's self-attention over the text uses diffusers' (B, 1, Lt, Lt) mask ``m_i & m_j`` with
+key 0 always on: a real text query attends the real keys (and key 0); a padded query attends key 0 alone, whose
+output is exactly ``v[0]``, so that row is set to ``v[0]`` instead of building an (Lt, Lt) mask.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from fastvideo_jax.attention import attention
+from fastvideo_jax.errors import UserError
+from fastvideo_jax.models.layers.activations import gelu_tanh
+from fastvideo_jax.models.layers.embeddings import apply_rope
+from fastvideo_jax.models.layers.linear import Linear
+from fastvideo_jax.models.layers.norms import LayerNorm, RMSNorm
+from fastvideo_jax.parallel.activations import axis_size, constrain
+from fastvideo_jax.parallel.sequence import SEQUENCE_AXIS, local_attention, ulysses_attention
+
+F32 = jnp.float32
+EPS = 1e-6
+
+
+class MLP(nnx.Module):
+    """fc_in -> activation -> fc_out (diffusers' ``FeedForward`` ``net.0.proj`` / ``net.2``)."""
+
+    def __init__(self, d_in, d_hidden, d_out, act, *, axes_in, axes_out, param_dtype, rngs):
+        self.fc_in = Linear(d_in, d_hidden, axes=axes_in, param_dtype=param_dtype, rngs=rngs)
+        self.fc_out = Linear(d_hidden, d_out, axes=axes_out, param_dtype=param_dtype, rngs=rngs)
+        self.act = act
+
+    def __call__(self, x):
+        return self.fc_out(self.act(self.fc_in(x)))
+
+
+def feed_forward(dim, hidden, act, param_dtype, rngs) -> MLP:
+    return MLP(dim, hidden, dim, act, axes_in=("embed", "mlp"), axes_out=("mlp", "embed"), param_dtype=param_dtype,
+               rngs=rngs)
+
+
+class AdaModulation(nnx.Module):
+    """``linear(silu(temb))`` cut into ``parts`` (B, D) vectors (diffusers' AdaLayerNormZero[Single] /
+    HunyuanVideoAdaNorm / AdaLayerNormContinuous), with the parameter-free LayerNorm they modulate."""
+
+    def __init__(self, dim, parts, *, param_dtype, rngs):
+        self.parts = parts
+        self.linear = Linear(dim, parts * dim, axes=("embed", "modulation"), param_dtype=param_dtype, rngs=rngs)
+        self.norm = LayerNorm(dim, EPS, affine=False, rngs=rngs)
+
+    def __call__(self, temb):  # (B, D) -> parts x (B, 1, D) fp32
+        mod = self.linear(jax.nn.silu(temb)).astype(F32)
+        return tuple(m[:, None, :] for m in jnp.split(mod, self.parts, axis=-1))
+
+    def modulate(self, x, shift, scale):  # LayerNorm(x) * (1 + scale) + shift, in fp32, back to x's dtype
+        return (self.norm(x.astype(F32)) * (1 + scale) + shift).astype(x.dtype)
+
+
+def _heads(x, n):
+    return rearrange(x, "b l (n e) -> b l n e", n=n)
+
+
+def _merge(x):
+    return rearrange(x, "b l n e -> b l (n e)")
+
+
+def _qk_norm(head_dim):
+    return lambda rngs: RMSNorm(head_dim, EPS, param_dtype=F32, rngs=rngs)
+
+
+def check_sequence_parallel() -> None:
+    """Joint attention over [video; text] is not split over the sequence mesh axis yet."""
+    sp = axis_size(SEQUENCE_AXIS)
+    if sp > 1:
+        raise UserError(f"HunyuanVideo's DiT does not support sequence parallelism yet (mesh sequence={sp}); use a "
+                        "mesh with sequence=1 (data / fsdp / tensor parallelism)")
+
+
+def joint_attention(q, k, v, lengths, backend):
+    """Attention over the joint sequence (B, L, N, E); keys [0, lengths[b]) are real. Sequence axis of size 1
+    (checked by the model): each device attends its batch and heads."""
+    B, L = q.shape[:2]
+    kv_mask = jnp.arange(L)[None, :] < lengths[:, None]
+
+    def attend(q, k, v, kv_mask):  # the mask is a prefix: as lengths, cuDNN can take it
+        return attention(q, k, v, kv_lengths=kv_mask.sum(-1, dtype=jnp.int32), backend=backend)
+
+    return ulysses_attention(q, k, v, attend, kv_mask)
+
+
+class DualStreamAttention(nnx.Module):
+    """Video projections (to_q/k/v, norm_q/k, to_out) and text ones (add_*_proj, norm_added_*, to_add_out)."""
+
+    def __init__(self, cfg, param_dtype, rngs):
+        dim, self.heads = cfg.hidden_size, cfg.num_attention_heads
+        norm = _qk_norm(cfg.attention_head_dim)
+
+        def linear(axes):
+            return Linear(dim, dim, axes=axes, param_dtype=param_dtype, rngs=rngs)
+
+        self.to_q, self.to_k, self.to_v = (linear(("embed", "heads")) for _ in range(3))
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = (linear(("embed", "heads")) for _ in range(3))
+        self.norm_q, self.norm_k, self.norm_added_q, self.norm_added_k = (norm(rngs) for _ in range(4))
+        self.to_out, self.to_add_out = linear(("heads", "embed")), linear(("heads", "embed"))
+
+    def __call__(self, x, c, cos, sin, lengths, backend):  # x (B, Lv, D), c (B, Lt, D)
+        n = self.heads
+        q = apply_rope(self.norm_q(_heads(self.to_q(x), n)), cos, sin)
+        k = apply_rope(self.norm_k(_heads(self.to_k(x), n)), cos, sin)
+        v = _heads(self.to_v(x), n)
+        qc = self.norm_added_q(_heads(self.add_q_proj(c), n))
+        kc = self.norm_added_k(_heads(self.add_k_proj(c), n))
+        vc = _heads(self.add_v_proj(c), n)
+        cat = lambda a, b: jnp.concatenate([a, b], axis=1)  # noqa: E731
+        out = joint_attention(cat(q, qc), cat(k, kc), cat(v, vc), lengths, backend)
+        Lv = x.shape[1]
+        return self.to_out(_merge(out[:, :Lv])), self.to_add_out(_merge(out[:, Lv:]))
+
+
+class DualStreamBlock(nnx.Module):
+    """``HunyuanVideoTransformerBlock``: adaLN-zero on each stream, joint attention, one FFN per stream."""
+
+    def __init__(self, cfg, param_dtype, backend, rngs):
+        dim = cfg.hidden_size
+        self.backend = backend
+        self.norm1 = AdaModulation(dim, 6, param_dtype=param_dtype, rngs=rngs)
+        self.norm1_context = AdaModulation(dim, 6, param_dtype=param_dtype, rngs=rngs)
+        self.attn = DualStreamAttention(cfg, param_dtype, rngs)
+        self.ff = feed_forward(dim, cfg.mlp_dim, gelu_tanh, param_dtype, rngs)
+        self.ff_context = feed_forward(dim, cfg.mlp_dim, gelu_tanh, param_dtype, rngs)
+
+    def __call__(self, x, c, temb, cos, sin, lengths):
+        x = constrain(x, ("batch", "length", "embed"))
+        c = constrain(c, ("batch", "text_length", "embed"))
+        shift, scale, gate, shift2, scale2, gate2 = self.norm1(temb)
+        c_shift, c_scale, c_gate, c_shift2, c_scale2, c_gate2 = self.norm1_context(temb)
+        a_x, a_c = self.attn(self.norm1.modulate(x, shift, scale), self.norm1_context.modulate(c, c_shift, c_scale),
+                             cos, sin, lengths, self.backend)
+        x = (x.astype(F32) + a_x.astype(F32) * gate).astype(x.dtype)
+        c = (c.astype(F32) + a_c.astype(F32) * c_gate).astype(c.dtype)
+        x = (x.astype(F32) + self.ff(self.norm1.modulate(x, shift2, scale2)).astype(F32) * gate2).astype(x.dtype)
+        c = (c.astype(F32) + self.ff_context(self.norm1_context.modulate(c, c_shift2, c_scale2)).astype(F32) * c_gate2
+             ).astype(c.dtype)
+        return constrain(x, ("batch", "length", "embed")), constrain(c, ("batch", "text_length", "embed"))
+
+
+class SingleStreamAttention(nnx.Module):
+    """``pre_only`` attention: to_q/k/v and norm_q/k over the joint sequence, no output projection."""
+
+    def __init__(self, cfg, param_dtype, rngs):
+        dim, self.heads = cfg.hidden_size, cfg.num_attention_heads
+        norm = _qk_norm(cfg.attention_head_dim)
+        self.to_q, self.to_k, self.to_v = (Linear(dim, dim, axes=("embed", "heads"), param_dtype=param_dtype,
+                                                  rngs=rngs) for _ in range(3))
+        self.norm_q, self.norm_k = norm(rngs), norm(rngs)
+
+
+class SingleStreamBlock(nnx.Module):
+    """``HunyuanVideoSingleTransformerBlock`` over the joint sequence h = [video; text] (B, L, D): one adaLN,
+    attention (RoPE on the video tokens only) and a parallel tanh-GELU MLP, fused by one output projection."""
+
+    def __init__(self, cfg, param_dtype, backend, rngs):
+        dim = cfg.hidden_size
+        self.backend = backend
+        self.norm = AdaModulation(dim, 3, param_dtype=param_dtype, rngs=rngs)
+        self.attn = SingleStreamAttention(cfg, param_dtype, rngs)
+        self.proj_mlp = Linear(dim, cfg.mlp_dim, axes=("embed", "mlp"), param_dtype=param_dtype, rngs=rngs)
+        self.proj_out = Linear(dim + cfg.mlp_dim, dim, axes=("mlp", "embed"), param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, h, temb, cos, sin, lengths):  # h (B, Lv + Lt, D); cos/sin (Lv, E/2)
+        h = constrain(h, ("batch", "length", "embed"))
+        shift, scale, gate = self.norm(temb)
+        nh = self.norm.modulate(h, shift, scale)
+        mlp = gelu_tanh(self.proj_mlp(nh))
+        attn, n, Lv = self.attn, self.attn.heads, cos.shape[0]
+
+        def rope_video(t):
+            return jnp.concatenate([apply_rope(t[:, :Lv], cos, sin), t[:, Lv:]], axis=1)
+
+        q = rope_video(attn.norm_q(_heads(attn.to_q(nh), n)))
+        k = rope_video(attn.norm_k(_heads(attn.to_k(nh), n)))
+        v = _heads(attn.to_v(nh), n)
+        out = _merge(joint_attention(q, k, v, lengths, self.backend))
+        y = self.proj_out(jnp.concatenate([out, mlp.astype(out.dtype)], axis=-1))
+        h = (h.astype(F32) + y.astype(F32) * gate).astype(h.dtype)
+        return constrain(h, ("batch", "length", "embed"))
+
+
+class RefinerAttention(nnx.Module):
+    def __init__(self, cfg, param_dtype, rngs):
+        dim, self.heads = cfg.hidden_size, cfg.num_attention_heads
+        self.to_q, self.to_k, self.to_v = (Linear(dim, dim, axes=("embed", "heads"), param_dtype=param_dtype,
+                                                  rngs=rngs) for _ in range(3))
+        self.to_out = Linear(dim, dim, axes=("heads", "embed"), param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, mask, backend):  # x (B, Lt, D), mask (B, Lt) bool: real text tokens
+        n = self.heads
+        q, k, v = (_heads(p(x), n) for p in (self.to_q, self.to_k, self.to_v))
+        keys = mask | (jnp.arange(x.shape[1]) == 0)[None, :]  # key 0 always attended, as diffusers
+
+        def attend(q, k, v, kv_mask):
+            return attention(q, k, v, kv_mask, backend=backend)
+
+        out = local_attention(q, k, v, attend, keys)
+        out = jnp.where(mask[:, :, None, None], out, v[:, :1])  # a padded query attends key 0 alone
+        return self.to_out(_merge(out))
+
+
+class RefinerBlock(nnx.Module):
+    """``HunyuanVideoIndividualTokenRefinerBlock``: masked self-attention and a SiLU MLP (4x) over the text,
+    gated by the refiner's timestep + pooled-text embedding."""
+
+    def __init__(self, cfg, param_dtype, backend, rngs):
+        dim = cfg.hidden_size
+        self.backend = backend
+        self.norm1 = LayerNorm(dim, EPS, param_dtype=F32, rngs=rngs)
+        self.attn = RefinerAttention(cfg, param_dtype, rngs)
+        self.norm2 = LayerNorm(dim, EPS, param_dtype=F32, rngs=rngs)
+        self.ff = feed_forward(dim, 4 * dim, jax.nn.silu, param_dtype, rngs)  # diffusers' mlp_width_ratio: 4.0
+        self.norm_out = _Gates(dim, param_dtype, rngs)
+
+    def __call__(self, x, temb, mask):
+        x = constrain(x, ("batch", "text_length", "embed"))
+        gate_msa, gate_mlp = self.norm_out(temb)
+        x = (x.astype(F32) + self.attn(self.norm1(x), mask, self.backend).astype(F32) * gate_msa).astype(x.dtype)
+        x = (x.astype(F32) + self.ff(self.norm2(x)).astype(F32) * gate_mlp).astype(x.dtype)
+        return constrain(x, ("batch", "text_length", "embed"))
+
+
+class _Gates(nnx.Module):  # HunyuanVideoAdaNorm: linear(silu(temb)) -> gate_msa, gate_mlp
+    def __init__(self, dim, param_dtype, rngs):
+        self.linear = Linear(dim, 2 * dim, axes=("embed", "modulation"), param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, temb):
+        mod = self.linear(jax.nn.silu(temb)).astype(F32)
+        return tuple(m[:, None, :] for m in jnp.split(mod, 2, axis=-1))
+
+
+def stacked(make, num_layers, rngs):
+    """``num_layers`` copies of ``make(rngs)`` stacked on a leading ``layers`` axis (for ONE ``nnx.scan``)."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(rngs):
+        return make(rngs)
+
+    return build(rngs)

@@ -1,0 +1,171 @@
+"""HunyuanVideo DiT: parity with diffusers' HunyuanVideoTransformer3DModel on the same (noised) weights, text
+padding, strict loading and export, eager-call caching, meshes, bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from fastvideo_jax.configs.models.dits.hunyuanvideo import HUNYUAN_PRESETS
+from fastvideo_jax.errors import UserError
+from fastvideo_jax.models.loader.component_loader import TransformerLoader, export_component, state_shardings
+from fastvideo_jax.models.loader.safetensors_io import SafetensorsCheckpoint
+from fastvideo_jax.parallel.activations import mesh_scope
+from fastvideo_jax.parallel.mesh import MeshConfig, make_mesh
+from fastvideo_jax.parallel.rules import DIT_RULES
+from tests.oracles import add_noise, errors
+
+TINY = HUNYUAN_PRESETS["tiny"]
+C, TEXT_DIM, POOLED_DIM = TINY["in_channels"], TINY["text_embed_dim"], TINY["pooled_projection_dim"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    d = tmp_path_factory.mktemp("hunyuan_dit")
+    torch.manual_seed(0)
+    ref = add_noise(HunyuanVideoTransformer3DModel(**TINY).eval(), seed=1)
+    ref.save_pretrained(d)
+    return d, ref
+
+
+@pytest.fixture(scope="module")
+def ours(ckpt):
+    return TransformerLoader().load(ckpt[0], precision="fp32")
+
+
+def _inputs(seed, batch, frames, height, width, text_lens, text_len, guidance):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, C, frames, height, width, generator=g)
+    t = torch.tensor([999.0, 301.0, 17.0][:batch])
+    ctx = torch.randn(batch, text_len, TEXT_DIM, generator=g)
+    mask = (torch.arange(text_len)[None, :] < torch.tensor(text_lens)[:, None]).long()
+    pooled = torch.randn(batch, POOLED_DIM, generator=g)
+    return dict(hidden_states=x, timestep=t, encoder_hidden_states=ctx, encoder_attention_mask=mask,
+                pooled_projections=pooled, guidance=torch.tensor(guidance))
+
+
+def _torch(ref, inputs):
+    with torch.no_grad():
+        return ref(**inputs, return_dict=False)[0].numpy()
+
+
+def _jax(model, inputs):
+    return np.asarray(model(**{k: jnp.asarray(v.numpy()) for k, v in inputs.items()}))
+
+
+# batch 2, odd latent grids, per-row text lengths with padding (one row unpadded, one of length 1), guidance values
+@pytest.mark.parametrize("frames,height,width,text_lens,text_len,guidance", [
+    (3, 6, 10, (5, 7), 7, (6000.0, 1000.0)),
+    (1, 10, 6, (1, 4), 9, (3500.0, 3500.0)),
+    (5, 2, 14, (8, 3), 8, (0.0, 12000.0)),
+])
+def test_parity_with_diffusers_fp32(ckpt, ours, frames, height, width, text_lens, text_len, guidance):
+    inputs = _inputs(frames * 10 + text_len, 2, frames, height, width, text_lens, text_len, guidance)
+    ref = _torch(ckpt[1], inputs)
+    out = _jax(ours, inputs)
+    assert out.shape == ref.shape == (2, C, frames, height, width)
+    err, rel = errors(out, ref)
+    assert rel <= 1e-4, f"max-abs {err:.3e}, relative {rel:.3e}"
+
+
+def test_padded_text_tokens_are_never_attended(ours):
+    """The padded text tokens' values change nothing (joint attention and the refiner mask them); the same
+    change on a real token does change the output (so the check can fail)."""
+    inputs = _inputs(3, 2, 3, 6, 10, (4, 6), 8, (6000.0, 1000.0))
+    base = _jax(ours, inputs)
+    padded = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"].clone())
+    padded["encoder_hidden_states"][0, 4:] += 5.0
+    padded["encoder_hidden_states"][1, 6:] -= 3.0
+    np.testing.assert_allclose(_jax(ours, padded), base, rtol=0, atol=1e-5)
+    real = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"].clone())
+    real["encoder_hidden_states"][0, 3] += 5.0
+    assert np.abs(_jax(ours, real)[0] - base[0]).max() > 1e-3
+
+
+def test_token_refiner_matches_diffusers_on_every_row(ckpt, ours):
+    """The refined text, padded rows included: a padded query attends key 0 alone in diffusers' refiner mask."""
+    inputs = _inputs(9, 2, 1, 2, 2, (3, 1), 6, (0.0, 0.0))
+    ctx, t, mask = inputs["encoder_hidden_states"], inputs["timestep"], inputs["encoder_attention_mask"]
+    with torch.no_grad():
+        ref = ckpt[1].context_embedder(ctx, t, mask).numpy()
+    out = np.asarray(ours.context_embedder(jnp.asarray(ctx.numpy()), jnp.asarray(t.numpy()),
+                                           jnp.asarray(mask.numpy()).astype(bool)))
+    err, rel = errors(out, ref)
+    assert rel <= 1e-5, f"max-abs {err:.3e}, relative {rel:.3e}"
+
+
+def test_guidance_changes_the_output(ours):
+    a = _jax(ours, _inputs(4, 2, 1, 4, 4, (3, 3), 3, (1000.0, 1000.0)))
+    b = _jax(ours, _inputs(4, 2, 1, 4, 4, (3, 3), 3, (1000.0, 7000.0)))
+    assert np.abs(a[0] - b[0]).max() < 1e-6 < np.abs(a[1] - b[1]).max()
+
+
+def test_second_eager_call_does_not_compile(ours, count_compiles):
+    inputs = {k: jnp.asarray(v.numpy()) for k, v in _inputs(5, 2, 2, 4, 6, (2, 3), 3, (1000.0, 2000.0)).items()}
+    t2 = jnp.asarray(np.asarray(inputs["timestep"]) + 1.0)  # built before counting: an eager op compiles too
+    first = np.asarray(ours(**inputs))
+    with count_compiles() as compiles:
+        second = np.asarray(ours(**dict(inputs, timestep=t2)))
+    assert compiles[0] == 0, f"a second eager call with the same shapes compiled {compiles[0]} times"
+    assert not np.array_equal(first, second), "the second call must see its own inputs"
+
+
+def test_every_tensor_mapped_counts_equal_and_export_is_exact(ckpt, ours):
+    d, ref = ckpt
+    n_params = sum(int(np.prod(v[...].shape)) for _, v in nnx.to_flat_state(nnx.state(ours, nnx.Param)))
+    assert n_params == sum(p.numel() for p in ref.parameters())
+    saved = SafetensorsCheckpoint.from_dir(d)
+    exported = export_component(ours)
+    assert sorted(exported) == sorted(saved), f"unmapped: {sorted(set(saved) ^ set(exported))}"
+    for key in saved:
+        assert np.array_equal(saved.array(key), exported[key]), key
+
+
+def test_blocks_are_stacked_for_one_scan_per_kind(ours):
+    cfg = ours.config.arch_config
+    assert ours.transformer_blocks.attn.to_q.kernel[...].shape[0] == cfg.num_layers
+    assert ours.single_transformer_blocks.proj_mlp.kernel[...].shape[0] == cfg.num_single_layers
+    assert ours.context_embedder.token_refiner.refiner_blocks.ff.fc_in.kernel[...].shape[0] == cfg.num_refiner_layers
+
+
+def _placed(model, mesh):
+    graphdef, state = nnx.split(model)
+    shardings = state_shardings(state, DIT_RULES, mesh)
+    return nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(jax.device_put(v[...], shardings[p])))
+                                                    for p, v in nnx.to_flat_state(state)]))
+
+
+@pytest.mark.parametrize("mesh", [MeshConfig(data=2), MeshConfig(data=2, fsdp=2), MeshConfig(fsdp=2, tensor=2)])
+def test_meshes_without_sequence_equal_one_device(ours, mesh):
+    inputs = _inputs(6, 2, 3, 6, 6, (2, 5), 5, (1000.0, 4000.0))
+    ref = _jax(ours, inputs)
+    out = _jax(_placed(ours, make_mesh(mesh)), inputs)
+    _, rel = errors(out, ref)
+    assert rel <= 1e-5, mesh
+
+
+def test_sequence_parallel_is_a_clear_error(ours):
+    inputs = {k: jnp.asarray(v.numpy()) for k, v in _inputs(7, 1, 1, 4, 4, (2,), 2, (1000.0,)).items()}
+    with mesh_scope(make_mesh(MeshConfig(sequence=2))), pytest.raises(UserError, match="sequence=2"):
+        ours(**inputs)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(pooled_projections=None), ValueError, "pooled_projections"),
+    (dict(guidance=None), ValueError, "guidance_scale \\* 1000"),
+    (dict(encoder_attention_mask=np.ones((2, 4), np.int64)), ValueError, "encoder_attention_mask"),
+    (dict(hidden_states=np.zeros((2, C, 1, 5, 4), np.float32)), ValueError, "divisible by 2"),
+    (dict(encoder_hidden_states_image=np.zeros((2, 1, 4), np.float32)), TypeError, "no image embedding"),
+    (dict(attention_mask=np.ones((2, 3))), TypeError, "unexpected input"),
+])
+def test_bad_input_is_a_clear_error(ours, change, error, match):
+    inputs = {k: jnp.asarray(v.numpy()) for k, v in _inputs(8, 2, 1, 4, 4, (2, 3), 3, (1000.0, 1000.0)).items()}
+    inputs.update({k: None if v is None else jnp.asarray(v) for k, v in change.items()})
+    with pytest.raises(error, match=match):
+        ours(**inputs)
