@@ -55,3 +55,34 @@ def write_clip_tokenizer(directory: str | Path):
     tokenizer = build_clip_tokenizer()
     tokenizer.save_pretrained(str(directory))
     return tokenizer
+
+
+# Llama 3's special tokens that HunyuanVideo's prompt template uses, then bos/eos, pad and unk.
+_LLAMA_SPECIALS = ("<unk>", "<pad>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eot_id|>")
+
+
+def build_llama_tokenizer(extra_text: str = ""):
+    """A tiny word-level ``PreTrainedTokenizerFast`` with Llama 3's special tokens (``<|begin_of_text|>`` added
+    first, as Llama 3's tokenizer does; ``<pad>`` pads on the right), whose words are those of ``_CORPUS``,
+    ``extra_text`` and HunyuanVideo's prompt template (so the template's tokens, ``{}`` included, are real
+    tokens and its ``crop_start`` means what it does for the real tokenizer). No download."""
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from fastvideo_jax.models.encoders.hunyuan_prompt import DEFAULT_PROMPT_TEMPLATE
+
+    text = " ".join([*_CORPUS, extra_text, DEFAULT_PROMPT_TEMPLATE["template"]])
+    for special in _LLAMA_SPECIALS:
+        text = text.replace(special, " ")
+    words = sorted(set(re.findall(r"\w+|[^\w\s]+", text)))  # as the Whitespace pre-tokenizer splits
+    vocab = {token: i for i, token in enumerate((*_LLAMA_SPECIALS, *words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", vocab["<|begin_of_text|>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                                   pad_token="<pad>", unk_token="<unk>",
+                                   additional_special_tokens=list(_LLAMA_SPECIALS[4:]))

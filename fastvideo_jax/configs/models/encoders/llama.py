@@ -109,7 +109,7 @@ LLAMA_PRESETS = MappingProxyType(
     {
         "tiny": dict(
             vocab_size=131, hidden_size=30, intermediate_size=53, num_hidden_layers=3, num_attention_heads=6,
-            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=500000.0,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=500000.0,
             bos_token_id=1, eos_token_id=2, pad_token_id=0,
         ),
         "llava-llama-3-8b": dict(
