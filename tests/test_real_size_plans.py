@@ -57,6 +57,27 @@ def test_wan_dit_real_sizes(preset):
     assert specs[("proj_out", "kernel")].shape == (arch.hidden_size, 4 * arch.out_channels)
 
 
+def test_hunyuan_video_dit_real_size():
+    """HunyuanVideo's 13B DiT (hunyuanvideo-community/HunyuanVideo transformer/config.json): 20 dual-stream +
+    40 single-stream blocks and the 2-block token refiner, every tensor mapped onto the three stacked scans."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from fastvideo_jax.configs.models.dits.hunyuanvideo import HUNYUAN_PRESETS
+    from fastvideo_jax.models.dits.hunyuanvideo import HunyuanVideoTransformer3DModel as Ours
+
+    arch = HUNYUAN_PRESETS["hunyuanvideo"]
+    with torch.device("meta"):
+        ref = HunyuanVideoTransformer3DModel(**arch)
+    assert sum(p.numel() for p in ref.parameters()) == 12_821_012_544
+    n, specs = _plan(ref, Ours, arch, precision="bf16")
+    assert n == 12_821_012_544
+    assert specs[("x_embedder", "proj", "kernel")].shape == (1, 2, 2, 16, 3072)
+    assert specs[("transformer_blocks", "attn", "to_q", "kernel")].shape == (20, 3072, 3072)
+    assert specs[("single_transformer_blocks", "proj_out", "kernel")].shape == (40, 3072 + 12288, 3072)
+    assert specs[("context_embedder", "token_refiner", "refiner_blocks", "ff", "fc_in", "kernel")].shape == (
+        2, 3072, 12288)
+
+
 def test_wan_vae_real_size():
     from diffusers import AutoencoderKLWan
 
