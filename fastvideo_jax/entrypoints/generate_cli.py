@@ -14,8 +14,9 @@ from fastvideo_jax.configs.pipelines.registry import TINY_WAN_ID
 def add_generate_parser(sub) -> None:
     p = sub.add_parser(
         "generate",
-        help="generate a video from a text prompt",
-        description="Generate a video with a Diffusers-format Wan2.1 T2V pipeline. Options left out take the "
+        help="generate a video from a text prompt (and an image, for image-to-video models)",
+        description="Generate a video with a Diffusers-format Wan pipeline (text-to-video, or image-to-video "
+        "with --image). Options left out take the "
         "model's defaults (e.g. Wan2.1-T2V-1.3B: 480x832, 81 frames, 50 steps, guidance 3.0); a local directory "
         "gets the defaults of the model its transformer config matches. "
         f"'--model {TINY_WAN_ID}' runs a built-in random-weight pipeline (noise output) in seconds on a CPU.",
@@ -23,6 +24,9 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--model", required=True,
                    help=f"pipeline directory, Hugging Face repo id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers), or {TINY_WAN_ID}")
     p.add_argument("--prompt", required=True, help="what the video should show")
+    p.add_argument("--image", default=None,
+                   help="the first frame of an image-to-video model (e.g. Wan-AI/Wan2.1-I2V-14B-480P-Diffusers): an "
+                   "image file, resized to --height x --width; refused by a text-to-video model")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (classifier-free guidance)")
     p.add_argument("--height", type=int, default=None, help="frame height in pixels, a multiple of 16")
     p.add_argument("--width", type=int, default=None, help="frame width in pixels, a multiple of 16")
@@ -53,6 +57,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from fastvideo_jax.configs.sample import SamplingParam
     from fastvideo_jax.entrypoints.model_spec import ModelSpec
     from fastvideo_jax.entrypoints.video_generator import VideoGenerator
+    from fastvideo_jax.models.encoders.image_processor import load_rgb
     from fastvideo_jax.parallel.distributed import initialize_from_env
     from fastvideo_jax.utils.video import check_output_path
 
@@ -62,12 +67,15 @@ def run_generate(args: argparse.Namespace) -> int:
                     num_frames=args.num_frames, num_inference_steps=args.num_inference_steps,
                     guidance_scale=args.guidance_scale, seed=args.seed, fps=args.fps)
     SamplingParam(prompt=args.prompt).replace(**sampling).validate()  # the numbers, before the model is looked up
+    image = None if args.image is None else load_rgb(args.image)  # a readable RGB image, before the model
     overrides = {k: v for k, v in {"flow_shift": args.flow_shift, "dit_precision": args.dit_precision,
                                    "vae_tiling": args.vae_tiling or None}.items() if v is not None}
     spec = ModelSpec.open(args.model, **overrides)  # configs, tokenizer folder, scheduler class; no weights yet
     spec.sampling_param(prompt=args.prompt, **sampling)  # fits the model (RoPE table), before loading weights
+    image = spec.pipeline_cls.check_image(image, spec.config)  # the model takes (or needs) an image
     generator = VideoGenerator.from_spec(spec, mesh=args.mesh)
-    out = generator.generate_video(args.prompt, output_path=args.output, progress=not args.no_progress, **sampling)
+    out = generator.generate_video(args.prompt, image=image, output_path=args.output, progress=not args.no_progress,
+                                   **sampling)
     frames = out["frames"]
     if "path" in out:  # multi-host: process 0 writes
         print(f"wrote {out['path']} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "

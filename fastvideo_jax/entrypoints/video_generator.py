@@ -67,15 +67,17 @@ class VideoGenerator:
                       self.pipeline.config)
         return param
 
-    def generate_video(self, prompt: str, *, output_path: str | Path | None = None, latents: Any | None = None,
-                       progress: bool = True, image: Any | None = None, **overrides: Any) -> dict[str, Any]:
+    def generate_video(self, prompt: str, *, image: Any | None = None, output_path: str | Path | None = None,
+                       latents: Any | None = None, progress: bool = True, **overrides: Any) -> dict[str, Any]:
         """Generate one request. Returns ``frames`` (F, H, W, 3) uint8 (or (B, F, H, W, 3) when
         ``num_videos_per_prompt`` > 1), ``latents``, ``param``, ``seconds`` and, when ``output_path`` is given,
         ``paths``: the mp4s written, ``output_path`` itself for one video, ``<stem>_0.mp4``, ``<stem>_1.mp4``,
         ... beside it for several (``path`` is the first). The request and the output path are checked before
         any work; the videos are written all or none (``OutputPathError`` names the path and the cause).
-        ``image``: the first frame of an image-to-video request (a path, a PIL.Image or a uint8 (H, W, 3) array)."""
+        ``image``: the first frame of an image-to-video model (a path, a ``PIL.Image`` or a uint8 (H, W, 3) RGB
+        array), resized to the requested height x width; required by such a model, refused by a text-to-video one."""
         param = self.sampling_param(prompt=prompt, **overrides)
+        image = self.pipeline.check_image(image, self.pipeline.config)
         paths = None
         if output_path is not None:
             paths = [check_output_path(p) for p in numbered_paths(output_path, param.num_videos_per_prompt)]
@@ -104,6 +106,6 @@ def component_precisions(config: PipelineConfig, names: tuple[str, ...]) -> dict
             i = int(suffix) - 1 if suffix.isdigit() else 0
             precisions = config.text_encoder_precisions
             out[name] = precisions[min(i, len(precisions) - 1)]
-        elif name == "image_encoder" and hasattr(config, "image_encoder_precision"):
+        elif name == "image_encoder":
             out[name] = config.image_encoder_precision
     return out

@@ -3,7 +3,9 @@
 A pipeline class declares the ``model_index.json`` components it needs (``_required_components``) and may use
 (``_optional_components``), its family defaults (``default_config``), and builds its stages in
 ``create_stages``. Running it threads one ``ForwardBatch`` through the stages. Components are reachable as
-attributes (``pipeline.transformer``, ``pipeline.vae``, ...).
+attributes (``pipeline.transformer``, ``pipeline.vae``, ...). Whether a request takes an input image is the
+class's ``image_input`` (``"none"``, ``"optional"`` or ``"required"``, per config): ``check_image`` turns the image
+given (a path, a ``PIL.Image`` or a uint8 (H, W, 3) array) into the batch's uint8 array, or refuses it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 from fastvideo_jax.configs.pipelines.base import PipelineConfig
 from fastvideo_jax.configs.sample import SamplingParam
 from fastvideo_jax.errors import CheckpointError, UserError
+from fastvideo_jax.models.encoders.image_processor import load_rgb
 from fastvideo_jax.pipelines.batch import ForwardBatch
 from fastvideo_jax.pipelines.stages.base import PipelineStage
 
@@ -56,6 +59,27 @@ class ComposedPipeline:
         """Raise ``CheckpointError`` when ``config`` cannot drive this pipeline with ``components`` (names);
         called before any weight is read. Default: nothing to check."""
 
+    @classmethod
+    def image_input(cls, config: PipelineConfig) -> str:
+        """Whether a request with ``config`` takes an input image: ``"none"``, ``"optional"`` or ``"required"``."""
+        return "none"
+
+    @classmethod
+    def check_image(cls, image: Any, config: PipelineConfig) -> Any:
+        """The request's image as a uint8 (H, W, 3) RGB array (None without one); a ``UserError`` for an image this
+        pipeline does not take, a missing one it needs, an unreadable path or an array of the wrong shape/dtype.
+        Cheap: run it before any weight is loaded."""
+        policy = cls.image_input(config)
+        if image is None:
+            if policy == "required":
+                raise UserError(f"{cls.__name__} is image-to-video: give the first frame as image=<path | PIL.Image "
+                                "| uint8 (H, W, 3) array> (CLI: --image PATH)")
+            return None
+        if policy == "none":
+            raise UserError(f"this model ({cls.__name__}) is text-to-video only: it takes no image (image-to-video "
+                            "needs an I2V or TI2V checkpoint, e.g. Wan-AI/Wan2.1-I2V-14B-480P-Diffusers)")
+        return load_rgb(image)
+
     def create_stages(self) -> list[PipelineStage]:
         raise NotImplementedError(f"{type(self).__name__} must implement create_stages")
 
@@ -74,9 +98,8 @@ class ComposedPipeline:
         raise LookupError(f"{type(self).__name__} has no {kind.__name__} (stages: {list(self.stages)})")
 
     def initial_batch(self, param: SamplingParam, latents: Any | None = None, image: Any | None = None) -> ForwardBatch:
-        if image is not None:
-            raise UserError(f"{type(self).__name__} takes no image (it is text-to-video)")
-        return ForwardBatch(param=param, do_cfg=param.guidance_scale > 1.0, latents=latents)
+        return ForwardBatch(param=param, do_cfg=param.guidance_scale > 1.0, latents=latents,
+                            image=self.check_image(image, self.config))
 
     def run(self, batch: ForwardBatch) -> ForwardBatch:
         for stage in self.stages:
@@ -86,9 +109,10 @@ class ComposedPipeline:
     def __call__(self, param: SamplingParam, latents: Any | None = None, progress: bool = True,
                  image: Any | None = None) -> dict[str, Any]:
         """One request: ``latents`` (the final latents, on the devices) and ``frames`` (B, F, H, W, 3) uint8.
-        ``image``: the conditioning image of an image-to-video request."""
+        ``image``: the input image of an image-to-video pipeline (see ``check_image``)."""
+        batch = self.initial_batch(param, latents, image)  # the image is checked before any work
         for s in self.stages:
             if hasattr(s, "progress"):
                 s.progress = progress
-        batch = self.run(self.initial_batch(param, latents, image))
+        batch = self.run(batch)
         return {"latents": batch.latents, "frames": batch.frames}

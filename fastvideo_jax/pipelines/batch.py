@@ -30,8 +30,9 @@ class ForwardBatch:
     latent_condition: jax.Array | None = None
     # Wan2.2 TI2V image-to-video: the clean first-frame latent (B, C, 1, H, W), kept in place while denoising.
     first_frame_latent: jax.Array | None = None
-    # The request's conditioning image as the caller gave it (a path, a PIL.Image or a uint8 (H, W, 3) array).
-    image: Any = struct.field(pytree_node=False, default=None)
+    # The request's conditioning image (image-to-video), a uint8 (H, W, 3) RGB array once the pipeline's
+    # check_image has read it (the stages resize it). A leaf, not static: arrays do not compare as treedefs do.
+    image: Any = None
     # Scheduler tables padded to a fixed length, and the number of real steps (static: it sizes the loop).
     tables: Any = None
     num_steps: int = struct.field(pytree_node=False, default=0)

@@ -16,6 +16,7 @@ __all__ = ["PipelineRegistry", "register_pipeline", "resolve_pipeline_cls", "sup
 _PIPELINES: dict[str, Any] = {
     "WanPipeline": "fastvideo_jax.pipelines.wan:WanPipeline",
     "WanDMDPipeline": "fastvideo_jax.pipelines.wan:WanDMDPipeline",
+    "WanImageToVideoPipeline": "fastvideo_jax.pipelines.wan_i2v:WanImageToVideoPipeline",
 }
 
 

@@ -25,8 +25,7 @@ from fastvideo_jax.configs.pipelines.base import PipelineConfig
 from fastvideo_jax.configs.pipelines.wan import FASTWAN_DMD_SHIFT, FastWan21T2V480PConfig, WanT2V480PConfig
 from fastvideo_jax.configs.sample import WAN_NEGATIVE_PROMPT, SamplingParam
 from fastvideo_jax.dtypes import to_dtype
-from fastvideo_jax.errors import CheckpointError, UserError
-from fastvideo_jax.models.encoders.image_processor import load_rgb
+from fastvideo_jax.errors import CheckpointError
 from fastvideo_jax.pipelines.base import ComposedPipeline
 from fastvideo_jax.pipelines.batch import ForwardBatch
 from fastvideo_jax.pipelines.stages import (
@@ -77,6 +76,11 @@ class WanPipeline(ComposedPipeline):
                                   f"expert), and this pipeline has none")
 
     @classmethod
+    def image_input(cls, config: PipelineConfig) -> str:
+        """TI2V (``expand_timesteps``) takes an optional first frame; the rest is text-to-video."""
+        return "optional" if config.expand_timesteps else "none"
+
+    @classmethod
     def default_config(cls) -> tuple[PipelineConfig, SamplingParam]:
         return WanT2V480PConfig(), SamplingParam(negative_prompt=WAN_NEGATIVE_PROMPT)
 
@@ -100,12 +104,8 @@ class WanPipeline(ComposedPipeline):
         ]
 
     def initial_batch(self, param: SamplingParam, latents: Any | None = None, image: Any | None = None) -> ForwardBatch:
-        """The image (TI2V image-to-video) is read and checked here, before any stage runs."""
-        if image is not None:
-            if not self.config.expand_timesteps:
-                raise UserError("this model is text-to-video only: it takes no image (image-to-video needs an I2V "
-                                "or TI2V checkpoint)")
-            image = load_rgb(image)
+        """The image (TI2V image-to-video) is read and checked here (``check_image``), before any stage runs."""
+        image = self.check_image(image, self.config)
         do_cfg = param.guidance_scale > 1.0
         if self.config.dmd_denoising_steps is not None and do_cfg:
             logger.warning("guidance_scale=%s ignored: DMD sampling (dmd_denoising_steps) runs without "

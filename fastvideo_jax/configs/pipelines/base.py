@@ -23,6 +23,8 @@ class PipelineConfig:
     vae_decode_precision: str = "bf16"
     vae_tiling: bool = False
     text_encoder_precisions: tuple[str, ...] = ("fp32",)
+    # The image encoder's precision (image-to-video's CLIP vision tower; FastVideo runs it in fp32).
+    image_encoder_precision: str = "fp32"
     text_len: int = 512
     # Whether the prompt is cleaned (ftfy + HTML unescape + whitespace) as Diffusers' WanPipeline does.
     clean_prompts: bool = True
@@ -52,7 +54,8 @@ class PipelineConfig:
         """``UserError`` naming the field for a value the pipeline cannot use (checked before any loading)."""
         if self.flow_shift is not None:
             check_number("flow_shift", self.flow_shift, low=0.0, low_open=True)
-        precisions = {"dit_precision": self.dit_precision, "vae_decode_precision": self.vae_decode_precision}
+        precisions = {"dit_precision": self.dit_precision, "vae_decode_precision": self.vae_decode_precision,
+                      "image_encoder_precision": self.image_encoder_precision}
         if not isinstance(self.text_encoder_precisions, tuple) or not self.text_encoder_precisions:
             raise UserError(f"text_encoder_precisions must be a non-empty tuple, got {self.text_encoder_precisions!r}")
         precisions.update({f"text_encoder_precisions[{i}]": p for i, p in enumerate(self.text_encoder_precisions)})

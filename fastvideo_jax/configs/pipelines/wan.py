@@ -36,9 +36,11 @@ class WanT2V720PConfig(WanT2V480PConfig):
 
 @dataclasses.dataclass(frozen=True)
 class WanI2V480PConfig(WanT2V480PConfig):
-    """Wan2.1 image-to-video (CLIP vision features + the VAE-encoded first frame). FastVideo runs both of
-    those encoders in fp32 (the encoded image seeds the whole trajectory); the I2V pipeline's precision fields
-    belong here when it lands."""
+    """Wan2.1 image-to-video (CLIP vision features + the VAE-encoded first frame): the CLIP vision tower in fp32
+    as FastVideo (``image_encoder_precision``); the VAE encodes the image at ``vae_decode_precision`` (one VAE
+    serves both directions)."""
+
+    image_encoder_precision: str = "fp32"
 
 
 @dataclasses.dataclass(frozen=True)
