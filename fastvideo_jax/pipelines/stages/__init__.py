@@ -3,6 +3,7 @@
 from fastvideo_jax.pipelines.stages.base import PipelineStage
 from fastvideo_jax.pipelines.stages.decoding import DecodingStage
 from fastvideo_jax.pipelines.stages.denoising import DenoisingStage
+from fastvideo_jax.pipelines.stages.image import ImageEncodingStage, ImageVAEEncodingStage
 from fastvideo_jax.pipelines.stages.image_latent import FirstFrameLatentStage
 from fastvideo_jax.pipelines.stages.latents import LatentPreparationStage
 from fastvideo_jax.pipelines.stages.text import TextEncodingStage
@@ -13,6 +14,8 @@ __all__ = [
     "DecodingStage",
     "DenoisingStage",
     "FirstFrameLatentStage",
+    "ImageEncodingStage",
+    "ImageVAEEncodingStage",
     "InputValidationStage",
     "LatentPreparationStage",
     "PipelineStage",
