@@ -157,3 +157,16 @@ def test_bad_inputs_are_user_errors(env, caplog):
     with caplog.at_level(logging.WARNING):
         run(prompt_template={**DEFAULT_PROMPT_TEMPLATE})  # 95: the real tokenizer's crop, past the tiny prompts
     assert "are not the template's own" in caplog.text
+
+
+def test_left_padding_tokenizer_is_padded_right_and_untouched(env):
+    """The crop needs the template at the front of every row: a tokenizer that pads left (Transformers 5's
+    LlamaTokenizerFast does) gives the same embeddings, and keeps its own padding side."""
+    left = build_llama_tokenizer()
+    left.padding_side = "left"
+    kwargs = dict(prompt_template=env.template, max_sequence_length=MAX_LEN)
+    got, mask = encode_llama_prompts(left, env.llama, PROMPTS, **kwargs)
+    want, want_mask = encode_llama_prompts(env.tokenizer, env.llama, PROMPTS, **kwargs)
+    np.testing.assert_array_equal(mask, want_mask)
+    np.testing.assert_array_equal(got, want)
+    assert left.padding_side == "left"

@@ -207,3 +207,18 @@ def test_rope_parameters_form_reads_theta(ckpt):
     assert LlamaArchConfig().update_model_arch(raw).rope_base == TINY["rope_theta"]
     legacy = {**LLAMA_PRESETS["llava-llama-3-8b"]}
     assert LlamaArchConfig().update_model_arch(legacy).rope_base == 500000.0
+
+
+def test_random_checkpoint_of_ours_loads_in_transformers(tmp_path):
+    """Our export and config.json (``testing.write_random_llama``, for tiny pipelines) are a checkpoint
+    Transformers loads with no missing or unexpected key, and computes as we do."""
+    from fastvideo_jax.testing.tiny_checkpoints import write_random_llama
+
+    write_random_llama(tmp_path, seed=5)
+    ref, info = transformers.LlamaModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert ref.config.num_key_value_heads == TINY["num_key_value_heads"] and ref.config.head_dim == TINY["head_dim"]
+    ids, mask = _batch(seed=8)
+    got = TextEncoderLoader().load(tmp_path, precision="fp32")(jnp.asarray(ids), jnp.asarray(mask),
+                                                               output_hidden_states=True)
+    _compare(got, _torch(ref.eval(), input_ids=ids, attention_mask=mask), "written by us")

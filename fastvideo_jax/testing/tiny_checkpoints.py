@@ -101,3 +101,19 @@ def write_random_vae(directory: str | Path, preset: str = "tiny", precision: str
         return write_random_component(
             directory, AutoencoderKLWan, "AutoencoderKLWan", WAN_VAE_PRESETS[preset], precision=precision, seed=seed
         )
+
+
+def write_random_llama(directory: str | Path, preset: str = "tiny", precision: str = "fp32", seed: int = 0,
+                       **overrides: Any) -> Path:
+    """A random ``LlamaModel`` text-encoder checkpoint (Transformers layout, ``model.safetensors``) of a preset
+    (``tiny``: GQA 6/2 heads, 3 layers; ``llava-llama-3-8b``), config.json fields replaced by ``overrides``
+    (e.g. ``vocab_size`` to fit a tokenizer)."""
+    from fastvideo_jax.configs.models.encoders.llama import LLAMA_PRESETS
+    from fastvideo_jax.models.encoders.llama import LlamaModel
+
+    if preset not in LLAMA_PRESETS:
+        raise KeyError(f"unknown LLaMA preset {preset!r}; presets: {sorted(LLAMA_PRESETS)}")
+    with jax.default_device(jax.devices("cpu")[0]):
+        return write_random_component(
+            directory, LlamaModel, "LlamaModel", {**LLAMA_PRESETS[preset], **overrides},
+            weights_name="model.safetensors", precision=precision, seed=seed, extra_config={"model_type": "llama"})

@@ -86,3 +86,10 @@ def build_llama_tokenizer(extra_text: str = ""):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
                                    pad_token="<pad>", unk_token="<unk>",
                                    additional_special_tokens=list(_LLAMA_SPECIALS[4:]))
+
+
+def write_llama_tokenizer(directory: str | Path, extra_text: str = ""):
+    """``build_llama_tokenizer`` saved to ``directory`` (loads with ``AutoTokenizer`` / ``PreTrainedTokenizerFast``)."""
+    tokenizer = build_llama_tokenizer(extra_text)
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer

@@ -2,8 +2,9 @@
 ``HunyuanVideoPipeline._get_llama_prompt_embeds`` / ``_get_clip_prompt_embeds`` do it.
 
 LLaMA: each prompt is put into the template (a system message asking for a video description, then the user
-turn holding the prompt), tokenized to ``max_sequence_length + crop_start`` tokens (padded right, truncated), run
-through the encoder with its mask; the hidden state ``num_hidden_layers_to_skip`` layers before the last
+turn holding the prompt), tokenized to ``max_sequence_length + crop_start`` tokens (padded on the right, as
+HunyuanVideo loads its tokenizer, whatever the tokenizer's own side; truncated), run through the encoder with its
+mask; the hidden state ``num_hidden_layers_to_skip`` layers before the last
 (``hidden_states[-(skip + 1)]``, not normed unless skip is 0) is kept, and its first ``crop_start`` positions (the
 template's system turn and user header) are cropped off the embeddings and the mask. The padded positions keep
 their (masked) values, as Diffusers keeps them; the DiT reads the mask.
@@ -117,7 +118,10 @@ def encode_llama_prompts(
         crop_start = template_crop_start(tokenizer, template)
     if not isinstance(crop_start, int) or crop_start < 0:
         raise UserError(f"{what}: prompt_template['crop_start'] must be an int >= 0, got {crop_start!r}")
-    ids, mask = tokenize_prompts(tokenizer, [template.format(p) for p in prompts], max_sequence_length + crop_start)
+    # Padded on the right whatever the tokenizer's own side (Transformers 5's LlamaTokenizerFast pads left): the
+    # crop takes the template's tokens off the front, so they must start every row (HunyuanVideo pads right).
+    ids, mask = tokenize_prompts(tokenizer, [template.format(p) for p in prompts], max_sequence_length + crop_start,
+                                 padding_side="right")
     _check_vocab(ids, encoder, what)
     prefix = tokenizer(template, return_attention_mask=False)["input_ids"][:crop_start]
     if len(prefix) < crop_start or np.any(ids[:, :crop_start] != np.asarray(prefix)[None]):

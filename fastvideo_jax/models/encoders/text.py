@@ -40,9 +40,10 @@ def prompt_clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def tokenize_prompts(tokenizer, prompts: Sequence[str], text_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and attention mask, both (B, text_len): padded to text_len, truncated (with a warning giving
-    the token counts), with special tokens."""
+def tokenize_prompts(tokenizer, prompts: Sequence[str], text_len: int, padding_side: str | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and attention mask, both (B, text_len): padded to text_len (on ``padding_side``; None: the
+    tokenizer's own), truncated (with a warning giving the token counts), with special tokens."""
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True, verbose=False)["input_ids"]]
     for i, n in enumerate(lengths):
         if n > text_len:
@@ -56,6 +57,7 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], text_len: int) -> tuple[
         add_special_tokens=True,
         return_attention_mask=True,
         return_tensors="np",
+        **({} if padding_side is None else {"padding_side": padding_side}),
     )
     return np.asarray(out["input_ids"]), np.asarray(out["attention_mask"])
 
