@@ -141,8 +141,12 @@ def _placed(model, mesh):
                                                     for p, v in nnx.to_flat_state(state)]))
 
 
-@pytest.mark.parametrize("mesh", [MeshConfig(data=2), MeshConfig(data=2, fsdp=2), MeshConfig(fsdp=2, tensor=2)])
-def test_meshes_without_sequence_equal_one_device(ours, mesh):
+# Video tokens over sequence (joint Ulysses attention, text whole on every device), batch over data / fsdp,
+# heads over tensor. 3x3x3 = 27 video tokens: sequence=2 does not divide them (the padded path).
+@pytest.mark.parametrize("mesh", [MeshConfig(sequence=2), MeshConfig(data=2, sequence=2),
+                                  MeshConfig(data=2, fsdp=2, sequence=2), MeshConfig(data=2, fsdp=2),
+                                  MeshConfig(fsdp=2, tensor=2)])
+def test_meshes_equal_one_device(ours, mesh):
     inputs = _inputs(6, 2, 3, 6, 6, (2, 5), 5, (1000.0, 4000.0))
     ref = _jax(ours, inputs)
     out = _jax(_placed(ours, make_mesh(mesh)), inputs)
@@ -150,9 +154,22 @@ def test_meshes_without_sequence_equal_one_device(ours, mesh):
     assert rel <= 1e-5, mesh
 
 
-def test_sequence_parallel_is_a_clear_error(ours):
+def test_sequence_parallel_runs_all_to_all(ours):
+    inputs = {k: jnp.asarray(v.numpy()) for k, v in _inputs(7, 1, 1, 4, 4, (2,), 3, (1000.0,)).items()}
+
+    def hlo(sp):
+        mesh = make_mesh(MeshConfig(sequence=sp))
+        graphdef, state = nnx.split(_placed(ours, mesh))
+        with mesh_scope(mesh):
+            return jax.jit(lambda s, kw: nnx.merge(graphdef, s)(**kw)).lower(state, inputs).compile().as_text()
+
+    assert "all-to-all" in hlo(2) and "all-to-all" not in hlo(1)
+
+
+def test_heads_not_divisible_by_sequence_is_a_clear_error(ours):
     inputs = {k: jnp.asarray(v.numpy()) for k, v in _inputs(7, 1, 1, 4, 4, (2,), 2, (1000.0,)).items()}
-    with mesh_scope(make_mesh(MeshConfig(sequence=2))), pytest.raises(UserError, match="sequence=2"):
+    with mesh_scope(make_mesh(MeshConfig(sequence=4))), \
+            pytest.raises(UserError, match="2 attention heads do not divide over mesh sequence=4"):
         ours(**inputs)
 
 

@@ -21,8 +21,8 @@ from jax.sharding import PartitionSpec
 from fastvideo_jax.errors import UserError
 from fastvideo_jax.parallel.activations import active_mesh, axis_size, spec_for
 
-__all__ = ["SEQUENCE_AXIS", "check_heads", "head_chunk_index", "head_chunks", "local_attention", "pad_length",
-           "padding_mask", "shard_map", "ulysses_attention"]
+__all__ = ["SEQUENCE_AXIS", "check_heads", "head_chunk_index", "head_chunks", "joint_ulysses_attention",
+           "local_attention", "pad_length", "padding_mask", "shard_map", "ulysses_attention"]
 
 SEQUENCE_AXIS = "sequence"
 HEAD_AXIS = "tensor"
@@ -91,6 +91,56 @@ def ulysses_attention(q, k, v, attend: Attend, kv_mask: jax.Array | None = None)
         return fn(q, k, v)
     fn = shard_map(body, mesh=mesh, in_specs=(qkv_spec,) * 3 + (mask_spec,), out_specs=qkv_spec)
     return fn(q, k, v, kv_mask)
+
+
+def joint_ulysses_attention(video, text, attend: Attend, text_lengths: jax.Array, video_length: int):
+    """Joint attention over [video; text] (MM-DiT: HunyuanVideo, Flux-style blocks) with the video tokens split
+    over the sequence mesh axis and the text whole on every device.
+
+    ``video`` = (q, k, v), each (B, Lp, N, E) sequence-sharded, the first ``video_length`` tokens real (Lp is
+    ``pad_length(video_length)``); ``text`` = (q, k, v), each (B, Lt, N, E) replicated over sequence;
+    ``text_lengths`` (B,) int: text tokens [0, text_lengths[b]) are real. Every query (padded text included)
+    attends the keys [0, video_length + text_lengths[b]) of the joint sequence [video real; text], a prefix,
+    so ``attend(q, k, v, kv_lengths)`` gets lengths (cuDNN takes them). Per device: an all-to-all gives the
+    whole video for N/sp heads, the text is cut to the same heads, the video padding is dropped; afterwards the
+    video output goes back to token shards and the text output is gathered over heads.
+    Returns (video out (B, Lp, N, E) like ``video``'s q, text out (B, Lt, N, E) replicated)."""
+    mesh = active_mesh()
+    (qv, kv, vv), (qt, kt, vt) = video, text
+    B, Lp, N, _ = qv.shape
+    pad = Lp - video_length
+
+    def joint(video, text, lengths, sp):
+        if sp > 1:  # (b, Lp/sp, n, E) -> (b, Lp, n/sp, E); the text's heads cut to this device's chunk
+            video = [jax.lax.all_to_all(x, SEQUENCE_AXIS, 2, 1, tiled=True) for x in video]
+            n = video[0].shape[2]
+            start = jax.lax.axis_index(SEQUENCE_AXIS) * n
+            text = [jax.lax.dynamic_slice_in_dim(x, start, n, axis=2) for x in text]
+        q, k, v = (jnp.concatenate([x[:, :video_length], t], axis=1) for x, t in zip(video, text))
+        out = _local(attend, q, k, v, video_length + lengths)
+        out_v, out_t = out[:, :video_length], out[:, video_length:]
+        if pad:
+            out_v = jnp.pad(out_v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        if sp > 1:
+            out_v = jax.lax.all_to_all(out_v, SEQUENCE_AXIS, 1, 2, tiled=True)
+            out_t = jax.lax.all_gather(out_t, SEQUENCE_AXIS, axis=2, tiled=True)
+        return out_v, out_t
+
+    lengths = jnp.asarray(text_lengths, jnp.int32)
+    if mesh is None:
+        return joint((qv, kv, vv), (qt, kt, vt), lengths, 1)
+    sp = axis_size(SEQUENCE_AXIS, mesh)
+    check_heads(N, mesh)
+    if Lp % sp:
+        raise ValueError(f"joint_ulysses_attention: {Lp} video tokens do not divide over sequence={sp}; pad with "
+                         "pad_length")
+    batch, heads = _specs(mesh, B, N)
+    video_spec = PartitionSpec(batch, SEQUENCE_AXIS if sp > 1 else None, heads, None)
+    text_spec = PartitionSpec(batch, None, heads, None)
+    fn = shard_map(lambda qv, kv, vv, qt, kt, vt, lengths: joint((qv, kv, vv), (qt, kt, vt), lengths, sp),
+                   mesh=mesh, in_specs=(video_spec,) * 3 + (text_spec,) * 3 + (PartitionSpec(batch),),
+                   out_specs=(video_spec, text_spec))
+    return fn(qv, kv, vv, qt, kt, vt, lengths)
 
 
 def local_attention(q, k, v, attend: Attend, kv_mask: jax.Array | None = None) -> jax.Array:

@@ -17,13 +17,12 @@ from einops import rearrange
 from flax import nnx
 
 from fastvideo_jax.attention import attention
-from fastvideo_jax.errors import UserError
 from fastvideo_jax.models.layers.activations import gelu_tanh
 from fastvideo_jax.models.layers.embeddings import apply_rope
 from fastvideo_jax.models.layers.linear import Linear
 from fastvideo_jax.models.layers.norms import LayerNorm, RMSNorm
-from fastvideo_jax.parallel.activations import axis_size, constrain
-from fastvideo_jax.parallel.sequence import SEQUENCE_AXIS, local_attention, ulysses_attention
+from fastvideo_jax.parallel.activations import constrain
+from fastvideo_jax.parallel.sequence import joint_ulysses_attention, local_attention
 
 F32 = jnp.float32
 EPS = 1e-6
@@ -75,24 +74,15 @@ def _qk_norm(head_dim):
     return lambda rngs: RMSNorm(head_dim, EPS, param_dtype=F32, rngs=rngs)
 
 
-def check_sequence_parallel() -> None:
-    """Joint attention over [video; text] is not split over the sequence mesh axis yet."""
-    sp = axis_size(SEQUENCE_AXIS)
-    if sp > 1:
-        raise UserError(f"HunyuanVideo's DiT does not support sequence parallelism yet (mesh sequence={sp}); use a "
-                        "mesh with sequence=1 (data / fsdp / tensor parallelism)")
+def joint_attention(video, text, text_lengths, video_length, backend):
+    """Attention over [video; text]: video q/k/v (B, Lp, N, E) token-sharded (the first ``video_length`` real),
+    text q/k/v (B, Lt, N, E) whole; every query attends the real video and the first text_lengths[b] text keys.
+    Returns the video and text outputs merged over heads."""
+    def attend(q, k, v, kv_lengths):
+        return attention(q, k, v, kv_lengths=kv_lengths, backend=backend)
 
-
-def joint_attention(q, k, v, lengths, backend):
-    """Attention over the joint sequence (B, L, N, E); keys [0, lengths[b]) are real. Sequence axis of size 1
-    (checked by the model): each device attends its batch and heads."""
-    B, L = q.shape[:2]
-    kv_mask = jnp.arange(L)[None, :] < lengths[:, None]
-
-    def attend(q, k, v, kv_mask):  # the mask is a prefix: as lengths, cuDNN can take it
-        return attention(q, k, v, kv_lengths=kv_mask.sum(-1, dtype=jnp.int32), backend=backend)
-
-    return ulysses_attention(q, k, v, attend, kv_mask)
+    out_v, out_t = joint_ulysses_attention(video, text, attend, text_lengths, video_length)
+    return _merge(out_v), _merge(out_t)
 
 
 class DualStreamAttention(nnx.Module):
@@ -110,7 +100,7 @@ class DualStreamAttention(nnx.Module):
         self.norm_q, self.norm_k, self.norm_added_q, self.norm_added_k = (norm(rngs) for _ in range(4))
         self.to_out, self.to_add_out = linear(("heads", "embed")), linear(("heads", "embed"))
 
-    def __call__(self, x, c, cos, sin, lengths, backend):  # x (B, Lv, D), c (B, Lt, D)
+    def __call__(self, x, c, cos, sin, text_lengths, video_length, backend):  # x (B, Lp, D), c (B, Lt, D)
         n = self.heads
         q = apply_rope(self.norm_q(_heads(self.to_q(x), n)), cos, sin)
         k = apply_rope(self.norm_k(_heads(self.to_k(x), n)), cos, sin)
@@ -118,10 +108,8 @@ class DualStreamAttention(nnx.Module):
         qc = self.norm_added_q(_heads(self.add_q_proj(c), n))
         kc = self.norm_added_k(_heads(self.add_k_proj(c), n))
         vc = _heads(self.add_v_proj(c), n)
-        cat = lambda a, b: jnp.concatenate([a, b], axis=1)  # noqa: E731
-        out = joint_attention(cat(q, qc), cat(k, kc), cat(v, vc), lengths, backend)
-        Lv = x.shape[1]
-        return self.to_out(_merge(out[:, :Lv])), self.to_add_out(_merge(out[:, Lv:]))
+        out_v, out_t = joint_attention((q, k, v), (qc, kc, vc), text_lengths, video_length, backend)
+        return self.to_out(out_v), self.to_add_out(out_t)
 
 
 class DualStreamBlock(nnx.Module):
@@ -136,13 +124,13 @@ class DualStreamBlock(nnx.Module):
         self.ff = feed_forward(dim, cfg.mlp_dim, gelu_tanh, param_dtype, rngs)
         self.ff_context = feed_forward(dim, cfg.mlp_dim, gelu_tanh, param_dtype, rngs)
 
-    def __call__(self, x, c, temb, cos, sin, lengths):
+    def __call__(self, x, c, temb, cos, sin, text_lengths, video_length):
         x = constrain(x, ("batch", "length", "embed"))
         c = constrain(c, ("batch", "text_length", "embed"))
         shift, scale, gate, shift2, scale2, gate2 = self.norm1(temb)
         c_shift, c_scale, c_gate, c_shift2, c_scale2, c_gate2 = self.norm1_context(temb)
         a_x, a_c = self.attn(self.norm1.modulate(x, shift, scale), self.norm1_context.modulate(c, c_shift, c_scale),
-                             cos, sin, lengths, self.backend)
+                             cos, sin, text_lengths, video_length, self.backend)
         x = (x.astype(F32) + a_x.astype(F32) * gate).astype(x.dtype)
         c = (c.astype(F32) + a_c.astype(F32) * c_gate).astype(c.dtype)
         x = (x.astype(F32) + self.ff(self.norm1.modulate(x, shift2, scale2)).astype(F32) * gate2).astype(x.dtype)
@@ -163,8 +151,9 @@ class SingleStreamAttention(nnx.Module):
 
 
 class SingleStreamBlock(nnx.Module):
-    """``HunyuanVideoSingleTransformerBlock`` over the joint sequence h = [video; text] (B, L, D): one adaLN,
-    attention (RoPE on the video tokens only) and a parallel tanh-GELU MLP, fused by one output projection."""
+    """``HunyuanVideoSingleTransformerBlock``: one weight set over both streams (the video tokens x and the text
+    c are kept apart, so the video stays token-sharded): one adaLN, joint attention (RoPE on the video only) and a
+    parallel tanh-GELU MLP, fused by one output projection."""
 
     def __init__(self, cfg, param_dtype, backend, rngs):
         dim = cfg.hidden_size
@@ -174,23 +163,27 @@ class SingleStreamBlock(nnx.Module):
         self.proj_mlp = Linear(dim, cfg.mlp_dim, axes=("embed", "mlp"), param_dtype=param_dtype, rngs=rngs)
         self.proj_out = Linear(dim + cfg.mlp_dim, dim, axes=("mlp", "embed"), param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, h, temb, cos, sin, lengths):  # h (B, Lv + Lt, D); cos/sin (Lv, E/2)
-        h = constrain(h, ("batch", "length", "embed"))
+    def __call__(self, x, c, temb, cos, sin, text_lengths, video_length):  # x (B, Lp, D), c (B, Lt, D)
+        x = constrain(x, ("batch", "length", "embed"))
+        c = constrain(c, ("batch", "text_length", "embed"))
         shift, scale, gate = self.norm(temb)
-        nh = self.norm.modulate(h, shift, scale)
-        mlp = gelu_tanh(self.proj_mlp(nh))
-        attn, n, Lv = self.attn, self.attn.heads, cos.shape[0]
+        attn, n = self.attn, self.attn.heads
+        nx, nc = self.norm.modulate(x, shift, scale), self.norm.modulate(c, shift, scale)
 
-        def rope_video(t):
-            return jnp.concatenate([apply_rope(t[:, :Lv], cos, sin), t[:, Lv:]], axis=1)
+        def qkv(h):
+            return attn.norm_q(_heads(attn.to_q(h), n)), attn.norm_k(_heads(attn.to_k(h), n)), _heads(attn.to_v(h), n)
 
-        q = rope_video(attn.norm_q(_heads(attn.to_q(nh), n)))
-        k = rope_video(attn.norm_k(_heads(attn.to_k(nh), n)))
-        v = _heads(attn.to_v(nh), n)
-        out = _merge(joint_attention(q, k, v, lengths, self.backend))
-        y = self.proj_out(jnp.concatenate([out, mlp.astype(out.dtype)], axis=-1))
-        h = (h.astype(F32) + y.astype(F32) * gate).astype(h.dtype)
-        return constrain(h, ("batch", "length", "embed"))
+        q, k, v = qkv(nx)
+        video = (apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        out_v, out_t = joint_attention(video, qkv(nc), text_lengths, video_length, self.backend)
+
+        def residual(h, normed, out):
+            mlp = gelu_tanh(self.proj_mlp(normed))
+            y = self.proj_out(jnp.concatenate([out, mlp.astype(out.dtype)], axis=-1))
+            return (h.astype(F32) + y.astype(F32) * gate).astype(h.dtype)
+
+        x, c = residual(x, nx, out_v), residual(c, nc, out_t)
+        return constrain(x, ("batch", "length", "embed")), constrain(c, ("batch", "text_length", "embed"))
 
 
 class RefinerAttention(nnx.Module):

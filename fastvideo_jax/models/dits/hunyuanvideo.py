@@ -19,12 +19,13 @@ from fastvideo_jax.configs.models.dits.hunyuanvideo import HunyuanVideoArchConfi
 from fastvideo_jax.dtypes import to_dtype
 from fastvideo_jax.models.dits.base import DENSE_BACKENDS, BaseDiT
 from fastvideo_jax.models.dits.hunyuan_blocks import (
-    F32, AdaModulation, DualStreamBlock, RefinerBlock, SingleStreamBlock, check_sequence_parallel, stacked,
+    F32, AdaModulation, DualStreamBlock, RefinerBlock, SingleStreamBlock, stacked,
 )
 from fastvideo_jax.models.layers.compiled import compiled_call
 from fastvideo_jax.models.layers.embeddings import rope_3d_tables, timestep_embedding
 from fastvideo_jax.models.layers.linear import Linear, PatchEmbed3D
 from fastvideo_jax.parallel.activations import constrain, mesh_scope, params_mesh
+from fastvideo_jax.parallel.sequence import pad_length
 
 FREQ_DIM = 256  # diffusers' Timesteps(num_channels=256, flip_sin_to_cos=True, downscale_freq_shift=0)
 
@@ -164,32 +165,35 @@ class HunyuanVideoTransformer3DModel(BaseDiT):
 
     def forward(self, hidden_states, encoder_hidden_states, timestep, mask, pooled, guidance=None):
         """The traced forward (``__call__`` runs it under jit with the configured matmul precision)."""
-        check_sequence_parallel()
         cfg = self.config.arch_config
-        B, _, F, H, W = hidden_states.shape
         pt, p = cfg.patch_size_t, cfg.patch_size
+        F, H, W = hidden_states.shape[2:]
         grid = (F // pt, H // p, W // p)
         cos, sin = rope_3d_tables(cfg.attention_head_dim, grid, max(grid), cfg.rope_theta, cfg.rope_axes_dim)
         temb = self.time_text_embed(timestep, pooled, guidance)
-        x = rearrange(self.x_embedder.proj(hidden_states), "b f h w d -> b (f h w) d")
-        x = constrain(x, ("batch", "length", "embed"))
         c = self.context_embedder(encoder_hidden_states, timestep, mask)
-        Lv = x.shape[1]
-        lengths = Lv + mask.sum(-1, dtype=jnp.int32)  # joint keys [0, Lv + text_len_b) are real
+        text_lengths = mask.sum(-1, dtype=jnp.int32)
+        # Video tokens go over the sequence mesh axis: padded to a multiple of it (the padding is never attended:
+        # joint attention drops it) and cut off at the end. Patches are split before they are embedded.
+        patches = rearrange(self.x_embedder.proj.patchify(hidden_states), "b f h w k -> b (f h w) k")
+        L = patches.shape[1]
+        Lp = pad_length(L)
+        patches, cos, sin = (jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, Lp - L), (0, 0)]) for a in (patches, cos, sin))
+        x = self.x_embedder.proj.project(constrain(patches, ("batch", "length", None)))
+        x = constrain(x, ("batch", "length", "embed"))
+        cos, sin = constrain(cos, ("length", None)), constrain(sin, ("length", None))
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None, None), out_axes=nnx.Carry)
-        def run_dual(xc, block, temb, cos, sin, lengths):
-            return block(*xc, temb, cos, sin, lengths)
+        def run(blocks, x, c):
+            @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None, None), out_axes=nnx.Carry)
+            def scan(xc, block, temb, cos, sin, text_lengths):
+                return block(*xc, temb, cos, sin, text_lengths, L)
 
-        x, c = run_dual((x, c), self.transformer_blocks, temb, cos, sin, lengths)
+            return scan((x, c), blocks, temb, cos, sin, text_lengths)
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None, None), out_axes=nnx.Carry)
-        def run_single(h, block, temb, cos, sin, lengths):
-            return block(h, temb, cos, sin, lengths)
-
-        h = run_single(jnp.concatenate([x, c], axis=1), self.single_transformer_blocks, temb, cos, sin, lengths)
+        x, c = run(self.transformer_blocks, x, c)
+        x, _ = run(self.single_transformer_blocks, x, c)
         scale, shift = self.norm_out(temb)
-        x = self.proj_out(self.norm_out.modulate(h[:, :Lv], shift, scale))
+        x = self.proj_out(self.norm_out.modulate(x, shift, scale))[:, :L]
         return rearrange(x, "b (f h w) (c pt ph pw) -> b c (f pt) (h ph) (w pw)",
                          f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=p, pw=p)
 
