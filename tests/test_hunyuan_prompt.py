@@ -53,7 +53,7 @@ def env(tmp_path_factory) -> SimpleNamespace:
                                 text_encoder_2=clip, tokenizer_2=tokenizer_2)
     loader = TextEncoderLoader()
     return SimpleNamespace(
-        pipe=pipe, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        pipe=pipe, tokenizer=tokenizer, tokenizer_2=tokenizer_2, root=root,
         llama=loader.load(root / "text_encoder", precision="fp32"),
         clip=loader.load(root / "text_encoder_2"),
         template={"template": DEFAULT_PROMPT_TEMPLATE["template"],
@@ -170,3 +170,17 @@ def test_left_padding_tokenizer_is_padded_right_and_untouched(env):
     np.testing.assert_array_equal(mask, want_mask)
     np.testing.assert_array_equal(got, want)
     assert left.padding_side == "left"
+
+
+def test_llama_path_on_a_mesh_equals_one_device(env):
+    """The encoder loaded on data=2 x sequence=4: the prompt path runs split over that mesh, same embeddings."""
+    from fastvideo_jax.parallel.mesh import MeshConfig, make_mesh
+
+    encoder = TextEncoderLoader().load(env.root / "text_encoder", mesh=make_mesh(MeshConfig(data=2, sequence=4)),
+                                       precision="fp32")
+    kwargs = dict(prompt_template=env.template, max_sequence_length=MAX_LEN)
+    got, mask = encode_llama_prompts(env.tokenizer, encoder, PROMPTS[:2], **kwargs)
+    want, want_mask = encode_llama_prompts(env.tokenizer, env.llama, PROMPTS[:2], **kwargs)
+    assert not got.sharding.is_fully_replicated, "the prompt path's work was not split over the mesh"
+    np.testing.assert_array_equal(mask, want_mask)
+    _close(got, want, "on a mesh")

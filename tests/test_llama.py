@@ -162,18 +162,27 @@ def test_fp32_runs_every_matmul_at_highest_precision(ckpt, matmul_precisions):
     assert len(found) >= 9 and set(found) == {"HIGHEST"}, f"{len(found)} matmuls at {set(found)}"
 
 
-def test_sharded_load_matches(ckpt):
+@pytest.mark.parametrize("mesh_kwargs", [dict(fsdp=4, tensor=2), dict(data=2, sequence=4)], ids=["fsdp4xtp2",
+                                                                                           "data2xsp4"])
+def test_sharded_load_matches(ckpt, mesh_kwargs):
+    """Loaded on 8 devices: weights split (KV heads over tensor), work split (queries over sequence), same states."""
     from jax.sharding import PartitionSpec
 
+    from fastvideo_jax.parallel.activations import mesh_scope
     from fastvideo_jax.parallel.mesh import MeshConfig, make_mesh
 
-    mesh = make_mesh(MeshConfig(fsdp=4, tensor=2))
+    mesh = make_mesh(MeshConfig(**mesh_kwargs))
     model = TextEncoderLoader().load(ckpt.dir, mesh=mesh, precision="fp32")
-    k = model.layers.self_attn.k_proj.kernel[...]  # (layers, embed 30, kv_heads 2 * 8): KV heads over tensor
-    assert k.sharding.spec == PartitionSpec(None, None, "tensor"), k.sharding.spec
-    ids, mask = (jnp.asarray(a) for a in _batch(valid=(13, 8, 3, 9), seed=7))
-    got = model(ids, mask, output_hidden_states=True)
+    k = model.layers.self_attn.k_proj.kernel[...]  # (layers, embed 30, kv_heads 2 * 8)
+    if "tensor" in mesh_kwargs:
+        assert k.sharding.spec == PartitionSpec(None, None, "tensor"), k.sharding.spec
+    else:
+        assert not k.sharding.is_fully_replicated, k.sharding.spec
+    ids, mask = (jnp.asarray(a) for a in _batch(length=16, valid=(16, 8, 3, 9), seed=7))
+    with mesh_scope(mesh):  # as the prompt path runs it (the mesh the weights live on)
+        got = model(ids, mask, output_hidden_states=True)
     want = ckpt.ours(ids, mask, output_hidden_states=True)
+    assert not got.last_hidden_state.sharding.is_fully_replicated, "the encoder's work was not split"
     for i, (g, w) in enumerate(zip(got.hidden_states, want.hidden_states)):
         err, rel = errors(g, w)
         assert err <= TOL, f"sharded vs one device, hidden_states[{i}]: max-abs {err:.3g}, relative {rel:.3g}"
