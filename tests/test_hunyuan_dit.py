@@ -88,6 +88,42 @@ def test_padded_text_tokens_are_never_attended(ours):
     assert np.abs(_jax(ours, real)[0] - base[0]).max() > 1e-3
 
 
+def test_bf16_as_accurate_as_diffusers_bf16(ckpt):
+    """bf16 outputs differ from fp32 by ~1% of scale: ours must be no further from the fp32 reference than
+    diffusers' own bf16 run (x1.5 margin for rounding-order noise) and within 2% of scale."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    d, ref_model = ckpt
+    model = TransformerLoader().load(d, precision="bf16")
+    assert model.transformer_blocks.attn.to_q.kernel[...].dtype == jnp.bfloat16
+    inputs = _inputs(11, 2, 3, 6, 10, (5, 7), 7, (6000.0, 1000.0))
+    ref = _torch(ref_model, inputs)
+    bf16 = {k: v.bfloat16() if k in ("hidden_states", "encoder_hidden_states", "pooled_projections") else v
+            for k, v in inputs.items()}
+    torch_bf16 = HunyuanVideoTransformer3DModel.from_pretrained(d, torch_dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ref_bf16 = torch_bf16(**bf16, return_dict=False)[0].float().numpy()
+    ours = model(**{k: jnp.asarray(v.float().numpy(), jnp.bfloat16 if v.dtype == torch.bfloat16 else None)
+                    for k, v in bf16.items()})
+    assert ours.dtype == jnp.bfloat16
+    err, rel = errors(np.asarray(ours.astype(jnp.float32)), ref)
+    _, rel_torch = errors(ref_bf16, ref)
+    assert rel < 2e-2 and rel <= 1.5 * rel_torch, f"ours bf16: max-abs {err:.3e} rel {rel:.3e}; diffusers {rel_torch:.3e}"
+
+
+def test_random_checkpoint_we_write_loads_in_diffusers(tmp_path):
+    """fastvideo_jax.testing.write_random_hunyuan_dit (no torch) writes what diffusers loads and computes as we do."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from fastvideo_jax.testing import write_random_hunyuan_dit
+
+    d = write_random_hunyuan_dit(tmp_path / "transformer", seed=4)
+    ref = HunyuanVideoTransformer3DModel.from_pretrained(d).eval()
+    inputs = _inputs(12, 2, 1, 4, 6, (2, 4), 4, (1000.0, 5000.0))
+    err, rel = errors(_jax(TransformerLoader().load(d, precision="fp32"), inputs), _torch(ref, inputs))
+    assert rel <= 1e-4, f"max-abs {err:.3e}, relative {rel:.3e}"
+
+
 def test_token_refiner_matches_diffusers_on_every_row(ckpt, ours):
     """The refined text, padded rows included: a padded query attends key 0 alone in diffusers' refiner mask."""
     inputs = _inputs(9, 2, 1, 2, 2, (3, 1), 6, (0.0, 0.0))

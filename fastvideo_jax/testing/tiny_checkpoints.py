@@ -89,6 +89,17 @@ def write_random_dit(directory: str | Path, preset: str = "tiny", precision: str
         )
 
 
+def write_random_hunyuan_dit(directory: str | Path, preset: str = "tiny", precision: str = "fp32",
+                             seed: int = 0) -> Path:
+    """A random ``HunyuanVideoTransformer3DModel`` checkpoint of a preset (``tiny``, ``hunyuanvideo``)."""
+    from fastvideo_jax.configs.models.dits.hunyuanvideo import HUNYUAN_PRESETS
+    from fastvideo_jax.models.dits.hunyuanvideo import HunyuanVideoTransformer3DModel
+
+    with jax.default_device(jax.devices("cpu")[0]):
+        return write_random_component(directory, HunyuanVideoTransformer3DModel, "HunyuanVideoTransformer3DModel",
+                                      HUNYUAN_PRESETS[preset], precision=precision, seed=seed)
+
+
 def write_random_vae(directory: str | Path, preset: str = "tiny", precision: str = "fp32", seed: int = 0) -> Path:
     """A random ``AutoencoderKLWan`` checkpoint of a preset: ``tiny`` (Wan2.1 layout, 16 channels, 4x8x8),
     ``tiny-wan2.2`` (Wan2.2 layout: 48 channels, 4x16x16, residual stages, 2x2 patchify), ``wan2.1``, ..."""
