@@ -1,10 +1,12 @@
-"""Wan VAE decode: ours (JAX) vs diffusers (PyTorch) on the same random weights, in one run.
+"""VAE decode (Wan, HunyuanVideo): ours (JAX) vs diffusers (PyTorch) on the same random weights, in one run.
 
     python benchmarks/vae_decode.py                                # tiny, CPU, fp32
     python benchmarks/vae_decode.py --preset wan-480p-81f          # real Wan2.1 VAE, 1x16x21x60x104 latents, GPU
     python benchmarks/vae_decode.py --preset wan22-704p-121f       # real Wan2.2 VAE, 1x48x31x44x80 latents, GPU
+    python benchmarks/vae_decode.py --preset tiny-hunyuan          # tiny HunyuanVideo VAE, CPU
+    python benchmarks/vae_decode.py --preset hunyuan-720p-129f --tiled   # real HunyuanVideo VAE, 1x16x33x90x160, GPU
 
-A child process builds a random diffusers ``AutoencoderKLWan`` (torch.manual_seed(0)) and saves it with
+A child process builds a random diffusers ``AutoencoderKLWan`` / ``AutoencoderKLHunyuanVideo`` (torch.manual_seed(0)) and saves it with
 save_pretrained; one child per framework then loads it (ours through ``VAELoader``), decodes the same latents
 ``1 + iters`` times and reports the fastest timed call, our first-call compile time, and peak memory: device
 peak on GPU (``memory_stats()['peak_bytes_in_use']`` / ``torch.cuda.max_memory_allocated``), else the child
@@ -30,11 +32,19 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 PRESETS = {
-    # diffusers AutoencoderKLWan kwargs (the vae preset of our config), latents (B, C, T, h, w), spatial factor
-    "tiny": ("tiny", (1, 16, 5, 8, 12), 8),
-    "wan-480p-81f": ("wan2.1", (1, 16, 21, 60, 104), 8),
-    "tiny-wan2.2": ("tiny-wan2.2", (1, 48, 5, 4, 6), 16),
-    "wan22-704p-121f": ("wan2.2", (1, 48, 31, 44, 80), 16),  # Wan2.2 TI2V-5B's default 704x1280, 121 frames
+    # VAE family, its config preset (diffusers kwargs), latents (B, C, T, h, w), spatial factor
+    "tiny": ("wan", "tiny", (1, 16, 5, 8, 12), 8),
+    "wan-480p-81f": ("wan", "wan2.1", (1, 16, 21, 60, 104), 8),
+    "tiny-wan2.2": ("wan", "tiny-wan2.2", (1, 48, 5, 4, 6), 16),
+    "wan22-704p-121f": ("wan", "wan2.2", (1, 48, 31, 44, 80), 16),  # Wan2.2 TI2V-5B's default 704x1280, 121 frames
+    # HunyuanVideo: both sides decode in diffusers' temporal tiles (on by default); --tiled adds spatial tiles.
+    "tiny-hunyuan": ("hunyuan", "tiny", (1, 16, 5, 8, 12), 8),
+    "hunyuan-720p-129f": ("hunyuan", "hunyuanvideo", (1, 16, 33, 90, 160), 8),  # HunyuanVideo's 720x1280, 129 frames
+}
+# family -> (diffusers class name, our config module, its presets table)
+FAMILIES = {
+    "wan": ("AutoencoderKLWan", "fastvideo_jax.configs.models.vaes.wanvae", "WAN_VAE_PRESETS"),
+    "hunyuan": ("AutoencoderKLHunyuanVideo", "fastvideo_jax.configs.models.vaes.hunyuanvae", "HUNYUAN_VAE_PRESETS"),
 }
 
 
@@ -56,14 +66,17 @@ def _timed(fn, iters: int) -> tuple[float, float, object]:
 
 
 def child_build(workdir: Path, preset: str, shape) -> None:
+    import importlib
+
+    import diffusers
     import torch
-    from diffusers import AutoencoderKLWan
 
-    from fastvideo_jax.configs.models.vaes.wanvae import WAN_VAE_PRESETS
-
+    family, arch = PRESETS[preset][:2]
+    class_name, module, table = FAMILIES[family]
+    presets = getattr(importlib.import_module(module), table)
     torch.manual_seed(0)
-    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in WAN_VAE_PRESETS[PRESETS[preset][0]].items()}
-    model = AutoencoderKLWan(**kwargs).eval()
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in presets[arch].items()}
+    model = getattr(diffusers, class_name)(**kwargs).eval()
     model.save_pretrained(workdir / "vae")
     np.save(workdir / "latents.npy", np.random.default_rng(0).standard_normal(shape).astype(np.float32))
     print(json.dumps({"params": sum(p.numel() for p in model.parameters())}))
@@ -86,12 +99,13 @@ def child_jax(workdir: Path, dtype: str, iters: int, tiled: bool) -> None:
 
 
 def child_torch(workdir: Path, dtype: str, iters: int, tiled: bool) -> None:
+    import diffusers
     import torch
-    from diffusers import AutoencoderKLWan
 
+    cls = getattr(diffusers, json.loads((workdir / "vae" / "config.json").read_text())["_class_name"])
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tdtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    vae = AutoencoderKLWan.from_pretrained(workdir / "vae", torch_dtype=tdtype).to(dev).eval()
+    vae = cls.from_pretrained(workdir / "vae", torch_dtype=tdtype).to(dev).eval()
     if tiled:
         vae.enable_tiling()
     z = torch.from_numpy(np.load(workdir / "latents.npy")).to(dev, tdtype)
@@ -139,10 +153,10 @@ def main(argv=None) -> None:
         fn = {"jax": child_jax, "torch": child_torch}[kind]
         return fn(workdir, rest[0], int(rest[1]), rest[2] == "1")
 
-    shape = tuple(args.latent_shape or PRESETS[args.preset][1])
+    shape = tuple(args.latent_shape or PRESETS[args.preset][2])
     with tempfile.TemporaryDirectory() as d:
         built = _run_child("build", d, args.preset, *map(str, shape))
-        frames, r = 1 + 4 * (shape[2] - 1), PRESETS[args.preset][2]
+        frames, r = 1 + 4 * (shape[2] - 1), PRESETS[args.preset][3]
         print(f"preset {args.preset}: {built['params'] / 1e6:.2f} M params, latents {shape} -> {frames} frames "
               f"{shape[3] * r}x{shape[4] * r}, {args.dtype}, tiled={args.tiled}")
         flags = (args.dtype, str(args.iters), "1" if args.tiled else "0")

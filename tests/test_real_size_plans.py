@@ -177,3 +177,33 @@ def test_llava_llama3_8b_text_encoder_real_size():
     assert {spec.dtype for spec in specs.values()} == {np.dtype("float16")}, "default precision is the shipped fp16"
     assert specs[("layers", "self_attn", "k_proj", "kernel")].shape == (32, 4096, 8 * 128)
     assert specs[("layers", "self_attn", "q_proj", "kernel")].shape == (32, 4096, 32 * 128)
+
+
+# hunyuanvideo-community/HunyuanVideo vae/config.json (hub metadata left out).
+HUNYUAN_VAE_CONFIG_JSON = {
+    "_class_name": "AutoencoderKLHunyuanVideo", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["HunyuanVideoDownBlock3D"] * 4, "in_channels": 3, "latent_channels": 16,
+    "layers_per_block": 2, "mid_block_add_attention": True, "norm_num_groups": 32, "out_channels": 3,
+    "scaling_factor": 0.476986, "spatial_compression_ratio": 8, "temporal_compression_ratio": 4,
+    "up_block_types": ["HunyuanVideoUpBlock3D"] * 4,
+}
+
+
+def test_hunyuan_vae_real_size():
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    from fastvideo_jax.configs.models.vaes.hunyuanvae import HUNYUAN_VAE_PRESETS
+    from fastvideo_jax.models.vaes.hunyuanvae import AutoencoderKLHunyuanVideo as Ours
+
+    raw = HUNYUAN_VAE_CONFIG_JSON
+    preset = Ours.config_class().update_model_arch(HUNYUAN_VAE_PRESETS["hunyuanvideo"]).arch_config
+    assert Ours.config_class().update_model_arch(raw).arch_config == preset, "the preset is the config.json"
+    with torch.device("meta"):
+        ref = AutoencoderKLHunyuanVideo(**{k: v for k, v in raw.items() if not k.startswith("_")})
+    n, specs = _plan(ref, Ours, raw)  # every tensor mapped, same total
+    assert n == 246_478_803
+    # Time x2 in the encoder's 2nd and 3rd stages (and the decoder's), space x2 in the first three.
+    assert preset.strides == ((1, 2), (2, 2), (2, 2), (1, 1))
+    assert specs[("encoder", "down_blocks", 1, "downsamplers", 0, "conv", "conv", "kernel")].shape == (3, 3, 3, 256, 256)
+    assert specs[("decoder", "mid_block", "attentions", 0, "to_q", "kernel")].shape == (512, 512)
+    assert ("decoder", "up_blocks", 3, "upsamplers", 0, "conv", "conv", "kernel") not in specs

@@ -128,3 +128,17 @@ def write_random_llama(directory: str | Path, preset: str = "tiny", precision: s
         return write_random_component(
             directory, LlamaModel, "LlamaModel", {**LLAMA_PRESETS[preset], **overrides},
             weights_name="model.safetensors", precision=precision, seed=seed, extra_config={"model_type": "llama"})
+
+
+def write_random_hunyuan_vae(directory: str | Path, preset: str = "tiny", precision: str = "fp32",
+                             seed: int = 0) -> Path:
+    """A random ``AutoencoderKLHunyuanVideo`` checkpoint of a preset: ``tiny`` (3 stages, 16 latent channels,
+    4x8x8) or ``hunyuanvideo`` (the released layout)."""
+    from fastvideo_jax.configs.models.vaes.hunyuanvae import HUNYUAN_VAE_PRESETS
+    from fastvideo_jax.models.vaes.hunyuanvae import AutoencoderKLHunyuanVideo
+
+    if preset not in HUNYUAN_VAE_PRESETS:
+        raise KeyError(f"unknown Hunyuan VAE preset {preset!r}; presets: {sorted(HUNYUAN_VAE_PRESETS)}")
+    with jax.default_device(jax.devices("cpu")[0]):
+        return write_random_component(directory, AutoencoderKLHunyuanVideo, "AutoencoderKLHunyuanVideo",
+                                      HUNYUAN_VAE_PRESETS[preset], precision=precision, seed=seed)

@@ -12,17 +12,16 @@ Optional spatial tiling reproduces diffusers' ``tiled_encode``/``tiled_decode`` 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from einops import rearrange
 from flax import nnx
 
 from fastvideo_jax.configs.models.vaes.wanvae import WanVAEArchConfig, WanVAEConfig
 from fastvideo_jax.dtypes import to_dtype
 from fastvideo_jax.models.layers.compiled import compiled_call
+from fastvideo_jax.models.vaes.tiling import tile_and_blend
 from fastvideo_jax.models.vaes.wan22_blocks import ResidualDownBlock, ResidualUpBlock, patchify, unpatchify
 from fastvideo_jax.models.vaes.wan_blocks import (
     AttentionBlock,
@@ -124,45 +123,6 @@ class Decoder3d(nnx.Module):
         for block in self.up_blocks:
             x = block(x, cache)
         return self.conv_out.cached(jax.nn.silu(self.norm_out(x)), cache)
-
-
-def _blend(a: jax.Array, b: jax.Array, extent: int, axis: int) -> jax.Array:
-    """diffusers' blend_v/blend_h: the first ``extent`` rows of ``b`` fade in over the last rows of ``a``."""
-    extent = min(a.shape[axis], b.shape[axis], extent)
-    if extent <= 0:
-        return b
-    w = np.arange(extent, dtype=np.float64) / extent
-    bshape = (extent,) + (1,) * (b.ndim - axis - 1)
-    w_b, w_a = (jnp.asarray(v.reshape(bshape), b.dtype) for v in (w, 1.0 - w))
-    a_tail = jax.lax.slice_in_dim(a, a.shape[axis] - extent, a.shape[axis], axis=axis)
-    b_head, b_rest = jnp.split(b, [extent], axis=axis)
-    return jnp.concatenate([a_tail * w_a + b_head * w_b, b_rest], axis=axis)
-
-
-def _tile_and_blend(
-    fn: Callable[[jax.Array], jax.Array],
-    x: jax.Array,  # (B, C, F, H, W)
-    tile: tuple[int, int],
-    stride: tuple[int, int],
-    blend: tuple[int, int],
-    keep: tuple[int, int],
-    size: tuple[int, int],
-) -> jax.Array:  # (B, C', F', size[0], size[1])
-    """Run ``fn`` on overlapping spatial tiles, blend each tile into its (already blended) upper and left
-    neighbours, keep the top-left ``keep`` of every tile and crop to ``size`` (diffusers' order)."""
-    rows: list[list[jax.Array]] = []
-    for i in range(0, x.shape[3], stride[0]):
-        row: list[jax.Array] = []
-        for j in range(0, x.shape[4], stride[1]):
-            out = fn(x[..., i : i + tile[0], j : j + tile[1]])
-            if rows:
-                out = _blend(rows[-1][len(row)], out, blend[0], axis=3)
-            if row:
-                out = _blend(row[-1], out, blend[1], axis=4)
-            row.append(out)
-        rows.append(row)
-    kept = [jnp.concatenate([t[..., : keep[0], : keep[1]] for t in row], axis=4) for row in rows]
-    return jnp.concatenate(kept, axis=3)[..., : size[0], : size[1]]
 
 
 def _check_tile_sizes(size: tuple[int, int], tile: tuple[int, int], stride: tuple[int, int], multiple: int) -> None:
@@ -277,7 +237,7 @@ class AutoencoderKLWan(nnx.Module):
             x = patchify(x, p, "channels_first")
             _check_tile_sizes(x.shape[3:], tile, stride, m // p)
             encode = functools.partial(compiled_call, _encode_traced, self, patched=True)
-            moments = _tile_and_blend(encode, x, tile, stride, blend, keep, (x.shape[3] // r, x.shape[4] // r))
+            moments = tile_and_blend(encode, x, tile, stride, blend, keep, (x.shape[3] // r, x.shape[4] // r))
         else:
             moments = compiled_call(_encode_traced, self, x)
         mean, logvar = jnp.split(moments, 2, axis=1)
@@ -306,7 +266,7 @@ class AutoencoderKLWan(nnx.Module):
             stride = (mc.tile_sample_stride_height // r, mc.tile_sample_stride_width // r)
             blend = (mc.tile_sample_min_height // p - keep[0], mc.tile_sample_min_width // p - keep[1])
             decode = functools.partial(compiled_call, _decode_traced, self, patched=True)
-            video = _tile_and_blend(decode, z, tile, stride, blend, keep, (h * r // p, w * r // p))
+            video = tile_and_blend(decode, z, tile, stride, blend, keep, (h * r // p, w * r // p))
             video = unpatchify(video, p, "channels_first")
         else:
             video = compiled_call(_decode_traced, self, z)
