@@ -1,7 +1,8 @@
-"""The ``tiny-wan`` demo pipeline: a complete Diffusers-layout Wan2.1 T2V checkpoint with random weights.
+"""The ``tiny-wan`` and ``tiny-wan-i2v`` demo pipelines: complete Diffusers-layout Wan2.1 T2V and I2V checkpoints
+with random weights.
 
-Written by our own models (no torch): DiT, UMT5 text encoder, VAE, a tokenizer trained in code, and a UniPC
-scheduler config. It runs the whole generation path on a CPU in seconds. Its weights are random, so its
+Written by our own models (no torch): DiT, UMT5 text encoder, VAE, a tokenizer trained in code, a UniPC
+scheduler config and, for image-to-video, a CLIP vision tower and its image processor config. It runs the whole generation path on a CPU in seconds. Its weights are random, so its
 videos are noise; use it to check an installation, not to judge quality.
 """
 
@@ -12,10 +13,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fastvideo_jax.configs.pipelines.registry import TINY_WAN_ID
+from fastvideo_jax.configs.pipelines.registry import TINY_WAN_I2V_ID, TINY_WAN_ID
 from fastvideo_jax.utils.paths import cache_dir, give_ordinary_mode
 
-__all__ = ["TINY_WAN_ID", "UNIPC_FLOW_CONFIG", "cache_dir", "ensure_tiny_wan", "write_tiny_wan_pipeline"]
+__all__ = ["TINY_IDS", "TINY_WAN_ID", "TINY_WAN_I2V_ID", "UNIPC_FLOW_CONFIG", "cache_dir", "ensure_tiny", "ensure_tiny_wan",
+           "write_tiny_wan_i2v_pipeline", "write_tiny_wan_pipeline"]
 _VERSION = "v1"
 
 UNIPC_FLOW_CONFIG = {
@@ -63,16 +65,55 @@ def write_tiny_wan_pipeline(root: str | Path, seed: int = 0) -> Path:
     return root
 
 
+def write_tiny_wan_i2v_pipeline(root: str | Path, seed: int = 0) -> Path:
+    """Write the tiny image-to-video pipeline (``WanImageToVideoPipeline``) into ``root``: the tiny T2V parts, a
+    36-channel DiT with a CLIP image branch and a tiny CLIP vision tower (30x30 images, hidden size 24)."""
+    from fastvideo_jax.configs.models.encoders.clip import CLIP_VISION_PRESETS
+    from fastvideo_jax.models.encoders.clip import CLIPVisionModel
+    from fastvideo_jax.testing.tiny_checkpoints import write_random_component, write_random_dit
+
+    root = write_tiny_wan_pipeline(root, seed)
+    shutil.rmtree(root / "transformer")
+    write_random_dit(root / "transformer", "tiny-i2v", seed=seed)
+    vision = CLIP_VISION_PRESETS["tiny"]
+    write_random_component(root / "image_encoder", CLIPVisionModel, "CLIPVisionModel", vision,
+                           weights_name="model.safetensors", seed=seed + 3,
+                           extra_config={"model_type": "clip_vision_model"})
+    size = vision["image_size"]
+    (root / "image_processor").mkdir()
+    (root / "image_processor" / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    }, indent=2))
+    index = json.loads((root / "model_index.json").read_text())
+    index.update({"_class_name": "WanImageToVideoPipeline", "image_encoder": ["transformers", "CLIPVisionModel"],
+                  "image_processor": ["transformers", "CLIPImageProcessor"]})
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    return root
+
+
+TINY_IDS = {TINY_WAN_ID: write_tiny_wan_pipeline, TINY_WAN_I2V_ID: write_tiny_wan_i2v_pipeline}
+
+
 def ensure_tiny_wan() -> Path:
-    """The tiny pipeline's directory, written once (atomically) into the cache on first use."""
-    target = cache_dir() / f"{TINY_WAN_ID}-{_VERSION}"
+    """The tiny text-to-video pipeline's directory, written once (atomically) into the cache on first use."""
+    return ensure_tiny(TINY_WAN_ID)
+
+
+def ensure_tiny(model_id: str) -> Path:
+    """A built-in tiny pipeline's directory (``tiny-wan``, ``tiny-wan-i2v``), written once (atomically) into the
+    cache on first use."""
+    write = TINY_IDS[model_id]
+    target = cache_dir() / f"{model_id}-{_VERSION}"
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         give_ordinary_mode(tmp)
-        write_tiny_wan_pipeline(tmp)
+        write(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process won the race; theirs is as good as ours

@@ -20,9 +20,10 @@ from fastvideo_jax.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TINY_WAN_ID", "ModelDefaults", "get_model_defaults", "register_model_defaults", "registered_models"]
+__all__ = ["TINY_WAN_ID", "TINY_WAN_I2V_ID", "ModelDefaults", "get_model_defaults", "register_model_defaults", "registered_models"]
 
 TINY_WAN_ID = "tiny-wan"  # the built-in random-weight demo pipeline (fastvideo_jax.testing.tiny_pipeline)
+TINY_WAN_I2V_ID = "tiny-wan-i2v"  # its image-to-video twin (WanImageToVideoPipeline, tiny CLIP vision tower)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +148,12 @@ register_model_defaults(
     WanTinyConfig(),
     SamplingParam(height=64, width=64, num_frames=9, num_inference_steps=4, guidance_scale=5.0, fps=8),
     dit=dict(in_channels=16, attention_head_dim=12, num_attention_heads=2, num_layers=2),
+)
+register_model_defaults(
+    TINY_WAN_I2V_ID,
+    WanTinyConfig(),
+    SamplingParam(height=64, width=64, num_frames=9, num_inference_steps=4, guidance_scale=5.0, fps=8),
+    dit=dict(in_channels=36, image_dim=24, attention_head_dim=12, num_attention_heads=2, num_layers=2),
 )
 
 
