@@ -167,6 +167,31 @@ def test_spatial_and_temporal_tiling_matches_diffusers(torch_vae, vae):
     _check_decode(torch_vae, vae, z, tiled=True, framewise=True, what="13 frames, temporal + spatial tiles")
 
 
+def test_bf16_decode_as_accurate_as_diffusers_bf16(torch_vae, ckpt_dir):
+    # bf16 has 8 mantissa bits; the justified bound is diffusers' own bf16 error against fp32 (both keep the
+    # GroupNorm statistics in fp32).
+    z = _latents(3, (1, Z, 2, SIZE[0] // 8, SIZE[1] // 8))
+    ref = _ref_decode(torch_vae, z, tiled=False, framewise=False)
+    with torch.no_grad():
+        tb16 = diffusers.AutoencoderKLHunyuanVideo.from_pretrained(ckpt_dir, torch_dtype=torch.bfloat16).eval()
+        ref16 = tb16.decode(torch.from_numpy(z).bfloat16()).sample.float().numpy()
+    ours = VAELoader().load(ckpt_dir, precision="bf16", load_encoder=False)
+    got = np.asarray(ours.decode(z).astype(np.float32))
+    ours_err, torch_err = np.abs(got - ref).mean(), np.abs(ref16 - ref).mean()
+    assert ours_err <= 1.5 * torch_err, f"bf16 mean-abs error {ours_err:.3e}, diffusers bf16 {torch_err:.3e}"
+
+
+def test_second_call_does_not_compile(vae, count_compiles):
+    """Eager use: every temporal tile is one cached compiled call, so decoding the same shape again (tiles
+    included) compiles nothing."""
+    z = _latents(4, (2, Z, 3, SIZE[0] // 8, SIZE[1] // 8))
+    first = np.asarray(vae.decode(z, framewise=True))
+    with count_compiles() as n:
+        again = np.asarray(vae.decode(z, framewise=True))
+    assert n[0] == 0, f"{n[0]} compilations on the second same-shape decode"
+    np.testing.assert_array_equal(again, first)
+
+
 def test_defaults_follow_diffusers(torch_vae):
     """Our config's tiling defaults are diffusers' (temporal tiling on, spatial off, 256/192 px, 16/12 frames);
     the tiny preset is what diffusers builds from it; the scaling factor is the checkpoint's."""

@@ -77,6 +77,11 @@ class HunyuanVAEArchConfig(VAEArchConfig):
                 raise ValueError(f"{where}: norm_num_groups={self.norm_num_groups} does not divide channels {c}")
         object.__setattr__(self, "strides", strides)
 
+    @property
+    def z_dim(self) -> int:
+        """Latent channels under the Wan VAE's name, for stages that read ``vae_arch.z_dim``."""
+        return self.latent_channels
+
 
 @dataclasses.dataclass(frozen=True)
 class HunyuanVAEConfig(VAEConfig):
