@@ -124,6 +124,26 @@ def test_random_checkpoint_we_write_loads_in_diffusers(tmp_path):
     assert rel <= 1e-4, f"max-abs {err:.3e}, relative {rel:.3e}"
 
 
+def test_without_guidance_embedding(tmp_path):
+    """guidance_embeds=false (no guidance_embedder): parity with guidance=None; a guidance value is refused."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from fastvideo_jax.models.dits.hunyuanvideo import HunyuanVideoTransformer3DModel as Ours
+    from fastvideo_jax.testing.tiny_checkpoints import write_random_component
+
+    d = write_random_component(tmp_path / "transformer", Ours, "HunyuanVideoTransformer3DModel",
+                               {**TINY, "guidance_embeds": False}, seed=5)
+    ref = HunyuanVideoTransformer3DModel.from_pretrained(d).eval()
+    model = TransformerLoader().load(d, precision="fp32")
+    assert model.time_text_embed.guidance_embedder is None
+    inputs = _inputs(13, 2, 1, 4, 6, (3, 2), 3, (0.0, 0.0))
+    inputs.pop("guidance")
+    err, rel = errors(_jax(model, inputs), _torch(ref, inputs))
+    assert rel <= 1e-4, f"max-abs {err:.3e}, relative {rel:.3e}"
+    with pytest.raises(TypeError, match="guidance must be None"):
+        model(**{k: jnp.asarray(v.numpy()) for k, v in inputs.items()}, guidance=jnp.ones((2,)))
+
+
 def test_token_refiner_matches_diffusers_on_every_row(ckpt, ours):
     """The refined text, padded rows included: a padded query attends key 0 alone in diffusers' refiner mask."""
     inputs = _inputs(9, 2, 1, 2, 2, (3, 1), 6, (0.0, 0.0))
@@ -215,6 +235,8 @@ def test_heads_not_divisible_by_sequence_is_a_clear_error(ours):
     (dict(encoder_attention_mask=np.ones((2, 4), np.int64)), ValueError, "encoder_attention_mask"),
     (dict(hidden_states=np.zeros((2, C, 1, 5, 4), np.float32)), ValueError, "divisible by 2"),
     (dict(encoder_hidden_states_image=np.zeros((2, 1, 4), np.float32)), TypeError, "no image embedding"),
+    (dict(timestep=np.zeros((2, 8), np.float32)), ValueError, "timestep of shape \\(2, 8\\)"),
+    (dict(guidance=np.zeros((3,), np.float32)), ValueError, "guidance of shape \\(3,\\)"),
     (dict(attention_mask=np.ones((2, 3))), TypeError, "unexpected input"),
 ])
 def test_bad_input_is_a_clear_error(ours, change, error, match):

@@ -130,13 +130,13 @@ class HunyuanVideoTransformer3DModel(BaseDiT):
             raise TypeError("HunyuanVideoTransformer3DModel takes no image embedding (encoder_hidden_states_image)")
         mask, pooled = kwargs.get("encoder_attention_mask"), kwargs.get("pooled_projections")
         B = hidden_states.shape[0]
-        mask, guidance = self._check_inputs(hidden_states, encoder_hidden_states, mask, pooled, guidance)
+        mask, guidance = self._check_inputs(hidden_states, encoder_hidden_states, timestep, mask, pooled, guidance)
         timestep = jnp.broadcast_to(jnp.asarray(timestep, F32), (B,))
         with mesh_scope(params_mesh(nnx.state(self))):  # loaded on a mesh: split the work on it too
             return compiled_call(_forward, self, hidden_states, encoder_hidden_states, timestep, mask, pooled,
                                  guidance)
 
-    def _check_inputs(self, x, text, mask, pooled, guidance):
+    def _check_inputs(self, x, text, timestep, mask, pooled, guidance):
         cfg, name = self.config.arch_config, type(self).__name__
         B, C, F, H, W = x.shape
         p, pt = cfg.patch_size, cfg.patch_size_t
@@ -159,6 +159,10 @@ class HunyuanVideoTransformer3DModel(BaseDiT):
         if not cfg.guidance_embeds and guidance is not None:
             raise TypeError(f"{name}: this checkpoint has no guidance embedding (guidance_embeds=false): guidance "
                             "must be None")
+        for what, value in (("timestep", timestep), ("guidance", guidance)):
+            if value is not None and jnp.shape(value) not in ((), (B,)):
+                raise ValueError(f"{name}: {what} of shape {jnp.shape(value)}: expected a scalar or ({B},) "
+                                 "(one per sample)")
         if guidance is not None:
             guidance = jnp.broadcast_to(jnp.asarray(guidance, F32), (B,))
         return jnp.asarray(mask).astype(bool), guidance
