@@ -210,6 +210,21 @@ def test_meshes_equal_one_device(ours, mesh):
     assert rel <= 1e-5, mesh
 
 
+def test_tensor_times_sequence_mesh_equals_one_device(tmp_path):
+    """4 heads over tensor=2 x sequence=2: each device's text heads must be the same chunk its video got."""
+    from fastvideo_jax.models.dits.hunyuanvideo import HunyuanVideoTransformer3DModel as Ours
+    from fastvideo_jax.testing.tiny_checkpoints import write_random_component
+
+    d = write_random_component(tmp_path / "transformer", Ours, "HunyuanVideoTransformer3DModel",
+                               {**TINY, "num_attention_heads": 4}, seed=6)
+    model = TransformerLoader().load(d, precision="fp32")
+    inputs = _inputs(14, 2, 3, 6, 6, (4, 2), 5, (1000.0, 3000.0))
+    ref = _jax(model, inputs)
+    for mesh in (MeshConfig(tensor=2, sequence=2), MeshConfig(data=2, tensor=2, sequence=2)):
+        _, rel = errors(_jax(_placed(model, make_mesh(mesh)), inputs), ref)
+        assert rel <= 1e-5, mesh
+
+
 def test_sequence_parallel_runs_all_to_all(ours):
     inputs = {k: jnp.asarray(v.numpy()) for k, v in _inputs(7, 1, 1, 4, 4, (2,), 3, (1000.0,)).items()}
 
