@@ -261,3 +261,64 @@ def test_cli_image_to_video_writes_mp4(diffusers_pipe, tmp_path):
     assert code == 0
     frames = read_mp4(out)
     assert frames.shape == (5, 32, 48, 3) and frames.dtype == np.uint8
+
+
+# ---- Wan2.2 I2V-A14B layout: two 36-channel experts without a CLIP branch, boundary_ratio ---------------------
+# UniPC with shift 3 over 4 steps conditions on timesteps 999, 900, 750, 500: boundary 0.8 (800) switches experts
+# after two steps. No image branch in the DiT, so no 512-token text constraint.
+A14B_TEXT_LEN = 16
+A14B_REQUEST = dict(REQUEST, guidance_scale_2=3.0)
+
+
+@pytest.fixture(scope="module")
+def a14b_i2v(tmp_path_factory):
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    def expert(seed):
+        torch.manual_seed(seed)
+        arch = {k: v for k, v in TINY_WAN_I2V.items() if k not in ("image_dim", "added_kv_proj_dim")}
+        return add_noise(WanTransformer3DModel(**arch).eval(), seed=seed + 1)
+
+    torch.manual_seed(0)
+    vae = add_noise(AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True]).eval(), scale=0.05, seed=2)
+    text_encoder = add_noise(UMT5EncoderModel(UMT5Config(
+        vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+        relative_attention_max_distance=16, feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval(), seed=3)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanImageToVideoPipeline(tokenizer=build_t5_tokenizer(), text_encoder=text_encoder, vae=vae,
+                                   scheduler=scheduler, transformer=expert(20), transformer_2=expert(30),
+                                   image_encoder=None, image_processor=None, boundary_ratio=0.8)
+    root = tmp_path_factory.mktemp("wan22_i2v_a14b")
+    pipe.save_pretrained(root)
+    ours = VideoGenerator.from_pretrained(root, dit_precision="fp32", vae_decode_precision="fp32",
+                                          text_len=A14B_TEXT_LEN, flow_shift=3.0)
+    return pipe, ours
+
+
+def test_a14b_i2v_parity_with_diffusers(a14b_i2v):
+    """Both experts (switching at 0.8 * 1000, guidance_scale_2 after), the image only through the latent condition."""
+    from PIL import Image
+
+    pipe, ours = a14b_i2v
+    p = ours.pipeline
+    assert type(p) is WanImageToVideoPipeline and p.config.boundary_ratio == 0.8
+    assert p.transformer_2 is not None and p.image_encoder is None
+    assert "ImageEncodingStage" not in [type(s).__name__ for s in p.stages]
+    prompt, image = "a lighthouse in a storm", _image(40, 90, seed=2)
+    latents = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(9))
+    kwargs = dict(image=Image.fromarray(image), prompt=prompt, max_sequence_length=A14B_TEXT_LEN, **A14B_REQUEST)
+    with torch.no_grad():
+        ref_latents = pipe(output_type="latent", latents=latents.clone(), **kwargs).frames.float().numpy()
+        ref_frames = pipe(output_type="np", latents=latents.clone(), **kwargs).frames
+    out = ours.generate_video(prompt, image=image, latents=latents.numpy(), progress=False, **A14B_REQUEST)
+    err, rel = errors(out["latents"], ref_latents)
+    assert rel < 1e-4, f"final latents: max-abs {err:.3e}, relative {rel:.3e}"
+    mse = np.mean((out["frames"].astype(np.float64) - np.asarray(ref_frames[0], np.float64) * 255) ** 2)
+    psnr = 10 * np.log10(255**2 / max(mse, 1e-12))
+    assert out["frames"].shape == (5, 32, 48, 3) and psnr >= 40, f"frames PSNR {psnr:.1f} dB"
+    # the low-noise expert sees guidance_scale_2: another value, other latents
+    other = ours.generate_video(prompt, image=image, latents=latents.numpy(), progress=False,
+                                **{**A14B_REQUEST, "guidance_scale_2": 6.0})
+    assert errors(other["latents"], out["latents"])[0] > 1e-3
