@@ -6,7 +6,8 @@
     python benchmarks/dit_forward.py --model hunyuan --preset hunyuanvideo-720p   # 13B, 720x1280x129f: GPU only
 
 Builds a random diffusers DiT (WanTransformer3DModel, or HunyuanVideoTransformer3DModel with --model hunyuan:
-padded text mask, pooled CLIP projection and embedded guidance as its pipeline passes them), saves it with save_pretrained, loads it through our
+padded text mask, pooled CLIP projection and embedded guidance as its pipeline passes them), saves it
+with save_pretrained, loads it through our
 TransformerLoader, runs both on the same inputs and prints per-forward times, our first-call compile time,
 peak device memory of each and the ratios. Also reports the max-abs difference between the two outputs.
 """
@@ -153,7 +154,8 @@ def main(argv=None):
         n_params = sum(p.numel() for p in ref.parameters())
         ref.to({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]).save_pretrained(d)
         del ref
-        print(f"{class_name} preset {args.preset}: {n_params / 1e6:.1f} M params, latents {shape}, {text_len} text tokens, {dtype}, "
+        print(f"{class_name} preset {args.preset}: {n_params / 1e6:.1f} M params, latents {shape}, "
+              f"{text_len} text tokens, {dtype}, "
               f"device {jax.devices()[0].device_kind}")
         tj, compile_s, peak_j, out_j = run_jax(d, dtype, inputs, args.iters, args.backend)
         tt, _, peak_t, out_t = run_torch(d, dtype, class_name, inputs, args.iters, False)

@@ -108,7 +108,7 @@ def test_bf16_as_accurate_as_diffusers_bf16(ckpt):
     assert ours.dtype == jnp.bfloat16
     err, rel = errors(np.asarray(ours.astype(jnp.float32)), ref)
     _, rel_torch = errors(ref_bf16, ref)
-    assert rel < 2e-2 and rel <= 1.5 * rel_torch, f"ours bf16: max-abs {err:.3e} rel {rel:.3e}; diffusers {rel_torch:.3e}"
+    assert rel < 2e-2 and rel <= 1.5 * rel_torch, f"ours: max-abs {err:.3e} rel {rel:.3e}; diffusers {rel_torch:.3e}"
 
 
 def test_random_checkpoint_we_write_loads_in_diffusers(tmp_path):
