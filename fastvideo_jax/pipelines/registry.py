@@ -15,6 +15,7 @@ __all__ = ["PipelineRegistry", "register_pipeline", "resolve_pipeline_cls", "sup
 
 _PIPELINES: dict[str, Any] = {
     "WanPipeline": "fastvideo_jax.pipelines.wan:WanPipeline",
+    "HunyuanVideoPipeline": "fastvideo_jax.pipelines.hunyuan:HunyuanVideoPipeline",
     "WanDMDPipeline": "fastvideo_jax.pipelines.wan:WanDMDPipeline",
     "WanImageToVideoPipeline": "fastvideo_jax.pipelines.wan_i2v:WanImageToVideoPipeline",
 }

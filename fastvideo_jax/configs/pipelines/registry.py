@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import Any
 
 from fastvideo_jax.configs.pipelines.base import PipelineConfig
+from fastvideo_jax.configs.pipelines.hunyuan import FastHunyuanConfig, HunyuanConfig
 from fastvideo_jax.configs.pipelines.wan import (
     FASTWAN_DMD_STEPS, FastWan21T2V480PConfig, FastWan22TI2V5BConfig, Wan22I2VA14BConfig, Wan22T2VA14BConfig,
     Wan22TI2V5BConfig, WanI2V480PConfig, WanI2V720PConfig, WanT2V480PConfig, WanT2V720PConfig, WanTinyConfig,
@@ -155,6 +156,16 @@ register_model_defaults(
     SamplingParam(height=64, width=64, num_frames=9, num_inference_steps=4, guidance_scale=5.0, fps=8),
     dit=dict(in_channels=36, image_dim=24, attention_head_dim=12, num_attention_heads=2, num_layers=2),
 )
+
+
+_HUNYUAN_DIT = dict(in_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20, num_single_layers=40)
+_HUNYUAN_SAMPLING = SamplingParam(height=720, width=1280, num_frames=129, num_inference_steps=50, guidance_scale=6.0,
+                                  fps=24)
+register_model_defaults("hunyuanvideo-community/HunyuanVideo", HunyuanConfig(), _HUNYUAN_SAMPLING, dit=_HUNYUAN_DIT,
+                        index=dict(_class_name="HunyuanVideoPipeline"))
+# Same DiT shape as HunyuanVideo: found by its id only (a local copy by content gets HunyuanVideo's defaults).
+register_model_defaults("FastVideo/FastHunyuan-diffusers", FastHunyuanConfig(),
+                        dataclasses.replace(_HUNYUAN_SAMPLING, num_inference_steps=6))
 
 
 def find_model_defaults(model: str | Path, transformer_config: Mapping[str, Any] | None = None,
