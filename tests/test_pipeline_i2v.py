@@ -211,8 +211,22 @@ def test_mismatched_components_are_checkpoint_errors(ours):
     no_clip = {k: v for k, v in parts.items() if k not in ("image_encoder", "image_processor")}
     with pytest.raises(CheckpointError, match="image_dim needs image_encoder and image_processor"):
         WanImageToVideoPipeline(no_clip, ours.pipeline.config)
-    with pytest.raises(UserError, match="expand_timesteps"):
+    with pytest.raises(CheckpointError, match="expand_timesteps"):
         WanImageToVideoPipeline(parts, ours.pipeline.config.replace(expand_timesteps=True))
+    with pytest.raises(CheckpointError, match="image_encoder without image_processor"):
+        WanImageToVideoPipeline.check_config(ours.pipeline.config, ["transformer", "vae", "image_encoder"])
+
+
+def test_half_a_clip_branch_fails_before_loading(diffusers_pipe, tmp_path, monkeypatch):
+    """model_index.json listing image_encoder but not image_processor: a CheckpointError before any weight."""
+    root = tmp_path / "half"
+    shutil.copytree(diffusers_pipe[0], root)
+    index = json.loads((root / "model_index.json").read_text())
+    index["image_processor"] = [None, None]
+    (root / "model_index.json").write_text(json.dumps(index))
+    _fail_loading(monkeypatch)
+    with pytest.raises(CheckpointError, match="image_encoder without image_processor"):
+        VideoGenerator.from_pretrained(root)
 
 
 def _fail_loading(monkeypatch):

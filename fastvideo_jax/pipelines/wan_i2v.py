@@ -5,14 +5,14 @@ concatenated to the noisy latents on channels (16 + 4 + 16 = 36 DiT input channe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastvideo_jax.configs.pipelines.base import PipelineConfig
 from fastvideo_jax.configs.pipelines.wan import WanI2V480PConfig
 from fastvideo_jax.configs.sample import WAN_NEGATIVE_PROMPT, SamplingParam
 from fastvideo_jax.dtypes import to_dtype
-from fastvideo_jax.errors import CheckpointError, UserError
+from fastvideo_jax.errors import CheckpointError
 from fastvideo_jax.pipelines.stages import (
     FirstFrameLatentStage,
     LatentPreparationStage,
@@ -29,13 +29,27 @@ class WanImageToVideoPipeline(WanPipeline):
     _optional_components = (*WanPipeline._optional_components, "image_encoder", "image_processor")
 
     def __init__(self, components: Mapping[str, Any], config: PipelineConfig, **kwargs: Any):
-        _check_i2v(components, config)
+        _check_i2v(components)
         super().__init__(components, config, **kwargs)
 
     @classmethod
     def default_config(cls) -> tuple[PipelineConfig, SamplingParam]:
         return WanI2V480PConfig(), SamplingParam(height=480, width=832, num_frames=81, num_inference_steps=40,
                                                  guidance_scale=5.0, negative_prompt=WAN_NEGATIVE_PROMPT)
+
+    @classmethod
+    def check_config(cls, config: PipelineConfig, components: Sequence[str]) -> None:
+        """Before any weight is read: WanPipeline's expert checks, no TI2V per-token timesteps here, and the CLIP
+        image encoder and its processor together or neither."""
+        super().check_config(config, components)
+        if config.expand_timesteps:
+            raise CheckpointError("expand_timesteps (Wan2.2 TI2V) is WanPipeline's image-to-video mode, not "
+                                  "WanImageToVideoPipeline's")
+        clip = [c for c in ("image_encoder", "image_processor") if c in components]
+        if len(clip) == 1:
+            raise CheckpointError(f"WanImageToVideoPipeline: {clip[0]} without "
+                                  f"{({'image_encoder', 'image_processor'} - set(clip)).pop()} (the CLIP image branch "
+                                  "needs both)")
 
     @classmethod
     def image_input(cls, config: PipelineConfig) -> str:
@@ -55,13 +69,10 @@ class WanImageToVideoPipeline(WanPipeline):
         return stages
 
 
-def _check_i2v(components: Mapping[str, Any], config: PipelineConfig) -> None:
-    """The DiT takes 2 * z + temporal input channels (noisy latents, mask, image latents); it has an image embedder
-    exactly when the pipeline has a CLIP image encoder and processor; no TI2V per-token timesteps here."""
+def _check_i2v(components: Mapping[str, Any]) -> None:
+    """The DiTs take 2 * z + temporal input channels (noisy latents, mask, image latents); the DiT has an image
+    embedder exactly when the pipeline has a CLIP image encoder and processor, of the encoder's width."""
     dit, vae = components.get("transformer"), components.get("vae")
-    if config.expand_timesteps:
-        raise UserError("expand_timesteps (Wan2.2 TI2V) is WanPipeline's image-to-video mode, not "
-                        "WanImageToVideoPipeline's")
     if dit is None or vae is None:
         return  # ComposedPipeline names the missing components
     arch, vae_arch = dit.config.arch_config, vae.config.arch_config
