@@ -57,6 +57,9 @@ class SamplingParam:
     seed: int = 1024
     fps: int = 16
     num_videos_per_prompt: int = 1
+    # TeaCache (FastVideo's, Wan): skip the DiT's blocks on steps whose timestep modulation moved less than this
+    # (accumulated, rescaled relative L1). 0 = off; FastVideo uses 0.08 for Wan2.1-T2V-1.3B, 0.2 for 14B.
+    teacache_thresh: float = 0.0
 
     def replace(self, **overrides: Any) -> "SamplingParam":
         names = {f.name for f in dataclasses.fields(self)}
@@ -77,6 +80,7 @@ class SamplingParam:
         check_number("guidance_scale", self.guidance_scale, low=0.0)
         if self.guidance_scale_2 is not None:
             check_number("guidance_scale_2", self.guidance_scale_2, low=0.0)
+        check_number("teacache_thresh", self.teacache_thresh, low=0.0)
         multiple = spatial * patch
         if self.height <= 0 or self.width <= 0 or self.height % multiple or self.width % multiple:
             raise UserError(f"height and width must be positive multiples of {multiple}, got {self.height}x{self.width}")

@@ -36,6 +36,11 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance strength, finite and >= 0; 1 or less disables guidance "
                    "(one forward per step)")
+    p.add_argument("--teacache-thresh", type=float, default=None,
+                   help="TeaCache threshold (FastVideo's rule): skip the transformer blocks on steps whose timestep "
+                   "modulation changed less than this since the last computed step, reusing that step's residual. "
+                   "0 (default) = off; FastVideo uses 0.08 for Wan2.1-T2V-1.3B and 0.2 for 14B (faster, "
+                   "slightly different video)")
     p.add_argument("--seed", type=int, default=None, help="random seed of the initial noise (same seed, same video)")
     p.add_argument("--fps", type=int, default=None, help="frames per second of the written mp4")
     p.add_argument("--output", default="output.mp4",
@@ -66,7 +71,8 @@ def run_generate(args: argparse.Namespace) -> int:
     check_output_path(args.output)  # a bad path must not throw away a generation
     sampling = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                     num_frames=args.num_frames, num_inference_steps=args.num_inference_steps,
-                    guidance_scale=args.guidance_scale, seed=args.seed, fps=args.fps)
+                    guidance_scale=args.guidance_scale, seed=args.seed, fps=args.fps,
+                    teacache_thresh=args.teacache_thresh)
     SamplingParam(prompt=args.prompt).replace(**sampling).validate()  # the numbers, before the model is looked up
     image = None if args.image is None else load_rgb(args.image)  # a readable RGB image, before the model
     overrides = {k: v for k, v in {"flow_shift": args.flow_shift, "dit_precision": args.dit_precision,
@@ -81,4 +87,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if "path" in out:  # multi-host: process 0 writes
         print(f"wrote {out['path']} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
               f"{out['seconds']:.1f} s)")
+        if "teacache" in out:
+            tc = out["teacache"]
+            print(f"teacache: blocks skipped on {len(tc['skipped_steps'])} of {tc['steps']} steps "
+                  f"({tc['skipped_calls']} of {tc['calls']} cond/uncond calls from the cache)")
     return 0

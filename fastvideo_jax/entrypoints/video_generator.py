@@ -71,7 +71,7 @@ class VideoGenerator:
                        latents: Any | None = None, progress: bool = True, **overrides: Any) -> dict[str, Any]:
         """Generate one request. Returns ``frames`` (F, H, W, 3) uint8 (or (B, F, H, W, 3) when
         ``num_videos_per_prompt`` > 1), ``latents``, ``param``, ``seconds`` and, when ``output_path`` is given,
-        ``paths``: the mp4s written, ``output_path`` itself for one video, ``<stem>_0.mp4``, ``<stem>_1.mp4``,
+        ``teacache`` (what it skipped, when ``teacache_thresh`` > 0), ``paths``: the mp4s written, ``output_path`` itself for one video, ``<stem>_0.mp4``, ``<stem>_1.mp4``,
         ... beside it for several (``path`` is the first). The request and the output path are checked before
         any work; the videos are written all or none (``OutputPathError`` names the path and the cause).
         ``image``: the first frame of an image-to-video model (a path, a ``PIL.Image`` or a uint8 (H, W, 3) RGB
@@ -86,6 +86,8 @@ class VideoGenerator:
         frames = out["frames"]
         result = {"frames": frames[0] if frames.shape[0] == 1 else frames, "latents": out["latents"],
                   "param": dataclasses.asdict(param), "seconds": time.perf_counter() - start}
+        if "teacache" in out:  # steps served from the cache
+            result["teacache"] = out["teacache"]
         if paths is not None and is_primary():  # multi-host: process 0 writes
             result["paths"] = write_videos(paths, list(frames), fps=param.fps)
             result["path"] = result["paths"][0]

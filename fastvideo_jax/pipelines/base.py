@@ -108,11 +108,15 @@ class ComposedPipeline:
 
     def __call__(self, param: SamplingParam, latents: Any | None = None, progress: bool = True,
                  image: Any | None = None) -> dict[str, Any]:
-        """One request: ``latents`` (the final latents, on the devices) and ``frames`` (B, F, H, W, 3) uint8.
-        ``image``: the input image of an image-to-video pipeline (see ``check_image``)."""
+        """One request: ``latents`` (the final latents, on the devices), ``frames`` (B, F, H, W, 3) uint8 and,
+        under TeaCache, ``teacache`` (the steps it skipped). ``image``: the input image of an image-to-video
+        pipeline (see ``check_image``)."""
         batch = self.initial_batch(param, latents, image)  # the image is checked before any work
         for s in self.stages:
             if hasattr(s, "progress"):
                 s.progress = progress
         batch = self.run(batch)
-        return {"latents": batch.latents, "frames": batch.frames}
+        out = {"latents": batch.latents, "frames": batch.frames}
+        if batch.teacache is not None:
+            out["teacache"] = batch.teacache
+        return out

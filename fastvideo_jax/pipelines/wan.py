@@ -128,12 +128,17 @@ class WanPipeline(ComposedPipeline):
         return self.stage(LatentPreparationStage).prepare(shape, seed, latents)
 
     def denoise(self, latents: jax.Array, context: jax.Array, num_steps: int, guidance: float,
-                progress: bool = True) -> jax.Array:
-        """``context`` (B or 2B, Lt, D): [cond; uncond] rows when it has twice the latents' batch (CFG)."""
+                progress: bool = True, teacache_thresh: float = 0.0) -> jax.Array:
+        """``context`` (B or 2B, Lt, D): [cond; uncond] rows when it has twice the latents' batch (CFG).
+        ``teacache_thresh`` > 0: under TeaCache (``last_teacache`` reports what it skipped)."""
         tables = self.stage(TimestepPreparationStage).tables(num_steps)
         return self.stage(DenoisingStage).denoise(latents, {"encoder_hidden_states": context}, tables, num_steps,
                                                   guidance, do_cfg=context.shape[0] == 2 * latents.shape[0],
-                                                  progress=progress)
+                                                  progress=progress, teacache_thresh=teacache_thresh)
+
+    @property
+    def last_teacache(self) -> dict | None:
+        return self.stage(DenoisingStage).last_teacache
 
     def decode(self, latents: jax.Array) -> np.ndarray:
         return self.stage(DecodingStage).decode(latents)

@@ -15,6 +15,8 @@ and the output head's shift/scale are per token (split over the sequence axis wi
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +30,12 @@ from fastvideo_jax.attention.sliding_tile_mask import normalize_windows
 from fastvideo_jax.configs.models.dits.wanvideo import WanVideoArchConfig, WanVideoConfig
 from fastvideo_jax.dtypes import to_dtype
 from fastvideo_jax.errors import UserError
-from fastvideo_jax.models.dits.base import DENSE_BACKENDS, BaseDiT
+from fastvideo_jax.models.dits import teacache
+from fastvideo_jax.models.dits.base import DENSE_BACKENDS
+from fastvideo_jax.models.dits.cachable import CachableDiT
+from fastvideo_jax.models.dits.teacache import (
+    WAN_TEACACHE_PRESETS, TeaCacheRuntime, TeaCacheState, WanTeaCacheParams, wan_teacache_preset,
+)
 from fastvideo_jax.models.dits.wan_sta import StaLayer, sta_plan
 from fastvideo_jax.models.layers.activations import gelu_exact, gelu_tanh
 from fastvideo_jax.models.layers.compiled import compiled_call
@@ -237,7 +244,7 @@ def _sliding_tile_attend(sta: StaLayer, num_heads: int, padded: bool):
     return attend
 
 
-class WanTransformer3DModel(BaseDiT):
+class WanTransformer3DModel(CachableDiT):
     """Wan2.1 text/image-to-video DiT. ``__call__`` takes and returns PyTorch-layout latents (B, C, F, H, W).
 
     Attention: any dense backend, or ``SLIDING_TILE_ATTN`` (the same as ``self_attention_backend='sliding_tile'``:
@@ -342,6 +349,62 @@ class WanTransformer3DModel(BaseDiT):
     def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
                 sta_layer_ids=None, *, sta_palette=None):
         """The traced forward (``__call__`` runs it under jit with the configured matmul precision)."""
+        emb = self.embed(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image, sta_layer_ids,
+                         sta_palette=sta_palette)
+        return self.head(self.run_blocks(emb, emb.x), emb)
+
+    # ---- TeaCache (CachableDiT) ---------------------------------------------------------------------------
+    def cached_call(self, cache: TeaCacheState, runtime: TeaCacheRuntime, *, cfg: bool, hidden_states,
+                    encoder_hidden_states, timestep, encoder_hidden_states_image=None, guidance=None, **kwargs):
+        """``__call__`` under TeaCache (same inputs, checks, mesh and jit): (output, updated cache). ``cfg``: the
+        batch is [cond; uncond] (each half keeps its own cache slot)."""
+        self.check_extra_inputs(kwargs)
+        if guidance is not None:
+            raise TypeError("WanTransformer3DModel has no guidance embedding: guidance must be None")
+        self._check_inputs(hidden_states, encoder_hidden_states_image)
+        self._check_timestep(hidden_states, timestep)
+        if jnp.ndim(timestep) == 2:
+            raise UserError("TeaCache needs one timestep per sample; per-token timesteps (Wan2.2 TI2V) have no "
+                            "TeaCache coefficients in FastVideo: use teacache_thresh=0")
+        palette, ids = self._sta_inputs(kwargs.get("sta_layer_ids"), kwargs.get("sta_palette"))
+        with mesh_scope(params_mesh(nnx.state(self))):
+            return compiled_call(_cached_forward, self, cache, runtime, hidden_states, timestep, encoder_hidden_states,
+                                 encoder_hidden_states_image, ids, sta_palette=palette, cfg=cfg)
+
+    def cached_forward(self, cache: TeaCacheState, runtime: TeaCacheRuntime, hidden_states, timestep,
+                       encoder_hidden_states, encoder_hidden_states_image=None, sta_layer_ids=None, *, cfg: bool,
+                       sta_palette=None):
+        """``forward`` under TeaCache (traced): (output, updated cache)."""
+        emb = self.embed(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image, sta_layer_ids,
+                         sta_palette=sta_palette)
+        x, cache = self.cached_blocks(cache, runtime, self.teacache_modulated_input(emb, runtime.use_ret_steps),
+                                      emb.x, lambda model, x: model.run_blocks(emb, x), cfg=cfg)
+        return self.head(x, emb), cache
+
+    @staticmethod
+    def teacache_modulated_input(emb: "WanEmbedded", use_ret_steps: bool) -> jax.Array:
+        """FastVideo's choice: the timestep projection (B, 6, D) with ret-steps, else the time embedding (B, D)."""
+        return emb.temb_proj if use_ret_steps else emb.temb
+
+    def teacache_params(self, model_id: str = "") -> WanTeaCacheParams:
+        """FastVideo's TeaCache preset for this model's size (``wan_teacache_preset``)."""
+        arch = self.config.arch_config
+        return WAN_TEACACHE_PRESETS[wan_teacache_preset(arch.hidden_size, arch.image_dim, model_id)]
+
+    def init_teacache_state(self, hidden_states_shape, dtype, *, cfg: bool, use_ret_steps: bool) -> TeaCacheState:
+        """An empty cache for latents of ``hidden_states_shape`` (B, C, F, H, W); ``dtype``: the activations'.
+        Call with the DiT's mesh in scope (the tokens are padded to the sequence axis)."""
+        arch = self.config.arch_config
+        B, _, F, H, W = hidden_states_shape
+        pt, ph, pw = arch.patch_size
+        dim = arch.hidden_size
+        tokens = pad_length((F // pt) * (H // ph) * (W // pw))
+        return teacache.init_state(B, tokens, dim, (6, dim) if use_ret_steps else (dim,), dtype, cfg=cfg)
+
+    # ---- the forward's pieces: embed -> blocks -> head ----------------------------------------------------
+    def embed(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
+              sta_layer_ids=None, *, sta_palette=None) -> "WanEmbedded":
+        """Patch, text and time embeddings, RoPE tables and the padding mask: everything the blocks take."""
         cfg = self.config.arch_config
         B, C, F, H, W = hidden_states.shape
         pt, ph, pw = cfg.patch_size
@@ -380,18 +443,44 @@ class WanTransformer3DModel(BaseDiT):
                 like = jax.ShapeDtypeStruct((B, L, cfg.num_attention_heads, cfg.attention_head_dim), x.dtype)
                 tile = auto_sta_tile(grid, like)
             sta = (grid, tile, sta_palette, jnp.clip(sta_layer_ids, 0, len(sta_palette) - 1))
-        x = _run_blocks(x, self.blocks, context, image_context, temb_proj, cos, sin, sta, kv_mask)
+        return WanEmbedded(x, temb, temb_proj, context, image_context, cos, sin, kv_mask, sta, grid, L)
+
+    def run_blocks(self, emb: "WanEmbedded", x: jax.Array) -> jax.Array:
+        """The transformer blocks on tokens ``x`` (B, Lp, D)."""
+        return _run_blocks(x, self.blocks, emb.context, emb.image_context, emb.temb_proj, emb.cos, emb.sin, emb.sta,
+                           emb.kv_mask)
+
+    def head(self, x: jax.Array, emb: "WanEmbedded") -> jax.Array:
+        """Output norm (modulated by the time embedding), projection and unpatchify: (B, C_out, F, H, W)."""
+        pt, ph, pw = self.config.arch_config.patch_size
+        grid = emb.grid
         table = self.scale_shift_table[...]  # (1, 2, D)
-        if per_token:  # temb (B, Lp, D): the output head's shift and scale per token
-            shift, scale = (table[:, i][:, None] + temb.astype(F32) for i in range(2))
+        if emb.temb.ndim == 3:  # per token, temb (B, Lp, D): the output head's shift and scale per token
+            shift, scale = (table[:, i][:, None] + emb.temb.astype(F32) for i in range(2))
         else:
-            shift, scale = jnp.split(table + temb.astype(F32)[:, None, :], 2, axis=1)
+            shift, scale = jnp.split(table + emb.temb.astype(F32)[:, None, :], 2, axis=1)
         x = (self.norm_out(x.astype(F32)) * (1 + scale) + shift).astype(x.dtype)
-        x = self.proj_out(x)[:, :L]
+        x = self.proj_out(x)[:, :emb.length]
         return rearrange(
             x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
             f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw,
         )
+
+
+class WanEmbedded(NamedTuple):
+    """What ``embed`` hands to the blocks and the head (traced arrays, plus the static token grid)."""
+
+    x: jax.Array  # (B, Lp, D) tokens, padded to a multiple of the sequence mesh axis
+    temb: jax.Array  # (B, D), or per token (B, Lp, D)
+    temb_proj: jax.Array  # (B, 6, D), or per token (B, Lp, 6, D)
+    context: jax.Array  # (B, Lt, D)
+    image_context: jax.Array | None
+    cos: jax.Array
+    sin: jax.Array
+    kv_mask: jax.Array | None
+    sta: tuple | None
+    grid: tuple[int, int, int]
+    length: int  # L, real tokens
 
 
 def per_token_timesteps(t: jax.Array, latent_shape: tuple[int, ...], patch_size: tuple[int, int, int] = (1, 2, 2),
@@ -411,6 +500,10 @@ def per_token_timesteps(t: jax.Array, latent_shape: tuple[int, ...], patch_size:
 
 def _forward(model: WanTransformer3DModel, *args, **static):
     return model.forward(*args, **static)
+
+
+def _cached_forward(model: WanTransformer3DModel, *args, **static):
+    return model.cached_forward(*args, **static)
 
 
 def _run_blocks(x, blocks, context, image_context, temb_proj, cos, sin, sta, kv_mask):

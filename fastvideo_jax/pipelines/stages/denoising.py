@@ -19,6 +19,10 @@ Wan2.2 variants, generic here so every Wan pipeline gets them:
   the image latent at every step (the scheduler advances its own latents), and the result's first frame is the
   image latent, as diffusers' WanImageToVideoPipeline does.
 * a stochastic scheduler (DMD) gets its noise key from the request's seed (``init_state(key=seed)``).
+
+TeaCache (``teacache_thresh`` > 0, a ``CachableDiT``, Wan2.1: one expert, one timestep per sample): a second
+executable whose step also takes and returns the cache pytree (``models/dits/teacache.py``), a fresh cache per
+request, the threshold and step counts as data.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from tqdm import tqdm
 
 from fastvideo_jax.attention.sliding_tile_strategy import MaskStrategy
 from fastvideo_jax.dtypes import to_dtype
+from fastvideo_jax.errors import UserError
+from fastvideo_jax.models.dits import teacache
+from fastvideo_jax.models.dits.cachable import CachableDiT
 from fastvideo_jax.models.dits.wanvideo import per_token_timesteps
 from fastvideo_jax.parallel.activations import constrain, mesh_scope, spec_for
 from fastvideo_jax.parallel.memory import move_params
@@ -54,7 +61,33 @@ def _denoise_step(graphdef, scheduler, use_cfg, dtype, dit_state, latents, sched
     ``sta_ids`` (num_layers,) picks this step's window set per layer from the static ``sta_palette``.
     ``expand_timesteps``: one timestep per token; ``first_frame`` (B, C, 1, H, W): the clean first-frame latent
     that replaces the first latent frame in the DiT's input (its tokens at timestep 0)."""
-    model = nnx.merge(graphdef, dit_state)
+    def forward(model, **inputs):
+        return model(**inputs), None
+
+    out, _ = _guided_step(forward, nnx.merge(graphdef, dit_state), scheduler, use_cfg, dtype, latents, sched_state,
+                          tables, conditioning, latent_condition, guidance, sta_ids, sta_palette, expand_timesteps,
+                          first_frame)
+    return out
+
+
+def _cached_denoise_step(graphdef, scheduler, use_cfg, dtype, dit_state, latents, sched_state, cache, runtime,
+                         tables, conditioning, latent_condition, guidance, sta_ids=None, *, sta_palette=None,
+                         expand_timesteps=False, first_frame=None):
+    """``_denoise_step`` under TeaCache (a ``CachableDiT``): the cache (``TeaCacheState``) goes in and comes out
+    with the latents and scheduler state; ``runtime`` holds the threshold and step counts as data (no retrace)."""
+    def forward(model, **inputs):
+        return model.cached_call(cache, runtime, cfg=use_cfg, **inputs)
+
+    out, cache = _guided_step(forward, nnx.merge(graphdef, dit_state), scheduler, use_cfg, dtype, latents,
+                              sched_state, tables, conditioning, latent_condition, guidance, sta_ids, sta_palette,
+                              expand_timesteps, first_frame)
+    return (*out, teacache.constrain_state(cache))
+
+
+def _guided_step(forward, model, scheduler, use_cfg, dtype, latents, sched_state, tables, conditioning,
+                 latent_condition, guidance, sta_ids, sta_palette, expand_timesteps, first_frame):
+    """One step: ``forward(model, **dit_inputs)`` -> (prediction, extra) on [cond; uncond] (or cond only),
+    guidance, the scheduler update. Returns ((latents, scheduler state), extra)."""
     batch = latents.shape[0]
     t = scheduler.timestep(tables, sched_state)
     x = latents
@@ -69,12 +102,13 @@ def _denoise_step(graphdef, scheduler, use_cfg, dtype, dit_state, latents, sched
     else:
         timestep = jnp.broadcast_to(t, (x.shape[0],))
     sta = {} if sta_palette is None else dict(sta_layer_ids=sta_ids, sta_palette=sta_palette)
-    pred = model(hidden_states=x.astype(dtype), timestep=timestep, **conditioning, **sta).astype(jnp.float32)
+    pred, extra = forward(model, hidden_states=x.astype(dtype), timestep=timestep, **conditioning, **sta)
+    pred = pred.astype(jnp.float32)
     if use_cfg:
         cond, uncond = pred[:batch], pred[batch:]
         pred = uncond + guidance * (cond - uncond)
     latents, sched_state = scheduler.step(tables, sched_state, pred, latents)
-    return jax.tree.map(lambda a: constrain(a, _state_axes(a, batch)), (latents, sched_state))
+    return jax.tree.map(lambda a: constrain(a, _state_axes(a, batch)), (latents, sched_state)), extra
 
 
 def _state_axes(a, batch: int) -> tuple:
@@ -120,15 +154,18 @@ class DenoisingStage(PipelineStage):
         self._graph, self._state = self._graphs[0], self._states[0]
         self.mesh, self._replicated = _mesh_and_replicated(self._state)
         self._steps: dict[tuple, Any] = {}
+        self.last_teacache: dict | None = None  # what TeaCache skipped in the last denoise (None: it was off)
 
-    def _step_fn(self, use_cfg: bool, palette: tuple | None, expert: int = 0):
-        key = (expert, use_cfg, palette)  # one executable per (expert, cfg, palette); the window ids are data
+    def _step_fn(self, use_cfg: bool, palette: tuple | None, expert: int = 0, cached: bool = False):
+        # one executable per (expert, cfg, palette, TeaCache); the window ids, guidance and threshold are data
+        key = (expert, use_cfg, palette, cached)
         if key not in self._steps:
             static = {} if palette is None else {"sta_palette": palette}
             if self.expand_timesteps:
                 static["expand_timesteps"] = True
-            self._steps[key] = jax.jit(functools.partial(_denoise_step, self._graphs[expert], self.scheduler,
-                                                         use_cfg, self.dtype, **static))
+            fn = _cached_denoise_step if cached else _denoise_step
+            self._steps[key] = jax.jit(functools.partial(fn, self._graphs[expert], self.scheduler, use_cfg,
+                                                         self.dtype, **static))
         return self._steps[key]
 
     def expert_schedule(self, tables: Any, num_steps: int) -> list[int]:
@@ -155,12 +192,15 @@ class DenoisingStage(PipelineStage):
     def denoise(self, latents: jax.Array, conditioning: dict[str, jax.Array], tables: Any, num_steps: int,
                 guidance: float, *, do_cfg: bool, latent_condition: jax.Array | None = None,
                 progress: bool | None = None, guidance_2: float | None = None, first_frame: jax.Array | None = None,
-                key: Any = None) -> jax.Array:
+                key: Any = None, teacache_thresh: float = 0.0) -> jax.Array:
         """``guidance_2``: the low-noise expert's guidance (default ``guidance``); ``first_frame`` (B, C, 1, H, W):
         the clean first-frame latent kept in place (image-to-video with per-token timesteps); ``key``: the seed
-        of a stochastic scheduler's noise (DMD)."""
+        of a stochastic scheduler's noise (DMD). ``teacache_thresh`` > 0: under TeaCache (the DiT's FastVideo
+        preset); ``last_teacache`` then reports what it skipped."""
         if first_frame is not None and not self.expand_timesteps:
             raise ValueError("a clean first-frame latent needs per-token timesteps (expand_timesteps)")
+        cached = self._check_teacache(teacache_thresh)
+        self.last_teacache = None
         state = self.scheduler.init_state(tables, latents.shape, key=key)
         # Inputs live on the DiT's mesh in the layout of the step's outputs, so the second step hits the compile
         # cache: latent-shaped leaves and the conditioning rows over the batch axes, the rest replicated.
@@ -178,6 +218,8 @@ class DenoisingStage(PipelineStage):
         palette, ids = self._sta_schedule(num_steps)
         experts = self.expert_schedule(tables, num_steps)
         active = None
+        if cached:
+            cache, runtime = self._teacache_inputs(latents.shape, do_cfg, teacache_thresh, num_steps)
         show = self.progress if progress is None else progress
         with mesh_scope(self.mesh):
             for i in tqdm(range(num_steps), desc="denoising", unit="step", disable=not show):
@@ -185,10 +227,16 @@ class DenoisingStage(PipelineStage):
                 if e != active:
                     self._activate(e)
                     active = e
-                step = self._step_fn(do_cfg, palette, e)
+                step = self._step_fn(do_cfg, palette, e, cached)
                 sta = () if ids is None else (jax.device_put(ids[i], self._replicated),)
-                latents, state = step(self._states[e], latents, state, tables, conditioning, latent_condition,
-                                      gs[e], *sta, **extra)
+                if cached:
+                    latents, state, cache = step(self._states[e], latents, state, cache, runtime, tables,
+                                                 conditioning, latent_condition, gs[e], *sta, **extra)
+                else:
+                    latents, state = step(self._states[e], latents, state, tables, conditioning, latent_condition,
+                                          gs[e], *sta, **extra)
+        if cached:
+            self.last_teacache = _teacache_report(cache, num_steps, do_cfg)
         if first_frame is not None:  # the result's first frame is the clean image latent
             latents = jnp.concatenate([extra["first_frame"].astype(latents.dtype), latents[:, :, 1:]], axis=2)
         return latents
@@ -197,8 +245,40 @@ class DenoisingStage(PipelineStage):
         p = batch.param
         latents = self.denoise(batch.latents, batch.conditioning, batch.tables, batch.num_steps,
                                p.guidance_scale, do_cfg=batch.do_cfg, latent_condition=batch.latent_condition,
-                               guidance_2=p.guidance_scale_2, first_frame=batch.first_frame_latent, key=p.seed)
-        return batch.replace(latents=latents)
+                               guidance_2=p.guidance_scale_2, first_frame=batch.first_frame_latent, key=p.seed,
+                               teacache_thresh=p.teacache_thresh)
+        return batch.replace(latents=latents, teacache=self.last_teacache)
+
+    def _check_teacache(self, thresh: float) -> bool:
+        """Whether this request runs under TeaCache; a threshold this DiT / stage cannot honour is a
+        ``UserError`` before any work."""
+        teacache.check_thresh(thresh)
+        if thresh == 0:
+            return False
+        name = type(self.transformer).__name__
+        if not isinstance(self.transformer, CachableDiT):
+            raise UserError(f"{name} does not support TeaCache: use teacache_thresh=0")
+        if self.transformer_2 is not None or self.expand_timesteps:
+            has = "two experts" if self.transformer_2 is not None else "per-token timesteps"
+            raise UserError(f"TeaCache is FastVideo's for Wan2.1 (one expert, one timestep per sample); this "
+                            f"{name} pipeline has {has}: use teacache_thresh=0")
+        return True
+
+    def _teacache_inputs(self, shape: tuple[int, ...], do_cfg: bool, thresh: float, num_steps: int):
+        """(empty cache, runtime) on the DiT's mesh in the layout the cached step returns them."""
+        params = self.transformer.teacache_params()
+        runtime = params.runtime(thresh, num_steps)
+        with mesh_scope(self.mesh):  # the cache's token count follows the sequence axis's padding
+            cache = self.transformer.init_teacache_state(shape, self.dtype, cfg=do_cfg,
+                                                         use_ret_steps=params.use_ret_steps)
+        if self.mesh is None:
+            shardings = jax.tree.map(lambda a: self._replicated, cache)
+        else:
+            leaves, tree = jax.tree.flatten(cache)
+            axes = tree.flatten_up_to(teacache.state_axes(cache))
+            shardings = jax.tree.unflatten(tree, [NamedSharding(self.mesh, spec_for(ax, a.shape, self.mesh))
+                                                  for a, ax in zip(leaves, axes)])
+        return jax.device_put(cache, shardings), jax.device_put(runtime, self._replicated)
 
     def _placement(self, tree, batch: int):
         """Shardings for ``tree`` on the DiT's mesh (batch-leading leaves over the batch axes)."""
@@ -220,3 +300,11 @@ class DenoisingStage(PipelineStage):
         if num_steps > len(ids):
             raise ValueError(f"the mask strategy covers {len(ids)} denoising steps; {num_steps} were requested")
         return palette, ids
+
+
+def _teacache_report(cache, num_steps: int, use_cfg: bool) -> dict:
+    """What TeaCache saved in a request: the steps whose blocks were skipped, and the cond / uncond (or, without
+    CFG, single) calls served from the cache; ``pattern`` (num_steps, 2) per call."""
+    steps, pattern = teacache.skipped_steps(cache, num_steps, use_cfg)
+    return {"steps": num_steps, "skipped_steps": steps, "calls": num_steps * (2 if use_cfg else 1),
+            "skipped_calls": int(pattern.sum()), "pattern": pattern}
