@@ -2,6 +2,10 @@
 
     python benchmarks/generate.py --preset tiny                  # CPU, seconds
     python benchmarks/generate.py --preset wan2.1-1.3b-480p      # one GPU: 480x832x81, 50 steps, CFG
+    python benchmarks/generate.py --preset tiny --num-inference-steps 30 --teacache-thresh 0.08
+
+With ``--teacache-thresh`` our denoising also runs under TeaCache at that threshold (after its own warm-up) and
+the steps it skipped and its speed-up over threshold 0 (the plain run above it) are printed.
 
 Builds random PyTorch components (DiT, UMT5, VAE), saves the pipeline with save_pretrained, loads it with our
 VideoGenerator, and times text encoding, denoising and VAE decoding for both (ours after a warm-up run that
@@ -73,7 +77,7 @@ def run_ours(root, args, preset, prompt, negative):
 
     gen = VideoGenerator.from_pretrained(root, dit_precision=args.dtype, vae_decode_precision=args.dtype,
                                          text_len=preset["text_len"])
-    req = dict(preset["request"], negative_prompt=negative, guidance_scale=5.0, seed=0)
+    req = dict(_request(preset, args), negative_prompt=negative, guidance_scale=5.0, seed=0)
     # Compiles every stage; two steps are enough (scheduler tables are padded, so 50 steps reuse the executable).
     _, warm = _timed(lambda: gen.generate_video(prompt, progress=False, **dict(req, num_inference_steps=2)))
     p = gen.pipeline
@@ -82,7 +86,22 @@ def run_ours(root, args, preset, prompt, negative):
     z0 = p.prepare_latents(p.latent_shape(1, param.num_frames, param.height, param.width), 0)
     z, t_denoise = _timed(lambda: jax.block_until_ready(p.denoise(z0, ctx, param.num_inference_steps, 5.0, False)))
     _, t_decode = _timed(lambda: p.decode(z))
-    return {"text": t_text, "denoise": t_denoise, "decode": t_decode, "first run (compile)": warm}
+    out = {"text": t_text, "denoise": t_denoise, "decode": t_decode, "first run (compile)": warm}
+    if args.teacache_thresh:
+        def cached(steps):
+            return jax.block_until_ready(p.denoise(z0, ctx, steps, 5.0, False, teacache_thresh=args.teacache_thresh))
+
+        cached(2)  # compiles the cached step (steps and threshold are data: no further compile)
+        _, out["denoise teacache"] = _timed(lambda: cached(param.num_inference_steps))
+        out["teacache"] = p.last_teacache
+    return out
+
+
+def _request(preset, args) -> dict:
+    req = dict(preset["request"])
+    if args.num_inference_steps is not None:
+        req["num_inference_steps"] = args.num_inference_steps
+    return req
 
 
 def run_diffusers(root, args, preset, prompt, negative):
@@ -95,7 +114,7 @@ def run_diffusers(root, args, preset, prompt, negative):
     pipe.transformer.to(dtype)
     pipe.vae.to(dtype)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    req = preset["request"]
+    req = _request(preset, args)
 
     def stage(fn):
         def run():
@@ -121,6 +140,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="DiT/VAE precision (default bf16 on GPU)")
+    p.add_argument("--num-inference-steps", type=int, default=None, help="override the preset's step count")
+    p.add_argument("--teacache-thresh", type=float, default=0.0,
+                   help="also time our denoising under TeaCache at this threshold (0: not run)")
     args = p.parse_args(argv)
     import jax
     import torch
@@ -132,20 +154,29 @@ def main(argv=None) -> None:
         build_pipeline(root, preset, {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype])
         ours = run_ours(root, args, preset, prompt, negative)
         ref = run_diffusers(root, args, preset, prompt, negative)
-    print(f"preset {args.preset} {preset['request']} {args.dtype} on {jax.devices()[0].device_kind}")
+    print(f"preset {args.preset} {_request(preset, args)} {args.dtype} on {jax.devices()[0].device_kind}")
     print(f"{'stage':22s} {'ours s':>9s} {'diffusers s':>12s} {'speedup':>8s}")
     for stage in ("text", "denoise", "decode"):
         print(f"{stage:22s} {ours[stage]:9.3f} {ref[stage]:12.3f} {ref[stage] / ours[stage]:7.2f}x")
     tot_o, tot_r = (sum(d[s] for s in ("text", "denoise", "decode")) for d in (ours, ref))
     print(f"{'end to end':22s} {tot_o:9.3f} {tot_r:12.3f} {tot_r / tot_o:7.2f}x")
     print(f"{'ours first run':22s} {ours['first run (compile)']:9.3f}  (2-step warm-up: compiles every stage)")
+    if args.teacache_thresh:
+        tc = ours["teacache"]
+        speedup = ours["denoise"] / ours["denoise teacache"]
+        print(f"{'denoise teacache':22s} {ours['denoise teacache']:9.3f}  threshold {args.teacache_thresh}: blocks "
+              f"skipped on {len(tc['skipped_steps'])} of {tc['steps']} steps {tc['skipped_steps']} "
+              f"({tc['skipped_calls']} of {tc['calls']} cond/uncond calls); {speedup:.2f}x vs threshold 0")
     from _results import record
 
-    case = f"generate {args.preset} ({args.dtype}, {preset['request']}, CFG)"
+    case = f"generate {args.preset} ({args.dtype}, {_request(preset, args)}, CFG)"
     for stage in ("text", "denoise", "decode"):
         record(case, stage, ours_ms=ours[stage] * 1e3, peer_ms=ref[stage] * 1e3, speedup=ref[stage] / ours[stage])
     record(case, "end to end", ours_ms=tot_o * 1e3, peer_ms=tot_r * 1e3, speedup=tot_r / tot_o,
            ours_first_run_s=ours["first run (compile)"])
+    if args.teacache_thresh:
+        record(case, f"denoise teacache {args.teacache_thresh}", ours_ms=ours["denoise teacache"] * 1e3,
+               peer_ms=ours["denoise"] * 1e3, speedup=speedup, skipped_steps=len(tc["skipped_steps"]))
 
 
 if __name__ == "__main__":

@@ -274,7 +274,8 @@ def test_presets_are_fastvideos():
     small, large = WAN_TEACACHE_PRESETS["wan2.1-t2v-1.3b"], WAN_TEACACHE_PRESETS["wan2.1-t2v-14b"]
     assert (small.recommended_thresh, small.use_ret_steps, small.ret_steps) == (0.08, True, 10)
     assert (large.recommended_thresh, large.use_ret_steps, large.ret_steps) == (0.20, False, 2)
-    assert small.coefficients[0] == pytest.approx(-5.21862437e04) and large.coefficients[0] == pytest.approx(-5784.54975374)
+    assert small.coefficients[0] == pytest.approx(-5.21862437e04)
+    assert large.coefficients[0] == pytest.approx(-5784.54975374)
     assert small.cutoff_steps(50) == 100 and large.cutoff_steps(50) == 98
     assert teacache.wan_teacache_preset(1536) == "wan2.1-t2v-1.3b"
     assert teacache.wan_teacache_preset(5120) == "wan2.1-t2v-14b"
@@ -293,3 +294,34 @@ def test_unsupported_pipelines_refuse_teacache_before_work(pipe):
     with pytest.raises(UserError, match="two experts"):
         _denoise(stage, True, 0.1, steps=2)
     assert stage._steps == {}  # nothing compiled
+
+
+def test_on_a_mesh_equals_one_device_and_compiles_once(tmp_path, count_compiles):
+    """data=2 (cond / uncond halves and their cache slots on different devices), sequence=4 with padded tokens
+    (6 tokens -> 8): the same skipped steps and latents as one device; a second request compiles nothing."""
+    import shutil
+
+    from fastvideo_jax.configs.models.dits.wanvideo import WAN_PRESETS
+    from fastvideo_jax.configs.models.encoders.t5 import T5_PRESETS
+    from fastvideo_jax.entrypoints.video_generator import VideoGenerator
+    from fastvideo_jax.testing.tiny_checkpoints import write_random_component
+    from fastvideo_jax.testing.tiny_pipeline import write_tiny_wan_pipeline
+
+    root = write_tiny_wan_pipeline(tmp_path / "tiny")
+    shutil.rmtree(root / "transformer")
+    arch = {**WAN_PRESETS["tiny"], "text_dim": T5_PRESETS["tiny"]["d_model"], "num_attention_heads": 4}
+    write_random_component(root / "transformer", WanTransformer3DModel, "WanTransformer3DModel", arch, seed=5)
+    request = dict(height=16, width=48, num_frames=5, num_inference_steps=12, guidance_scale=4.0, seed=7,
+                   negative_prompt="blurry", teacache_thresh=0.08)
+    fp32 = dict(dit_precision="fp32", vae_decode_precision="fp32")
+    ref = VideoGenerator.from_pretrained(root, mesh="data=1", **fp32).generate_video("a cat", progress=False, **request)
+    gen = VideoGenerator.from_pretrained(root, mesh="data=2,sequence=4", **fp32)
+    out = gen.generate_video("a cat", progress=False, **request)
+    assert ref["teacache"]["skipped_steps"], "the request must skip some steps"
+    assert out["teacache"]["skipped_steps"] == ref["teacache"]["skipped_steps"]
+    np.testing.assert_array_equal(out["teacache"]["pattern"], ref["teacache"]["pattern"])
+    err = np.abs(np.asarray(out["latents"]) - np.asarray(ref["latents"])).max()
+    assert err <= 1e-4 * np.abs(np.asarray(ref["latents"])).max()
+    with count_compiles() as n:
+        gen.generate_video("a dog", progress=False, **dict(request, teacache_thresh=0.2, guidance_scale=6.0))
+    assert n[0] == 0, f"{n[0]} compilations"

@@ -70,10 +70,11 @@ class VideoGenerator:
     def generate_video(self, prompt: str, *, image: Any | None = None, output_path: str | Path | None = None,
                        latents: Any | None = None, progress: bool = True, **overrides: Any) -> dict[str, Any]:
         """Generate one request. Returns ``frames`` (F, H, W, 3) uint8 (or (B, F, H, W, 3) when
-        ``num_videos_per_prompt`` > 1), ``latents``, ``param``, ``seconds`` and, when ``output_path`` is given,
-        ``teacache`` (what it skipped, when ``teacache_thresh`` > 0), ``paths``: the mp4s written, ``output_path`` itself for one video, ``<stem>_0.mp4``, ``<stem>_1.mp4``,
-        ... beside it for several (``path`` is the first). The request and the output path are checked before
-        any work; the videos are written all or none (``OutputPathError`` names the path and the cause).
+        ``num_videos_per_prompt`` > 1), ``latents``, ``param``, ``seconds``; ``teacache`` (the steps it skipped)
+        when ``teacache_thresh`` > 0; and, when ``output_path`` is given, ``paths``: the mp4s written,
+        ``output_path`` itself for one video, ``<stem>_0.mp4``, ``<stem>_1.mp4``, ... beside it for several
+        (``path`` is the first). The request and the output path are checked before any work; the videos are
+        written all or none (``OutputPathError`` names the path and the cause).
         ``image``: the first frame of an image-to-video model (a path, a ``PIL.Image`` or a uint8 (H, W, 3) RGB
         array), resized to the requested height x width; required by such a model, refused by a text-to-video one."""
         param = self.sampling_param(prompt=prompt, **overrides)
