@@ -38,7 +38,7 @@ class ForwardBatch:
     num_steps: int = struct.field(pytree_node=False, default=0)
     latents: jax.Array | None = None  # (B, C, F, H, W) fp32
     frames: Any = None  # (B, F, H, W, 3) uint8 on the host, after decoding
-    teacache: dict | None = struct.field(pytree_node=False, default=None)  # what TeaCache skipped (host data)
+    teacache: dict | None = None  # what TeaCache skipped (host numbers)
 
     @property
     def batch_size(self) -> int:

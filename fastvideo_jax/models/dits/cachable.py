@@ -24,7 +24,7 @@ from flax import nnx
 
 from fastvideo_jax.models.dits import teacache
 from fastvideo_jax.models.dits.base import BaseDiT
-from fastvideo_jax.models.dits.teacache import TeaCacheRuntime, TeaCacheState
+from fastvideo_jax.models.dits.teacache import TeaCacheRuntime, TeaCacheState, WanTeaCacheParams
 
 
 class CachableDiT(BaseDiT):
@@ -32,8 +32,14 @@ class CachableDiT(BaseDiT):
 
     _abstract = True
 
-    def init_teacache_state(self, hidden_states_shape: tuple[int, ...], dtype, *, cfg: bool) -> TeaCacheState:
-        """An empty cache for latents of ``hidden_states_shape`` (the batch without the CFG copy)."""
+    def teacache_params(self) -> WanTeaCacheParams:
+        """The model's TeaCache preset (polynomial, which modulated input, retention steps)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement TeaCache")
+
+    def init_teacache_state(self, hidden_states_shape: tuple[int, ...], dtype, *, cfg: bool,
+                            use_ret_steps: bool) -> TeaCacheState:
+        """An empty cache for latents of ``hidden_states_shape`` (the batch without the CFG copy), with the DiT's
+        mesh in scope."""
         raise NotImplementedError(f"{type(self).__name__} does not implement TeaCache")
 
     def should_skip_forward_for_cached_states(self, cache: TeaCacheState, *, modulated: jax.Array,
