@@ -325,3 +325,20 @@ def test_on_a_mesh_equals_one_device_and_compiles_once(tmp_path, count_compiles)
     with count_compiles() as n:
         gen.generate_video("a dog", progress=False, **dict(request, teacache_thresh=0.2, guidance_scale=6.0))
     assert n[0] == 0, f"{n[0]} compilations"
+
+
+def test_cli_flag(tmp_path, monkeypatch, capsys):
+    """``--teacache-thresh`` reaches the pipeline (the run reports what it skipped); a bad value is one line,
+    exit 2, before any model is looked up."""
+    from fastvideo_jax.entrypoints.cli import main
+
+    monkeypatch.setenv("FASTVIDEO_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTVIDEO_JAX_DEBUG", raising=False)
+    out = tmp_path / "tiny.mp4"
+    base = ["generate", "--model", "tiny-wan", "--prompt", "a robot", "--height", "32", "--width", "32",
+            "--num-frames", "5", "--num-inference-steps", "8", "--output", str(out), "--no-progress"]
+    assert main([*base, "--teacache-thresh", "0.08"]) == 0
+    assert "teacache: blocks skipped on 2 of 8 steps" in capsys.readouterr().out  # steps 6, 7: past ret-steps
+    assert main([*base[:2], "/nonexistent", *base[3:], "--teacache-thresh", "nan"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: teacache_thresh must be finite") and err.count("\n") == 1
