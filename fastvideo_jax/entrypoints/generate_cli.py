@@ -22,7 +22,8 @@ def add_generate_parser(sub) -> None:
         f"'--model {TINY_WAN_ID}' runs a built-in random-weight pipeline (noise output) in seconds on a CPU.",
     )
     p.add_argument("--model", required=True,
-                   help=f"pipeline directory, Hugging Face repo id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers), {TINY_WAN_ID} or "
+                   help=f"pipeline directory, Hugging Face repo id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers), "
+                   f"{TINY_WAN_ID} or "
                    f"{TINY_WAN_I2V_ID} (its image-to-video twin, with --image)")
     p.add_argument("--prompt", required=True, help="what the video should show")
     p.add_argument("--image", default=None,

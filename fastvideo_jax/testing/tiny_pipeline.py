@@ -2,8 +2,9 @@
 with random weights.
 
 Written by our own models (no torch): DiT, UMT5 text encoder, VAE, a tokenizer trained in code, a UniPC
-scheduler config and, for image-to-video, a CLIP vision tower and its image processor config. It runs the whole generation path on a CPU in seconds. Its weights are random, so its
-videos are noise; use it to check an installation, not to judge quality.
+scheduler config and, for image-to-video, a CLIP vision tower and its image processor config. Each runs the whole
+generation path on a CPU in seconds. The weights are random, so the videos are noise; use them to check an
+installation, not to judge quality.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from pathlib import Path
 from fastvideo_jax.configs.pipelines.registry import TINY_WAN_I2V_ID, TINY_WAN_ID
 from fastvideo_jax.utils.paths import cache_dir, give_ordinary_mode
 
-__all__ = ["TINY_IDS", "TINY_WAN_ID", "TINY_WAN_I2V_ID", "UNIPC_FLOW_CONFIG", "cache_dir", "ensure_tiny", "ensure_tiny_wan",
-           "write_tiny_wan_i2v_pipeline", "write_tiny_wan_pipeline"]
+__all__ = ["TINY_IDS", "TINY_WAN_ID", "TINY_WAN_I2V_ID", "UNIPC_FLOW_CONFIG", "cache_dir", "ensure_tiny",
+           "ensure_tiny_wan", "write_tiny_wan_i2v_pipeline", "write_tiny_wan_pipeline"]
 _VERSION = "v1"
 
 UNIPC_FLOW_CONFIG = {

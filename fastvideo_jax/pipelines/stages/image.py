@@ -62,7 +62,7 @@ class ImageEncodingStage(PipelineStage):
 
     def __call__(self, batch: ForwardBatch) -> ForwardBatch:
         if batch.image is None:
-            raise ValueError("ImageEncodingStage: the batch has no image (the pipeline's check_image lets none through)")
+            raise ValueError("ImageEncodingStage: the batch has no image (the pipeline's check_image requires one)")
         embeds = self.encode(batch.image)
         rows = batch.batch_size * (2 if batch.do_cfg else 1)  # the uncond rows see the same image
         embeds = jnp.repeat(embeds, rows, axis=0)
@@ -110,7 +110,7 @@ class ImageVAEEncodingStage(PipelineStage):
 
     def __call__(self, batch: ForwardBatch) -> ForwardBatch:
         if batch.image is None:
-            raise ValueError("ImageVAEEncodingStage: the batch has no image (the pipeline's check_image lets none through)")
+            raise ValueError("ImageVAEEncodingStage: the batch has no image (check_image requires one)")
         p, n = batch.param, batch.batch_size
         latents = jnp.repeat(self.encode(batch.image, p.num_frames, p.height, p.width), n, axis=0)
         mask = frame_mask(n, latents.shape[2], latents.shape[3], latents.shape[4], self.temporal)
