@@ -6,6 +6,7 @@ one-initialised (adaLN gates, output projections, norm scales) and would hide bu
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +71,16 @@ def errors(ours, ref) -> tuple[float, float]:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     err = float(np.abs(ours - ref).max())
     return err, err / max(float(np.abs(ref).max()), 1e-30)
+
+
+def sta_token_mask(grid, tile, window) -> np.ndarray:
+    """(L, L) bool from the STA definition: tiles of ``tile`` tokens, a query tile's window of ``window`` tiles
+    centred on it and clamped inside the tile grid (even sizes cover w + 1 tiles, as FastVideo)."""
+    coords = np.stack(np.unravel_index(np.arange(math.prod(grid)), grid), axis=1) // np.asarray(tile)  # (L, 3)
+    allowed = np.ones((len(coords), len(coords)), bool)
+    for d in range(3):
+        n, half = -(-grid[d] // tile[d]), window[d] // 2
+        centre = np.clip(coords[:, d], half, max(half, n - 1 - half)) if 2 * half < n else np.full(len(coords), -1)
+        near = np.abs(centre[:, None] - coords[None, :, d]) <= half
+        allowed &= near if 2 * half < n else True
+    return allowed

@@ -21,7 +21,7 @@ from fastvideo_jax.models.layers import compiled
 from fastvideo_jax.models.loader.component_loader import TransformerLoader, build_abstract
 from fastvideo_jax.testing import write_random_dit
 from fastvideo_jax.testing.tiny_checkpoints import random_state
-from tests.oracles import dit_call, errors
+from tests.oracles import dit_call, errors, sta_token_mask
 
 TILE = (1, 2, 2)  # small tiles so the tiny latent grid (3, 3, 5) spans several tiles (with ragged edges)
 SMALL, WIDE = (1, 1, 1), (3, 1, 2)
@@ -52,22 +52,9 @@ def dense_out(dit_dir, inputs):
     return np.asarray(dit_call(_load(dit_dir), *inputs))
 
 
-def _token_mask(grid, tile, window) -> np.ndarray:
-    """(L, L) bool from the STA definition: tiles of ``tile`` tokens, a query tile's window of ``window`` tiles
-    centred on it and clamped inside the tile grid (even sizes cover w + 1 tiles, as FastVideo)."""
-    coords = np.stack(np.unravel_index(np.arange(math.prod(grid)), grid), axis=1) // np.asarray(tile)  # (L, 3)
-    allowed = np.ones((len(coords), len(coords)), bool)
-    for d in range(3):
-        n, half = -(-grid[d] // tile[d]), window[d] // 2
-        centre = np.clip(coords[:, d], half, max(half, n - 1 - half)) if 2 * half < n else np.full(len(coords), -1)
-        near = np.abs(centre[:, None] - coords[None, :, d]) <= half
-        allowed &= near if 2 * half < n else True
-    return allowed
-
-
 def _masked_dense(q, k, v, *, grid, palette, index, tile):
     """Dense softmax attention under the test's token mask, the window set chosen at run time like STA's."""
-    masks = np.stack([np.stack([_token_mask(grid, tile, w) for w in windows]) for windows in palette])
+    masks = np.stack([np.stack([sta_token_mask(grid, tile, w) for w in windows]) for windows in palette])
     mask = jnp.asarray(masks)[index][None]  # (1, N, L, L)
     s = jnp.einsum("bqne,bkne->bnqk", q, k) * q.shape[-1] ** -0.5
     p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
@@ -76,13 +63,13 @@ def _masked_dense(q, k, v, *, grid, palette, index, tile):
 
 def test_token_mask_matches_fastvideo_clamping():
     # 1 x 1 x 5 tiles, window 3 along w: edge tiles see their 3 nearest, clamped inside the grid.
-    m = _token_mask((1, 1, 5), (1, 1, 1), (1, 1, 3))
+    m = sta_token_mask((1, 1, 5), (1, 1, 1), (1, 1, 3))
     assert m[0].tolist() == [True, True, True, False, False]
     assert m[2].tolist() == [False, True, True, True, False]
     assert m[4].tolist() == [False, False, True, True, True]
 
 
-def test_sta_dit_equals_dense_dit_under_the_token_mask(dit_dir, inputs, dense_out, monkeypatch):
+def test_sta_dit_equals_dense_dit_under_thesta_token_mask(dit_dir, inputs, dense_out, monkeypatch):
     windows = (((1, 1, 1), (3, 3, 1)), WIDE)  # layer 0: a window per head; layer 1: one window for both
     ours = np.asarray(dit_call(_sta(dit_dir, sta_layer_windows=windows), *inputs))
     # The same model with its sliding-tile attention replaced by dense attention under the token mask. The

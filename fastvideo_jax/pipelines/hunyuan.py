@@ -16,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from fastvideo_jax.attention.sliding_tile_strategy import MaskStrategy
 from fastvideo_jax.configs.pipelines.base import PipelineConfig
 from fastvideo_jax.configs.pipelines.hunyuan import HunyuanConfig
 from fastvideo_jax.configs.sample import SamplingParam
@@ -90,11 +91,15 @@ class HunyuanVideoPipeline(ComposedPipeline):
     _required_components = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae",
                             "scheduler")
 
-    def __init__(self, components: Mapping[str, Any], config: PipelineConfig):
+    def __init__(self, components: Mapping[str, Any], config: PipelineConfig, *,
+                 mask_strategy: MaskStrategy | None = None):
+        """``mask_strategy``: FastVideo's sliding-tile windows per (step, layer, head) for a sliding-tile DiT, its
+        layers the dual-stream blocks then the single-stream ones (FastVideo's numbering)."""
         components = dict(components)
         scheduler = components.get("scheduler")
         if scheduler is not None and config.flow_shift is not None:
             components["scheduler"] = dataclasses.replace(scheduler, shift=float(config.flow_shift))
+        self.mask_strategy = mask_strategy
         super().__init__(components, config)
 
     @classmethod
@@ -121,6 +126,6 @@ class HunyuanVideoPipeline(ComposedPipeline):
             TimestepPreparationStage(self.scheduler, sigmas=hunyuan_sigmas),
             LatentPreparationStage(dit_arch.in_channels, vae_arch.temporal_compression_ratio,
                                    vae_arch.spatial_compression_ratio),
-            DenoisingStage(dit, self.scheduler),
+            DenoisingStage(dit, self.scheduler, mask_strategy=self.mask_strategy),
             DecodingStage(vae, tiled=c.vae_tiling),
         ]

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from fastvideo_jax.attention import attention
+from fastvideo_jax.attention import attention, sliding_tile_attention
+from fastvideo_jax.models.dits.sta import StaLayer
 from fastvideo_jax.models.layers.activations import gelu_tanh
 from fastvideo_jax.models.layers.embeddings import apply_rope
 from fastvideo_jax.models.layers.linear import Linear
@@ -74,12 +75,21 @@ def _qk_norm(head_dim):
     return lambda rngs: RMSNorm(head_dim, EPS, param_dtype=F32, rngs=rngs)
 
 
-def joint_attention(video, text, text_lengths, video_length, backend):
+def joint_attention(video, text, text_lengths, video_length, backend, sta: StaLayer | None = None):
     """Attention over [video; text]: video q/k/v (B, Lp, N, E) token-sharded (the first ``video_length`` real),
     text q/k/v (B, Lt, N, E) whole; every query attends the real video and the first text_lengths[b] text keys.
+    With ``sta`` (this layer's sliding-tile windows) a video query attends the video keys in its window only
+    (text queries still attend every real video key, everyone every real text key: the STA op's joint text).
     Returns the video and text outputs merged over heads."""
     def attend(q, k, v, kv_lengths):
-        return attention(q, k, v, kv_lengths=kv_lengths, backend=backend)
+        if sta is None:
+            return attention(q, k, v, kv_lengths=kv_lengths, backend=backend)
+        # Per device: the whole video (padding dropped) then the text, for this device's head chunk
+        palette, index = sta.device_view()
+        text_len = q.shape[1] - video_length
+        text_mask = jnp.arange(text_len)[None, :] < (kv_lengths - video_length)[:, None] if text_len else None
+        return sliding_tile_attention(q, k, v, grid=sta.grid, palette=palette, index=index, tile=sta.tile,
+                                      text_len=text_len, text_mask=text_mask)
 
     out_v, out_t = joint_ulysses_attention(video, text, attend, text_lengths, video_length)
     return _merge(out_v), _merge(out_t)
@@ -100,7 +110,7 @@ class DualStreamAttention(nnx.Module):
         self.norm_q, self.norm_k, self.norm_added_q, self.norm_added_k = (norm(rngs) for _ in range(4))
         self.to_out, self.to_add_out = linear(("heads", "embed")), linear(("heads", "embed"))
 
-    def __call__(self, x, c, cos, sin, text_lengths, video_length, backend):  # x (B, Lp, D), c (B, Lt, D)
+    def __call__(self, x, c, cos, sin, text_lengths, video_length, backend, sta=None):  # x (B, Lp, D), c (B, Lt, D)
         n = self.heads
         q = apply_rope(self.norm_q(_heads(self.to_q(x), n)), cos, sin)
         k = apply_rope(self.norm_k(_heads(self.to_k(x), n)), cos, sin)
@@ -108,7 +118,7 @@ class DualStreamAttention(nnx.Module):
         qc = self.norm_added_q(_heads(self.add_q_proj(c), n))
         kc = self.norm_added_k(_heads(self.add_k_proj(c), n))
         vc = _heads(self.add_v_proj(c), n)
-        out_v, out_t = joint_attention((q, k, v), (qc, kc, vc), text_lengths, video_length, backend)
+        out_v, out_t = joint_attention((q, k, v), (qc, kc, vc), text_lengths, video_length, backend, sta)
         return self.to_out(out_v), self.to_add_out(out_t)
 
 
@@ -124,13 +134,13 @@ class DualStreamBlock(nnx.Module):
         self.ff = feed_forward(dim, cfg.mlp_dim, gelu_tanh, param_dtype, rngs)
         self.ff_context = feed_forward(dim, cfg.mlp_dim, gelu_tanh, param_dtype, rngs)
 
-    def __call__(self, x, c, temb, cos, sin, text_lengths, video_length):
+    def __call__(self, x, c, temb, cos, sin, text_lengths, video_length, sta: StaLayer | None = None):
         x = constrain(x, ("batch", "length", "embed"))
         c = constrain(c, ("batch", "text_length", "embed"))
         shift, scale, gate, shift2, scale2, gate2 = self.norm1(temb)
         c_shift, c_scale, c_gate, c_shift2, c_scale2, c_gate2 = self.norm1_context(temb)
         a_x, a_c = self.attn(self.norm1.modulate(x, shift, scale), self.norm1_context.modulate(c, c_shift, c_scale),
-                             cos, sin, text_lengths, video_length, self.backend)
+                             cos, sin, text_lengths, video_length, self.backend, sta)
         x = (x.astype(F32) + a_x.astype(F32) * gate).astype(x.dtype)
         c = (c.astype(F32) + a_c.astype(F32) * c_gate).astype(c.dtype)
         x = (x.astype(F32) + self.ff(self.norm1.modulate(x, shift2, scale2)).astype(F32) * gate2).astype(x.dtype)
@@ -163,7 +173,8 @@ class SingleStreamBlock(nnx.Module):
         self.proj_mlp = Linear(dim, cfg.mlp_dim, axes=("embed", "mlp"), param_dtype=param_dtype, rngs=rngs)
         self.proj_out = Linear(dim + cfg.mlp_dim, dim, axes=("mlp", "embed"), param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, c, temb, cos, sin, text_lengths, video_length):  # x (B, Lp, D), c (B, Lt, D)
+    def __call__(self, x, c, temb, cos, sin, text_lengths, video_length, sta: StaLayer | None = None):
+        # x (B, Lp, D), c (B, Lt, D); sta: this layer's sliding-tile windows (None = dense)
         x = constrain(x, ("batch", "length", "embed"))
         c = constrain(c, ("batch", "text_length", "embed"))
         shift, scale, gate = self.norm(temb)
@@ -175,7 +186,7 @@ class SingleStreamBlock(nnx.Module):
 
         q, k, v = qkv(nx)
         video = (apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
-        out_v, out_t = joint_attention(video, qkv(nc), text_lengths, video_length, self.backend)
+        out_v, out_t = joint_attention(video, qkv(nc), text_lengths, video_length, self.backend, sta)
 
         def residual(h, normed, out):
             mlp = gelu_tanh(self.proj_mlp(normed))

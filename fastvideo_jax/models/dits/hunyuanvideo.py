@@ -6,6 +6,10 @@ blocks then single-stream blocks (``hunyuan_blocks.py``), each kind stacked and 
 with the checkpoint's axis split (``rope_axes_dim``) and theta; an adaLN output head. Module attributes carry
 diffusers' names, so the name mapping only rewrites PyTorch's Sequential indices. ``__call__`` runs the forward
 under a cached jit (``compiled_call``): a second eager call with the same shapes does not compile.
+
+Sliding-tile attention (``SlidingTileDiTConfig``, ``sta.py``) runs on the video tokens of every dual- and
+single-stream block's joint attention, the real text tokens joined in full; per-layer windows are scanned data
+(layers: the dual-stream blocks then the single-stream ones, FastVideo's numbering for mask strategies).
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from fastvideo_jax.attention.api import AttentionBackend
 from fastvideo_jax.configs.models.dits.hunyuanvideo import HunyuanVideoArchConfig, HunyuanVideoConfig
 from fastvideo_jax.dtypes import to_dtype
 from fastvideo_jax.models.dits.base import DENSE_BACKENDS, BaseDiT
 from fastvideo_jax.models.dits.hunyuan_blocks import (
     F32, AdaModulation, DualStreamBlock, RefinerBlock, SingleStreamBlock, stacked,
 )
+from fastvideo_jax.models.dits.sta import StaLayer, sta_inputs, sta_plan, sta_scan_inputs
 from fastvideo_jax.models.layers.compiled import compiled_call
 from fastvideo_jax.models.layers.embeddings import rope_3d_tables, timestep_embedding
 from fastvideo_jax.models.layers.linear import Linear, PatchEmbed3D
@@ -93,17 +99,21 @@ class _XEmbedder(nnx.Module):
 
 
 class HunyuanVideoTransformer3DModel(BaseDiT):
-    """HunyuanVideo text-to-video DiT. ``__call__`` takes and returns PyTorch-layout latents (B, C, F, H, W)."""
+    """HunyuanVideo text-to-video DiT. ``__call__`` takes and returns PyTorch-layout latents (B, C, F, H, W).
+
+    Attention: any dense backend, or ``SLIDING_TILE_ATTN`` (the same as ``self_attention_backend='sliding_tile'``:
+    sliding-tile joint attention in the dual- and single-stream blocks, dense attention in the text refiner)."""
 
     config_class = HunyuanVideoConfig
-    _supported_attention_backends = DENSE_BACKENDS
-    extra_inputs = frozenset({"encoder_attention_mask", "pooled_projections"})
+    _supported_attention_backends = DENSE_BACKENDS | {AttentionBackend.SLIDING_TILE_ATTN}
+    extra_inputs = frozenset({"encoder_attention_mask", "pooled_projections", "sta_layer_ids", "sta_palette"})
 
     def __init__(self, config: HunyuanVideoConfig, *, rngs: nnx.Rngs):
         super().__init__(config)
         cfg = config.arch_config
         dtype = to_dtype(config.precision)
-        backend = self.attention_backend
+        backend = None if self.attention_backend is AttentionBackend.SLIDING_TILE_ATTN else self.attention_backend
+        self.sta_plan = sta_plan(config, cfg.num_layers + cfg.num_single_layers)  # dual blocks, then single
         dim = cfg.hidden_size
         self.x_embedder = _XEmbedder(cfg, dtype, rngs)
         self.context_embedder = _ContextEmbedder(cfg, dtype, backend, rngs)
@@ -123,8 +133,12 @@ class HunyuanVideoTransformer3DModel(BaseDiT):
         timestep: jax.Array,  # (B,) or a scalar
         encoder_hidden_states_image: jax.Array | None = None,  # no image branch: must stay None
         guidance: jax.Array | None = None,  # (B,) or a scalar: the embedded guidance (diffusers: scale * 1000)
-        **kwargs,  # encoder_attention_mask (B, Lt) (1 = real text token, a prefix); pooled_projections (B, P)
+        **kwargs,  # encoder_attention_mask (B, Lt) (1 = real text token, a prefix); pooled_projections (B, P);
+        # sta_layer_ids (num_layers + num_single_layers,) int32, sta_palette: static per-head window sets
     ) -> jax.Array:  # (B, C_out, F, H, W)
+        """The forward under one cached jit. A sliding-tile model can take its per-layer windows at run time:
+        ``sta_palette`` (static, e.g. from ``MaskStrategy.palette_schedule``) and ``sta_layer_ids`` (data: the
+        dual-stream layers then the single-stream ones; new ids do not recompile)."""
         self.check_extra_inputs(kwargs)
         if encoder_hidden_states_image is not None:
             raise TypeError("HunyuanVideoTransformer3DModel takes no image embedding (encoder_hidden_states_image)")
@@ -132,9 +146,11 @@ class HunyuanVideoTransformer3DModel(BaseDiT):
         B = hidden_states.shape[0]
         mask, guidance = self._check_inputs(hidden_states, encoder_hidden_states, timestep, mask, pooled, guidance)
         timestep = jnp.broadcast_to(jnp.asarray(timestep, F32), (B,))
+        palette, ids = sta_inputs(self.sta_plan, kwargs.get("sta_layer_ids"), kwargs.get("sta_palette"),
+                                  self.config.arch_config.num_attention_heads)
         with mesh_scope(params_mesh(nnx.state(self))):  # loaded on a mesh: split the work on it too
             return compiled_call(_forward, self, hidden_states, encoder_hidden_states, timestep, mask, pooled,
-                                 guidance)
+                                 guidance, ids, sta_palette=palette)
 
     def _check_inputs(self, x, text, timestep, mask, pooled, guidance):
         cfg, name = self.config.arch_config, type(self).__name__
@@ -167,11 +183,12 @@ class HunyuanVideoTransformer3DModel(BaseDiT):
             guidance = jnp.broadcast_to(jnp.asarray(guidance, F32), (B,))
         return jnp.asarray(mask).astype(bool), guidance
 
-    def forward(self, hidden_states, encoder_hidden_states, timestep, mask, pooled, guidance=None):
+    def forward(self, hidden_states, encoder_hidden_states, timestep, mask, pooled, guidance=None,
+                sta_layer_ids=None, *, sta_palette=None):
         """The traced forward (``__call__`` runs it under jit with the configured matmul precision)."""
         cfg = self.config.arch_config
         pt, p = cfg.patch_size_t, cfg.patch_size
-        F, H, W = hidden_states.shape[2:]
+        B, _, F, H, W = hidden_states.shape
         grid = (F // pt, H // p, W // p)
         cos, sin = rope_3d_tables(cfg.attention_head_dim, grid, max(grid), cfg.rope_theta, cfg.rope_axes_dim)
         temb = self.time_text_embed(timestep, pooled, guidance)
@@ -187,23 +204,39 @@ class HunyuanVideoTransformer3DModel(BaseDiT):
         x = constrain(x, ("batch", "length", "embed"))
         cos, sin = constrain(cos, ("length", None)), constrain(sin, ("length", None))
 
-        def run(blocks, x, c):
-            @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None, None), out_axes=nnx.Carry)
-            def scan(xc, block, temb, cos, sin, text_lengths):
-                return block(*xc, temb, cos, sin, text_lengths, L)
-
-            return scan((x, c), blocks, temb, cos, sin, text_lengths)
-
-        x, c = run(self.transformer_blocks, x, c)
-        x, _ = run(self.single_transformer_blocks, x, c)
+        dual = single = None
+        if sta_palette is not None:  # layer ids: the dual-stream blocks', then the single-stream blocks'
+            like = jax.ShapeDtypeStruct((B, L, cfg.num_attention_heads, cfg.attention_head_dim), x.dtype)
+            grid, tile, palette, ids = sta_scan_inputs(self.sta_plan, sta_palette, sta_layer_ids, grid, like)
+            dual, single = ((grid, tile, palette, part) for part in (ids[:cfg.num_layers], ids[cfg.num_layers:]))
+        x, c = _run_blocks(self.transformer_blocks, x, c, temb, cos, sin, text_lengths, L, dual)
+        x, _ = _run_blocks(self.single_transformer_blocks, x, c, temb, cos, sin, text_lengths, L, single)
         scale, shift = self.norm_out(temb)
         x = self.proj_out(self.norm_out.modulate(x, shift, scale))[:, :L]
         return rearrange(x, "b (f h w) (c pt ph pw) -> b c (f pt) (h ph) (w pw)",
                          f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=p, pw=p)
 
 
-def _forward(model: HunyuanVideoTransformer3DModel, *args):
-    return model.forward(*args)
+def _forward(model: HunyuanVideoTransformer3DModel, *args, **static):
+    return model.forward(*args, **static)
+
+
+def _run_blocks(blocks, x, c, temb, cos, sin, text_lengths, video_length, sta):
+    """One block kind's stacked blocks under ONE ``nnx.scan``; with sliding-tile attention (``sta`` = grid, tile,
+    palette, this kind's layer ids) each layer's window-set index is scanned data next to its parameters."""
+    if sta is None:
+        @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None, None), out_axes=nnx.Carry)
+        def run_dense(xc, block, temb, cos, sin, text_lengths):
+            return block(*xc, temb, cos, sin, text_lengths, video_length)
+
+        return run_dense((x, c), blocks, temb, cos, sin, text_lengths)
+    grid, tile, palette, ids = sta
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0, None, None, None, None), out_axes=nnx.Carry)
+    def run(xc, block, index, temb, cos, sin, text_lengths):
+        return block(*xc, temb, cos, sin, text_lengths, video_length, StaLayer(grid, tile, palette, index))
+
+    return run((x, c), blocks, ids, temb, cos, sin, text_lengths)
 
 
 EntryClass = HunyuanVideoTransformer3DModel

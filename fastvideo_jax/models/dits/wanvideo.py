@@ -25,27 +25,23 @@ from flax import nnx
 
 from fastvideo_jax.attention import attention, sliding_tile_attention
 from fastvideo_jax.attention.api import AttentionBackend
-from fastvideo_jax.attention.sliding_tile import auto_sta_tile
-from fastvideo_jax.attention.sliding_tile_mask import normalize_windows
 from fastvideo_jax.configs.models.dits.wanvideo import WanVideoArchConfig, WanVideoConfig
 from fastvideo_jax.dtypes import to_dtype
 from fastvideo_jax.errors import UserError
 from fastvideo_jax.models.dits import teacache
 from fastvideo_jax.models.dits.base import DENSE_BACKENDS
 from fastvideo_jax.models.dits.cachable import CachableDiT
+from fastvideo_jax.models.dits.sta import StaLayer, sta_inputs, sta_plan, sta_scan_inputs
 from fastvideo_jax.models.dits.teacache import (
     WAN_TEACACHE_PRESETS, TeaCacheRuntime, TeaCacheState, WanTeaCacheParams, wan_teacache_preset,
 )
-from fastvideo_jax.models.dits.wan_sta import StaLayer, sta_plan
 from fastvideo_jax.models.layers.activations import gelu_exact, gelu_tanh
 from fastvideo_jax.models.layers.compiled import compiled_call
 from fastvideo_jax.models.layers.embeddings import apply_rope, rope_3d_tables, timestep_embedding
 from fastvideo_jax.models.layers.linear import Linear, PatchEmbed3D, make_param
 from fastvideo_jax.models.layers.norms import LayerNorm, RMSNorm
 from fastvideo_jax.parallel.activations import constrain, mesh_scope, params_mesh
-from fastvideo_jax.parallel.sequence import (
-    head_chunk_index, head_chunks, local_attention, pad_length, padding_mask, ulysses_attention,
-)
+from fastvideo_jax.parallel.sequence import local_attention, pad_length, padding_mask, ulysses_attention
 
 F32 = jnp.float32
 
@@ -195,7 +191,7 @@ class WanTransformerBlock(_QKNormProjections):
         k = apply_rope(self._heads(self.norm_k(self.to_k(x))), cos, sin)
         v = self._heads(self.to_v(x))
         if sta is not None:
-            attend = _sliding_tile_attend(sta, self.num_heads, padded=kv_mask is not None)
+            attend = _sliding_tile_attend(sta, padded=kv_mask is not None)
         else:
             def attend(q, k, v, kv_mask):  # the padding mask is a prefix: as lengths, cuDNN can take it
                 lengths = None if kv_mask is None else kv_mask.sum(-1, dtype=jnp.int32)
@@ -223,22 +219,18 @@ class WanTransformerBlock(_QKNormProjections):
         return constrain(x, ("batch", "length", "embed"))
 
 
-def _sliding_tile_attend(sta: StaLayer, num_heads: int, padded: bool):
+def _sliding_tile_attend(sta: StaLayer, padded: bool):
     """Sliding-tile attention on the full token grid for the heads this device holds. Under Ulysses each
     device has every token for N/chunks heads: the palette is cut per head chunk and the entry is picked by
-    (chunk, layer index) at run time."""
+    (chunk, layer index) at run time (``StaLayer.device_view``)."""
     grid = sta.grid
     if padded:
         raise UserError(f"sliding-tile attention needs the whole token grid {grid} ({grid[0] * grid[1] * grid[2]} "
                          f"tokens), which the sequence mesh axis does not divide; use dense attention or a "
                          f"sequence size that divides the token count")
-    chunks = head_chunks()
-    per = num_heads // chunks
-    # Entry c * K + k: the heads of chunk c under window set k (the chunk is known inside the shard_map only).
-    palette = tuple(w[c * per:(c + 1) * per] for c in range(chunks) for w in sta.palette)
 
     def attend(q, k, v, kv_mask):
-        index = sta.index if chunks == 1 else head_chunk_index() * len(sta.palette) + sta.index
+        palette, index = sta.device_view()
         return sliding_tile_attention(q, k, v, grid=grid, palette=palette, index=index, tile=sta.tile)
 
     return attend
@@ -302,26 +294,7 @@ class WanTransformer3DModel(CachableDiT):
                                  encoder_hidden_states_image, ids, sta_palette=palette)
 
     def _sta_inputs(self, ids, palette):
-        plan, layers = self.sta_plan, self.config.arch_config.num_layers
-        if plan is None:
-            if ids is not None or palette is not None:
-                raise ValueError("sta_layer_ids / sta_palette need a sliding-tile model "
-                                 "(self_attention_backend='sliding_tile')")
-            return None, None
-        if palette is None:
-            palette = plan.palette
-        else:
-            palette = tuple(normalize_windows(w, self.config.arch_config.num_attention_heads) for w in palette)
-        if ids is None:
-            ids = np.asarray(plan.layer_ids, np.int32)
-        if jnp.shape(ids) != (layers,):
-            raise ValueError(f"sta_layer_ids must have shape ({layers},), got {jnp.shape(ids)}")
-        if not isinstance(ids, jax.core.Tracer):
-            ids = np.asarray(ids, np.int32)  # host data: checked here, no eager device ops
-            if not ((ids >= 0) & (ids < len(palette))).all():
-                raise ValueError(f"sta_layer_ids {ids.tolist()} must index the {len(palette)} window sets "
-                                 "of sta_palette")
-        return palette, ids
+        return sta_inputs(self.sta_plan, ids, palette, self.config.arch_config.num_attention_heads)
 
     def _check_inputs(self, hidden_states, encoder_hidden_states_image) -> None:
         cfg = self.config.arch_config
@@ -438,11 +411,8 @@ class WanTransformer3DModel(CachableDiT):
 
         sta = None
         if sta_palette is not None:
-            tile = self.sta_plan.tile
-            if tile == "auto":
-                like = jax.ShapeDtypeStruct((B, L, cfg.num_attention_heads, cfg.attention_head_dim), x.dtype)
-                tile = auto_sta_tile(grid, like)
-            sta = (grid, tile, sta_palette, jnp.clip(sta_layer_ids, 0, len(sta_palette) - 1))
+            like = jax.ShapeDtypeStruct((B, L, cfg.num_attention_heads, cfg.attention_head_dim), x.dtype)
+            sta = sta_scan_inputs(self.sta_plan, sta_palette, sta_layer_ids, grid, like)
         return WanEmbedded(x, temb, temb_proj, context, image_context, cos, sin, kv_mask, sta, grid, L)
 
     def run_blocks(self, emb: "WanEmbedded", x: jax.Array) -> jax.Array:

@@ -292,10 +292,11 @@ class DenoisingStage(PipelineStage):
         strategy covers, so the step compiles once whatever the step count), or ``(None, None)``."""
         if self.mask_strategy is None:
             return None, None
-        if getattr(self.transformer, "sta_plan", None) is None:
+        plan = getattr(self.transformer, "sta_plan", None)
+        if plan is None:
             raise ValueError("a mask strategy needs a sliding-tile transformer (self_attention_backend='sliding_tile')")
-        arch = self.transformer.config.arch_config
-        palette, ids = self.mask_strategy.palette_schedule(self.mask_strategy.num_steps, arch.num_layers,
+        arch = self.transformer.config.arch_config  # the plan counts every attention layer (Hunyuan: both kinds)
+        palette, ids = self.mask_strategy.palette_schedule(self.mask_strategy.num_steps, plan.num_layers,
                                                            arch.num_attention_heads)
         if num_steps > len(ids):
             raise ValueError(f"the mask strategy covers {len(ids)} denoising steps; {num_steps} were requested")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from fastvideo_jax.configs.models.base import MappedArchConfig, ModelConfig, NameMapping, derived, internal
 
-__all__ = ["DiTArchConfig", "DiTConfig", "NameMapping"]
+__all__ = ["DiTArchConfig", "DiTConfig", "NameMapping", "SlidingTileDiTConfig"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,3 +32,19 @@ class DiTConfig(ModelConfig):
     precision: str = "bf16"
     # An ``AttentionBackend`` name ("reference", "cudnn", ...) or None for the platform's best.
     attention_backend: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingTileDiTConfig(DiTConfig):
+    """A DiT whose video self-attention can be sliding-tile (``models/dits/sta.py``). Dense (``attention_backend``)
+    unless ``self_attention_backend`` is ``"sliding_tile"`` (or ``attention_backend`` is ``SLIDING_TILE_ATTN``):
+    then sliding-tile attention in every attention layer with ``sta_tile`` tiles ((t, h, w) tokens, or "auto": the
+    tile that pads the latent grid least) and, per layer, the window ``sta_layer_windows[i]`` if given (a
+    (wt, wh, ww) in tiles, one per head, or None = the full window, i.e. dense), else ``sta_window`` for every
+    layer (None = the full window). All layers run in one scan per block kind whatever their windows; a pipeline
+    can also pick windows per step at run time (``mask_strategy=``)."""
+
+    self_attention_backend: str | None = None
+    sta_tile: tuple[int, int, int] | str = (6, 8, 8)
+    sta_window: Any = None
+    sta_layer_windows: tuple | None = None

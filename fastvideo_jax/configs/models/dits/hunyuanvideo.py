@@ -7,7 +7,7 @@ import dataclasses
 from types import MappingProxyType
 
 from fastvideo_jax.configs.models.base import derived, internal
-from fastvideo_jax.configs.models.dits.base import DiTArchConfig, DiTConfig, NameMapping
+from fastvideo_jax.configs.models.dits.base import DiTArchConfig, NameMapping, SlidingTileDiTConfig
 
 _ANY = r"^(.*)"
 
@@ -78,7 +78,12 @@ class HunyuanVideoArchConfig(DiTArchConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class HunyuanVideoConfig(DiTConfig):
+class HunyuanVideoConfig(SlidingTileDiTConfig):
+    """HunyuanVideo DiT knobs; sliding-tile attention fields: see ``SlidingTileDiTConfig``. Its layers are the
+    dual-stream blocks then the single-stream blocks (``num_layers + num_single_layers`` windows, FastVideo's
+    layer numbering); each attends [video; text] with the sliding tile on the video and the real text tokens
+    joined in full."""
+
     arch_config: HunyuanVideoArchConfig = dataclasses.field(default_factory=HunyuanVideoArchConfig)
     prefix: str = "Hunyuan"
 

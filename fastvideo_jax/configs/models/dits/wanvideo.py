@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from types import MappingProxyType
-from typing import Any
 
 from fastvideo_jax.configs.models.base import derived, internal
-from fastvideo_jax.configs.models.dits.base import DiTArchConfig, DiTConfig, NameMapping
+from fastvideo_jax.configs.models.dits.base import DiTArchConfig, NameMapping, SlidingTileDiTConfig
 
 _B = r"^blocks\.(\d+)\."
 
@@ -116,20 +115,12 @@ class WanVideoArchConfig(DiTArchConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class WanVideoConfig(DiTConfig):
-    """Wan DiT knobs. Self-attention is dense (``attention_backend``) unless ``self_attention_backend`` is
-    ``"sliding_tile"``: then sliding-tile attention in every layer with ``sta_tile`` tiles ((t, h, w) tokens, or
-    "auto": the tile that pads the latent grid least) and, per layer, the window ``sta_layer_windows[i]`` if
-    given (a (wt, wh, ww) in tiles, one per head, or None = the full window, i.e. dense), else ``sta_window``
-    for every layer (None = the full window). All layers run in one scan whatever their windows; a pipeline
-    can also pick windows per step at run time (``WanPipeline(..., mask_strategy=...)``)."""
+class WanVideoConfig(SlidingTileDiTConfig):
+    """Wan DiT knobs; sliding-tile self-attention fields: see ``SlidingTileDiTConfig`` (cross-attention stays
+    dense; per-step windows: ``WanPipeline(..., mask_strategy=...)``)."""
 
     arch_config: WanVideoArchConfig = dataclasses.field(default_factory=WanVideoArchConfig)
     prefix: str = "Wan"
-    self_attention_backend: str | None = None
-    sta_tile: tuple[int, int, int] | str = (6, 8, 8)
-    sta_window: Any = None
-    sta_layer_windows: tuple | None = None
 
 
 # Presets as data: config.json contents. ``tiny`` builds in milliseconds (tests, CLI smoke runs, notebooks).
