@@ -147,3 +147,18 @@ def test_forward_batch_is_a_pytree_with_a_static_request():
     doubled = jax.jit(lambda b: jax.tree.map(lambda a: a * 2, b))(batch)
     assert doubled.param is param and doubled.do_cfg
     np.testing.assert_array_equal(doubled.conditioning["encoder_hidden_states"], 2 * np.ones((2, 3, 4)))
+
+
+def test_a_new_step_count_compiles_nothing_in_timestep_preparation(count_compiles):
+    from fastvideo_jax.pipelines.stages import TimestepPreparationStage
+    from fastvideo_jax.schedulers.flow_match_euler import FlowMatchEulerScheduler
+    from fastvideo_jax.schedulers.flow_unipc import FlowUniPCMultistepScheduler
+    from fastvideo_jax.testing.tiny_pipeline import UNIPC_FLOW_CONFIG
+
+    for scheduler in (FlowMatchEulerScheduler(shift=3.0), FlowUniPCMultistepScheduler.from_config(UNIPC_FLOW_CONFIG)):
+        stage = TimestepPreparationStage(scheduler)
+        stage.tables(3)
+        with count_compiles() as compiles:
+            tables = stage.tables(7)
+        assert compiles[0] == 0, f"{type(scheduler).__name__}: a new step count compiled {compiles[0]} times"
+        assert {leaf.shape[0] for leaf in jax.tree.leaves(tables)} <= {1000, 1001}  # n or n + 1 entries, padded

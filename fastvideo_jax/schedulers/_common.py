@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 __all__ = ["ConfigRules", "resolve_config", "stretch_to_terminal"]
@@ -43,3 +44,9 @@ def stretch_to_terminal(sigmas: np.ndarray, shift_terminal: float) -> np.ndarray
     one_minus = 1.0 - sigmas
     scale = one_minus[-1] / (1.0 - shift_terminal)
     return 1.0 - one_minus / scale
+
+
+def host_table(a: Any, dtype: Any = None) -> jax.Array:
+    """A NumPy schedule table on the default device without a compile (``jnp.asarray`` of a host array compiles a
+    copy per new shape on some jax versions, i.e. once per step count)."""
+    return jax.device_put(np.asarray(a, dtype))

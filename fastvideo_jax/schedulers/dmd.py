@@ -29,6 +29,7 @@ import numpy as np
 
 from fastvideo_jax.configs.pipelines.base import check_dmd_steps
 from fastvideo_jax.errors import UserError
+from fastvideo_jax.schedulers._common import host_table
 
 __all__ = ["DmdScheduler", "DmdState", "DmdTables", "training_table"]
 
@@ -86,7 +87,7 @@ class DmdScheduler:
         table_t, table_s = training_table(self.shift, self.num_train_timesteps)
         nearest = np.abs(table_t.astype(np.float64)[None, :] - np.asarray(steps, np.float64)[:, None]).argmin(1)
         sigmas = np.concatenate([table_s[nearest], np.zeros(1, np.float32)])
-        return DmdTables(jnp.asarray(np.asarray(steps, np.float32)), jnp.asarray(sigmas))
+        return DmdTables(host_table(steps, np.float32), host_table(sigmas, np.float32))
 
     def init_state(self, tables: DmdTables, sample_shape: tuple[int, ...] | None = None, dtype: Any = None,
                    begin_index: int = 0, *, key: Any = None) -> DmdState:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastvideo_jax.schedulers._common import ConfigRules, resolve_config, stretch_to_terminal
+from fastvideo_jax.schedulers._common import ConfigRules, host_table, resolve_config, stretch_to_terminal
 
 _DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
     num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
@@ -103,7 +103,7 @@ class FlowMatchEulerScheduler:
         s32 = s.astype(np.float32)
         timesteps = s32 * np.float32(n_train)
         sigmas = np.concatenate([s32, np.zeros(1, np.float32)])
-        return EulerTables(jnp.asarray(timesteps), jnp.asarray(sigmas))
+        return EulerTables(host_table(timesteps), host_table(sigmas))
 
     def set_sigmas(self, sigmas: Any) -> EulerTables:
         """Schedule from explicit unshifted ``sigmas`` (one per step), as diffusers' ``set_timesteps(sigmas=...)``
@@ -115,7 +115,7 @@ class FlowMatchEulerScheduler:
         if self.shift_terminal:
             s = stretch_to_terminal(s, self.shift_terminal).astype(np.float32)
         timesteps = s * np.float32(self.num_train_timesteps)
-        return EulerTables(jnp.asarray(timesteps), jnp.asarray(np.concatenate([s, np.zeros(1, np.float32)])))
+        return EulerTables(host_table(timesteps), host_table(np.concatenate([s, np.zeros(1, np.float32)])))
 
     def init_state(self, tables: EulerTables, sample_shape: tuple[int, ...] | None = None,
                    dtype: Any = None, begin_index: int = 0, *, key: Any = None) -> EulerState:

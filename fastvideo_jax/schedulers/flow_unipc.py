@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastvideo_jax.schedulers._common import ConfigRules, resolve_config, stretch_to_terminal
+from fastvideo_jax.schedulers._common import ConfigRules, host_table, resolve_config, stretch_to_terminal
 
 _DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
@@ -206,9 +206,9 @@ class FlowUniPCMultistepScheduler:
                     priors = [i - 1 - k for k in range(1, q)]
                     corr[i, q - 1] = _update_row(sig, lam, i, i - 1, priors, True, bh1, k_max + 3)
         return UniPCTables(
-            timesteps=jnp.asarray(timesteps.astype(np.int32)), sigmas=jnp.asarray(sigmas),
-            max_order=jnp.asarray(max_order, jnp.int32), corrector_on=jnp.asarray(corrector_on),
-            pred_coef=jnp.asarray(pred.astype(np.float32)), corr_coef=jnp.asarray(corr.astype(np.float32)))
+            timesteps=host_table(timesteps, np.int32), sigmas=host_table(sigmas, np.float32),
+            max_order=host_table(max_order, np.int32), corrector_on=host_table(corrector_on),
+            pred_coef=host_table(pred, np.float32), corr_coef=host_table(corr, np.float32))
 
     def init_state(self, tables: UniPCTables, sample_shape: tuple[int, ...],
                    dtype: Any = jnp.float32, begin_index: int = 0, *, key: Any = None) -> UniPCState:

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fastvideo_jax.configs.sample import MAX_INFERENCE_STEPS
 from fastvideo_jax.pipelines.batch import ForwardBatch
@@ -23,9 +24,9 @@ def pad_tables(tables: Any, num_steps: int, length: int = MAX_STEPS) -> Any:
     if not 1 <= num_steps <= length:
         raise ValueError(f"num_inference_steps must be in [1, {length}], got {num_steps}")
 
-    def pad(a):
-        a = jnp.asarray(a)
-        return jnp.pad(a, [(0, length - num_steps)] + [(0, 0)] * (a.ndim - 1), mode="edge")
+    def pad(a):  # on the host: an eager jnp.pad would compile once per step count
+        a = np.asarray(a)
+        return jax.device_put(np.pad(a, [(0, length - num_steps)] + [(0, 0)] * (a.ndim - 1), mode="edge"))
 
     return jax.tree.map(pad, tables)
 
