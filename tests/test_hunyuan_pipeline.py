@@ -115,3 +115,33 @@ def test_bad_input_is_clear(diffusers_pipe, ours, tmp_path):
     (root / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=r"HunyuanVideoPipeline needs the components \['text_encoder_2'\]"):
         ModelSpec.open(root)
+
+
+def test_mask_strategy_reaches_the_sliding_tile_dit(diffusers_pipe, ours):
+    """HunyuanVideoPipeline(mask_strategy=) over a sliding-tile DiT: full windows on every (step, layer, head)
+    give the dense pipeline's latents; (1, 1, 1) windows change them; a dense DiT refuses a strategy."""
+    from fastvideo_jax.attention.sliding_tile_strategy import load_mask_strategy
+    from fastvideo_jax.models.loader.component_loader import TransformerLoader
+    from fastvideo_jax.pipelines.hunyuan import HunyuanVideoPipeline
+
+    arch = ours.pipeline.transformer.config.arch_config
+    layers, heads = arch.num_layers + arch.num_single_layers, arch.num_attention_heads
+    sta_dit = TransformerLoader().load(diffusers_pipe[0] / "transformer", precision="fp32",
+                                       self_attention_backend="sliding_tile", sta_tile=(1, 1, 1))
+    latents = np.random.default_rng(6).standard_normal((1, 16, 2, 4, 6)).astype(np.float32)
+
+    def run(transformer, window):
+        strategy = load_mask_strategy({f"{s}_{layer}_{h}": list(window) for s in range(REQUEST["num_inference_steps"])
+                                       for layer in range(layers) for h in range(heads)})
+        pipe = HunyuanVideoPipeline({**ours.pipeline.components, "transformer": transformer}, ours.pipeline.config,
+                                    mask_strategy=strategy)
+        out = VideoGenerator(pipe, ours.defaults, ours.model_path).generate_video(
+            "a dog", latents=latents, progress=False, **REQUEST)
+        return out["latents"]
+
+    dense = ours.generate_video("a dog", latents=latents, progress=False, **REQUEST)["latents"]
+    full = run(sta_dit, (9, 9, 9))
+    assert errors(full, dense)[0] < 1e-5
+    assert errors(run(sta_dit, (1, 1, 1)), dense)[0] > 1e-4
+    with pytest.raises(ValueError, match="sliding-tile transformer"):
+        run(ours.pipeline.transformer, (9, 9, 9))
