@@ -205,7 +205,7 @@ def test_bad_inputs_are_user_errors(ckpt):
         ckpt.ours(jnp.zeros((5,), jnp.int32))
     with pytest.raises(UserError, match=r"attention_mask \(1, 5\) must have input_ids' shape \(1, 6\)"):
         ckpt.ours(jnp.zeros((1, 6), jnp.int32), jnp.ones((1, 5), jnp.int32))
-    with pytest.raises(UserError, match=r"LlamaModel: attention backend 'cudnn' is not supported"):
+    with pytest.raises(UserError, match=r"LlamaModel does not support attention backend 'cudnn'"):
         LlamaModel(LlamaEncoderConfig(arch_config=llama_preset("tiny"), attention_backend="cudnn"), rngs=nnx.Rngs(0))
 
 

@@ -135,7 +135,7 @@ def test_output_and_hidden_states_match_transformers(ckpt, ours, kind):
 
 
 def test_unsupported_attention_backend_is_refused():
-    with pytest.raises(UserError, match=r"UMT5EncoderModel: attention backend 'cudnn' is not supported.*'reference'"):
+    with pytest.raises(UserError, match=r"UMT5EncoderModel does not support attention backend 'cudnn'; it supports .*'reference'"):
         UMT5EncoderModel(UMT5EncoderConfig(arch_config=t5_preset("tiny"), attention_backend="cudnn"), rngs=nnx.Rngs(0))
 
 

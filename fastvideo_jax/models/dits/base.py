@@ -27,7 +27,7 @@ from flax import nnx
 
 from fastvideo_jax.attention.api import AttentionBackend
 from fastvideo_jax.configs.models.dits.base import DiTConfig
-from fastvideo_jax.errors import UserError
+from fastvideo_jax.models.backends import UnsupportedBackendError, check_attention_backend
 
 __all__ = ["BaseDiT", "UnsupportedBackendError", "DENSE_BACKENDS", "check_attention_backend"]
 
@@ -37,25 +37,6 @@ DENSE_BACKENDS = frozenset({
     AttentionBackend.SPLASH_TPU, AttentionBackend.PALLAS_GPU_TRITON, AttentionBackend.PALLAS_GPU_MOSAIC,
     AttentionBackend.TOKAMAX,
 })
-
-
-class UnsupportedBackendError(UserError):
-    """An attention backend this model does not implement was requested."""
-
-
-def check_attention_backend(model_cls: type, requested: Any) -> AttentionBackend | None:
-    """The parsed backend (None = the platform's best dense one) if ``model_cls`` supports it, else
-    ``UnsupportedBackendError`` naming the model, the request and what it supports."""
-    try:
-        backend = AttentionBackend.parse(requested)
-    except ValueError as e:
-        raise UnsupportedBackendError(f"{model_cls.__name__}: {e}") from None
-    supported = model_cls._supported_attention_backends
-    if backend is not None and backend not in supported:
-        names = sorted(b.value for b in supported)
-        raise UnsupportedBackendError(f"{model_cls.__name__} does not support attention backend {backend.value!r}; "
-                                      f"it supports {names}")
-    return backend
 
 
 _CALL_INPUTS = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidden_states_image", "guidance")

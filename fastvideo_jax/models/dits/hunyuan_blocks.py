@@ -20,25 +20,13 @@ from fastvideo_jax.attention import attention, sliding_tile_attention
 from fastvideo_jax.models.dits.sta import StaLayer
 from fastvideo_jax.models.layers.activations import gelu_tanh
 from fastvideo_jax.models.layers.embeddings import apply_rope
-from fastvideo_jax.models.layers.linear import Linear
+from fastvideo_jax.models.layers.linear import Linear, MLP
 from fastvideo_jax.models.layers.norms import LayerNorm, RMSNorm
 from fastvideo_jax.parallel.activations import constrain
 from fastvideo_jax.parallel.sequence import joint_ulysses_attention, local_attention
 
 F32 = jnp.float32
 EPS = 1e-6
-
-
-class MLP(nnx.Module):
-    """fc_in -> activation -> fc_out (diffusers' ``FeedForward`` ``net.0.proj`` / ``net.2``)."""
-
-    def __init__(self, d_in, d_hidden, d_out, act, *, axes_in, axes_out, param_dtype, rngs):
-        self.fc_in = Linear(d_in, d_hidden, axes=axes_in, param_dtype=param_dtype, rngs=rngs)
-        self.fc_out = Linear(d_hidden, d_out, axes=axes_out, param_dtype=param_dtype, rngs=rngs)
-        self.act = act
-
-    def __call__(self, x):
-        return self.fc_out(self.act(self.fc_in(x)))
 
 
 def feed_forward(dim, hidden, act, param_dtype, rngs) -> MLP:

@@ -38,24 +38,12 @@ from fastvideo_jax.models.dits.teacache import (
 from fastvideo_jax.models.layers.activations import gelu_exact, gelu_tanh
 from fastvideo_jax.models.layers.compiled import compiled_call
 from fastvideo_jax.models.layers.embeddings import apply_rope, rope_3d_tables, timestep_embedding
-from fastvideo_jax.models.layers.linear import Linear, PatchEmbed3D, make_param
+from fastvideo_jax.models.layers.linear import Linear, MLP, PatchEmbed3D, make_param
 from fastvideo_jax.models.layers.norms import LayerNorm, RMSNorm
 from fastvideo_jax.parallel.activations import constrain, mesh_scope, params_mesh
 from fastvideo_jax.parallel.sequence import local_attention, pad_length, padding_mask, ulysses_attention
 
 F32 = jnp.float32
-
-
-class MLP(nnx.Module):
-    """fc_in -> activation -> fc_out."""
-
-    def __init__(self, d_in, d_hidden, d_out, act, *, axes_in, axes_out, param_dtype, rngs):
-        self.fc_in = Linear(d_in, d_hidden, axes=axes_in, param_dtype=param_dtype, rngs=rngs)
-        self.fc_out = Linear(d_hidden, d_out, axes=axes_out, param_dtype=param_dtype, rngs=rngs)
-        self.act = act
-
-    def __call__(self, x):
-        return self.fc_out(self.act(self.fc_in(x)))
 
 
 class _TimeEmbedder(nnx.Module):

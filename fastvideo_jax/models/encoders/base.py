@@ -22,7 +22,7 @@ from flax import nnx, struct
 
 from fastvideo_jax.attention.api import AttentionBackend
 from fastvideo_jax.configs.models.encoders.base import EncoderConfig
-from fastvideo_jax.errors import UserError
+from fastvideo_jax.models.backends import check_attention_backend as check_backend
 
 __all__ = ["BaseEncoderOutput", "TextEncoder", "ImageEncoder", "check_attention_backend"]
 
@@ -44,18 +44,9 @@ class BaseEncoderOutput:
 
 
 def check_attention_backend(model_cls: type, config: EncoderConfig) -> AttentionBackend | None:
-    """The backend ``config.attention_backend`` asks for (None: the model's default), refused with a
-    ``UserError`` naming the supported ones when ``model_cls`` cannot run it."""
-    requested = getattr(config, "attention_backend", None)
-    try:
-        backend = AttentionBackend.parse(requested)
-    except ValueError as e:
-        raise UserError(f"{model_cls.__name__}: {e}") from None
-    supported = model_cls._supported_attention_backends
-    if backend is not None and backend not in supported:
-        raise UserError(f"{model_cls.__name__}: attention backend {backend.value!r} is not supported; this model "
-                        f"runs {[b.value for b in supported]}")
-    return backend
+    """The backend ``config.attention_backend`` asks for (None: the model's default), refused with an
+    ``UnsupportedBackendError`` naming the supported ones when ``model_cls`` cannot run it."""
+    return check_backend(model_cls, getattr(config, "attention_backend", None))
 
 
 class _Encoder(nnx.Module):

@@ -85,3 +85,15 @@ class PatchEmbed3D(nnx.Module):
         w = kernel.reshape(-1, kernel.shape[-1])
         y = jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(w.dtype)
+
+
+class MLP(nnx.Module):
+    """fc_in -> activation -> fc_out (diffusers' ``FeedForward`` ``net.0.proj`` / ``net.2`` under our names)."""
+
+    def __init__(self, d_in, d_hidden, d_out, act, *, axes_in, axes_out, param_dtype, rngs):
+        self.fc_in = Linear(d_in, d_hidden, axes=axes_in, param_dtype=param_dtype, rngs=rngs)
+        self.fc_out = Linear(d_hidden, d_out, axes=axes_out, param_dtype=param_dtype, rngs=rngs)
+        self.act = act
+
+    def __call__(self, x):
+        return self.fc_out(self.act(self.fc_in(x)))
