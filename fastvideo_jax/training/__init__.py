@@ -1,0 +1,1 @@
+"""Training: preprocessed latent datasets (``data``), preprocessing (``preprocess``), and the training loop."""
