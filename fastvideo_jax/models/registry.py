@@ -37,6 +37,8 @@ _TEXT_ENCODER_MODELS = {
     "LlamaModel": ("encoders", "llama", "LlamaModel"),
     # The causal-LM checkpoint loads as its decoder stack (``model.`` prefix stripped, ``lm_head`` dropped).
     "LlamaForCausalLM": ("encoders", "llama", "LlamaModel"),
+    # StepVideo's bilingual "HunyuanClip" (HunyuanDiT's CLIP text encoder).
+    "BertModel": ("encoders", "bert", "BertModel"),
 }
 _IMAGE_ENCODER_MODELS = {
     "CLIPVisionModel": ("encoders", "clip", "CLIPVisionModel"),

@@ -1,0 +1,27 @@
+"""StepVideo's text encoders at their real sizes map completely: the PyTorch classes' parameter names and shapes
+(built on the meta device, no memory) convert onto our abstract models with no unknown, missing or mis-shaped
+tensor, and in the same total size (the helper is tests/test_real_size_plans.py's)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tests.test_real_size_plans import _plan
+
+
+def test_hunyuan_clip_bert_real_size():
+    """StepVideo's ``hunyuan_clip/clip_text_encoder``: 24 x 1024 BertModel, its pooler dropped (never used)."""
+    from transformers import BertConfig, BertModel
+
+    from fastvideo_jax.configs.models.encoders.bert import BERT_PRESETS
+    from fastvideo_jax.models.encoders.bert import BertModel as Ours
+
+    arch = dict(BERT_PRESETS["hunyuan-clip"])
+    with torch.device("meta"):
+        ref = BertModel(BertConfig(**arch))
+    n, specs = _plan(ref, Ours, arch)
+    pooler = 1024 * 1024 + 1024  # 47020 x 1024 words + 512 positions + 2 types + LN, 24 x 12_596_224 per layer
+    assert n == sum(p.numel() for p in ref.parameters()) - pooler == 350_986_240, n
+    assert {spec.dtype for spec in specs.values()} == {np.dtype("float32")}, "default precision is fp32"
+    assert specs[("encoder", "layer", "attention", "self", "query", "kernel")].shape == (24, 1024, 1024)
+    assert specs[("embeddings", "word_embeddings", "embedding")].shape == (47020, 1024)
