@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from fastvideo_jax.attention import pallas_gpu, splash_tpu, tokamax_dpa
+from fastvideo_jax.attention import pallas_gpu, sage, splash_tpu, tokamax_dpa
 from fastvideo_jax.attention._common import platform, warn_once
 from fastvideo_jax.attention.cudnn import cudnn_attention
 from fastvideo_jax.attention.reference import reference_attention
@@ -39,7 +39,7 @@ class AttentionBackend(enum.Enum):
     # FastVideo's names, where they map onto ours (its ``FASTVIDEO_ATTENTION_BACKEND`` values, any case):
     TORCH_SDPA = "torch_sdpa"  # = REFERENCE: the plain, always-available implementation
     FLASH_ATTN = "flash_attn"  # the platform's fused flash kernel: cuDNN (Pallas Triton for fp32) on GPU, splash on TPU
-    SAGE_ATTN = "sage_attn"  # 8-bit SageAttention: no implementation registered yet (a request is refused)
+    SAGE_ATTN = "sage_attn"  # 8-bit SageAttention (int8 QK^T, fp16 PV), forward only: ``sage.sage_config_scope``
     # Sliding-tile attention is not a dense backend: it needs the token grid and windows, so it is its own op,
     # ``sliding_tile_attention(q, k, v, grid=..., window=..., backend=<a dense one or None>)``; a DiT that
     # supports it takes SLIDING_TILE_ATTN as its ``attention_backend``.
@@ -97,6 +97,7 @@ register_backend(AttentionBackend.SPLASH_TPU, splash_tpu.splash_attention, splas
 register_backend(AttentionBackend.PALLAS_GPU_TRITON, pallas_gpu.triton_attention, pallas_gpu.check_triton)
 register_backend(AttentionBackend.PALLAS_GPU_MOSAIC, pallas_gpu.mosaic_attention, pallas_gpu.check_mosaic)
 register_backend(AttentionBackend.TOKAMAX, tokamax_dpa.tokamax_attention, tokamax_dpa.check_tokamax)
+register_backend(AttentionBackend.SAGE_ATTN, sage.sage_attention, sage.check_sage)
 
 
 # Per platform, the dense backends to try in order when none is requested (e.g. fp32 on a GPU, which cuDNN

@@ -102,10 +102,11 @@ class HunyuanVideoTransformer3DModel(BaseDiT):
     """HunyuanVideo text-to-video DiT. ``__call__`` takes and returns PyTorch-layout latents (B, C, F, H, W).
 
     Attention: any dense backend, or ``SLIDING_TILE_ATTN`` (the same as ``self_attention_backend='sliding_tile'``:
-    sliding-tile joint attention in the dual- and single-stream blocks, dense attention in the text refiner)."""
+    sliding-tile joint attention in the dual- and single-stream blocks, dense attention in the text refiner).
+    ``SAGE_ATTN``: 8-bit SageAttention for every attention call (inference only: gradients raise)."""
 
     config_class = HunyuanVideoConfig
-    _supported_attention_backends = DENSE_BACKENDS | {AttentionBackend.SLIDING_TILE_ATTN}
+    _supported_attention_backends = DENSE_BACKENDS | {AttentionBackend.SLIDING_TILE_ATTN, AttentionBackend.SAGE_ATTN}
     extra_inputs = frozenset({"encoder_attention_mask", "pooled_projections", "sta_layer_ids", "sta_palette"})
 
     def __init__(self, config: HunyuanVideoConfig, *, rngs: nnx.Rngs):

@@ -228,10 +228,11 @@ class WanTransformer3DModel(CachableDiT):
     """Wan2.1 text/image-to-video DiT. ``__call__`` takes and returns PyTorch-layout latents (B, C, F, H, W).
 
     Attention: any dense backend, or ``SLIDING_TILE_ATTN`` (the same as ``self_attention_backend='sliding_tile'``:
-    sliding-tile self-attention, dense cross-attention)."""
+    sliding-tile self-attention, dense cross-attention).
+    ``SAGE_ATTN``: 8-bit SageAttention for every attention call (inference only: gradients raise)."""
 
     config_class = WanVideoConfig
-    _supported_attention_backends = DENSE_BACKENDS | {AttentionBackend.SLIDING_TILE_ATTN}
+    _supported_attention_backends = DENSE_BACKENDS | {AttentionBackend.SLIDING_TILE_ATTN, AttentionBackend.SAGE_ATTN}
     extra_inputs = frozenset({"sta_layer_ids", "sta_palette"})
 
     def __init__(self, config: WanVideoConfig, *, rngs: nnx.Rngs):
