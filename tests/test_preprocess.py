@@ -114,3 +114,120 @@ def test_dataset_errors(tmp_path):
     (path / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="shard file"):
         D.LatentDataset(path)
+
+
+# ---- fastvideo-jax preprocess, end to end on the tiny Wan pipeline ------------------------------------------------
+
+def _mp4(path, frames, fps):
+    import imageio.v2 as iio
+
+    iio.mimwrite(path, frames, fps=fps, macro_block_size=1)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    from fastvideo_jax.testing.tiny_pipeline import write_tiny_wan_pipeline
+
+    root = tmp_path_factory.mktemp("pre")
+    pipe = write_tiny_wan_pipeline(root / "tiny")
+    videos = root / "videos"
+    (videos / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    _mp4(videos / "a.mp4", rng.integers(0, 256, (24, 40, 56, 3), dtype=np.uint8), fps=8)
+    _mp4(videos / "sub" / "b.mp4", rng.integers(0, 256, (40, 48, 48, 3), dtype=np.uint8), fps=16)
+    _mp4(videos / "short.mp4", rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), fps=8)
+    (videos / "broken.mp4").write_bytes(b"not a video" * 100)
+    manifest = [{"path": "a.mp4", "cap": ["A red fox runs through snow."]},
+                {"path": "short.mp4", "caption": "too short"},
+                {"path": "broken.mp4", "caption": "unreadable"},
+                {"path": "sub/b.mp4", "caption": "Waves  roll onto a beach at dusk"}]
+    (videos / "videos2caption.json").write_text(json.dumps(manifest))
+    return pipe, videos
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_preprocess_matches_diffusers_encoding(clips, tmp_path):
+    """The dataset's latents equal diffusers' Wan VAE posterior mean of FastVideo's transform of the sampled frames
+    (fp32, <= 1e-4 relative) and its text embeddings equal diffusers' WanPipeline.encode_prompt (<= 1e-5), trimmed
+    to the caption's tokens; bad videos are reported and skipped; the video folder is untouched."""
+    import imageio.v2 as iio
+    import torch
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    from fastvideo_jax.entrypoints.preprocess_cli import preprocess
+
+    pipe, videos = clips
+    before = _tree(videos)
+    meta = preprocess(pipe, videos, tmp_path / "ds", height=32, width=32, num_frames=5, train_fps=8,
+                      random_crop=False, shard_size=1, progress=False)
+    assert _tree(videos) == before
+    assert meta["count"] == 2 and meta["skipped"] == 2 and len(meta["shards"]) == 2
+    skipped = {s["path"].split("/")[-1]: s["reason"] for s in json.loads((tmp_path / "ds" / "skipped.json").read_text())}
+    assert skipped["short.mp4"].startswith("too short") and skipped["broken.mp4"].startswith("unreadable")
+    ds = D.LatentDataset(tmp_path / "ds")
+    vae = AutoencoderKLWan.from_pretrained(pipe / "vae").eval()
+    ref_pipe = WanPipeline.from_pretrained(pipe)
+    transform = _fastvideo_transform().CenterCropResizeVideo((32, 32))
+    for i, (name, picks) in enumerate([("a.mp4", [0, 1, 2, 3, 4]), ("sub/b.mp4", [0, 2, 4, 6, 8])]):
+        info = ds.info(i)
+        assert info["source"] == name.split("/")[-1] and info["frame_indices"] == picks
+        frames = np.stack([f[..., :3] for f in iio.mimread(videos / name)])[picks]
+        video = transform(torch.from_numpy(frames).permute(0, 3, 1, 2)).permute(1, 0, 2, 3).float() / 127.5 - 1.0
+        with torch.no_grad():
+            ref = vae.encode(video[None]).latent_dist.mean[0].numpy()
+        got = ds[i]["latents"]
+        assert got.shape == ref.shape
+        rel = np.abs(got - ref).max() / np.abs(ref).max()
+        assert rel <= 1e-4, f"latents {name}: max-abs {np.abs(got - ref).max():.3g}, relative {rel:.3g}"
+        with torch.no_grad():
+            embeds, _ = ref_pipe.encode_prompt(info["caption"], do_classifier_free_guidance=False,
+                                               max_sequence_length=ds.text_len)
+        ref_text = embeds[0].numpy()
+        sample = ds[i]
+        n = int(sample["prompt_mask"].sum())
+        assert 0 < n < ds.text_len and np.all(ref_text[n:] == 0)
+        np.testing.assert_allclose(sample["prompt_embeds"], ref_text, rtol=0, atol=1e-5 * np.abs(ref_text).max())
+
+
+def test_preprocess_cli_bad_input_is_one_line_and_writes_nothing(clips, tmp_path, capsys):
+    from fastvideo_jax.entrypoints.cli import main
+
+    pipe, videos = clips
+    before = _tree(videos)
+    args = ["preprocess", "--model", str(pipe), "--videos", str(videos), "--height", "32", "--width", "32",
+            "--num-frames", "5", "--train-fps", "8", "--no-progress"]
+    bad_manifest = tmp_path / "caps.json"
+    bad_manifest.write_text(json.dumps([{"path": "a.mp4"}, {"path": "nope.mp4", "caption": "x"}]))
+    cases = [
+        (["--output", str(videos / "ds")], "DST is inside SRC"),
+        (["--output", str(tmp_path / "o1"), "--captions", str(bad_manifest)],
+         r"entry 0 \('a.mp4'\): no caption.*'nope.mp4'\): no such file.*no manifest entry: broken.mp4"),
+        (["--output", str(tmp_path / "o2"), "--num-frames", "6"], "1 \\+ 4k|num_frames"),
+        (["--output", str(tmp_path)], "exists; choose a new folder or pass --overwrite"),
+    ]
+    for extra, message in cases:
+        assert main([*args, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
+        import re
+
+        assert re.search(message, err[0]), (message, err[0])
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert _tree(videos) == before
+
+
+def test_preprocess_with_no_usable_video_writes_nothing(clips, tmp_path):
+    from fastvideo_jax.entrypoints.preprocess_cli import preprocess
+
+    pipe, videos = clips
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.mp4").write_bytes(b"x" * 64)
+    (bad / "captions.csv").write_text("path,caption\nbroken.mp4,a caption\n")
+    with pytest.raises(UserError, match="no usable video among 1: broken.mp4: unreadable"):
+        preprocess(pipe, bad, tmp_path / "out", height=32, width=32, num_frames=5, progress=False)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["bad"]

@@ -1,4 +1,4 @@
-"""The ``fastvideo-jax`` command: ``convert`` (weights) and ``generate`` (video).
+"""The ``fastvideo-jax`` command: ``convert`` (weights), ``generate`` (video), ``preprocess`` (training data).
 
 Known errors (``fastvideo_jax.errors.UserError``: bad input, checkpoint or path; a missing file) print one
 line ``error: ...`` and exit 2; ``--debug`` or ``FASTVIDEO_JAX_DEBUG=1`` shows the traceback instead.
@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fastvideo_jax.entrypoints.generate_cli import add_generate_parser
 
     add_generate_parser(sub)
+    from fastvideo_jax.entrypoints.preprocess_cli import add_preprocess_parser
+
+    add_preprocess_parser(sub)
     return p
 
 

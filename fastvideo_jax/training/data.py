@@ -8,7 +8,7 @@ Parquet; row groups would make random access coarse and resume a replay.)
 Layout of a dataset directory::
 
     metadata.json                  format, count, shards, text_len, latent stats, model, preprocessing options
-    shard-00000-of-00002.arrayrecord ...
+    shard-00000.arrayrecord ...
     skipped.json                   the videos left out and why (unreadable, too short, ...)
 
 Each record is one sample, a safetensors blob: ``latents`` float32 (C, T, h, w), the VAE posterior mean, not
@@ -31,7 +31,7 @@ from safetensors.numpy import save as st_save
 from fastvideo_jax.errors import UserError
 
 __all__ = ["FORMAT", "LatentDataset", "batch_iterator", "encode_record", "decode_record", "write_shards",
-           "shard_names"]
+           "ShardWriter"]
 
 FORMAT = "fastvideo_jax.latents/1"
 METADATA = "metadata.json"
@@ -50,24 +50,49 @@ def decode_record(blob: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return st_load(blob), json.loads(header.get("__metadata__", {}).get("info", "{}"))
 
 
-def shard_names(count: int) -> list[str]:
-    return [f"shard-{i:05d}-of-{count:05d}.arrayrecord" for i in range(count)]
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.arrayrecord"
+
+
+class ShardWriter:
+    """Streams records into ``shard-00000.arrayrecord``, ``shard-00001...`` in ``directory``, ``shard_size``
+    records each (the last one fewer); ``close()`` returns the shard names."""
+
+    def __init__(self, directory: Path, shard_size: int):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.directory, self.shard_size = Path(directory), shard_size
+        self.names: list[str] = []
+        self.count, self._writer = 0, None
+
+    def write(self, blob: bytes) -> None:
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        if self.count % self.shard_size == 0:
+            self._close_current()
+            self.names.append(shard_name(len(self.names)))
+            self._writer = ArrayRecordWriter(str(self.directory / self.names[-1]), "group_size:1")
+        self._writer.write(blob)
+        self.count += 1
+
+    def _close_current(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> list[str]:
+        self._close_current()
+        return list(self.names)
 
 
 def write_shards(directory: Path, records: list[bytes], shard_size: int) -> list[str]:
     """Write ``records`` into ``ceil(n / shard_size)`` ArrayRecord files in ``directory``; returns their names."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    names = shard_names(max(1, -(-len(records) // shard_size)))
-    for i, name in enumerate(names):
-        writer = ArrayRecordWriter(str(directory / name), "group_size:1")
-        try:
-            for blob in records[i * shard_size:(i + 1) * shard_size]:
-                writer.write(blob)
-        finally:
-            writer.close()
+    writer = ShardWriter(directory, shard_size)
+    try:
+        for blob in records:
+            writer.write(blob)
+    finally:
+        names = writer.close()
     return names
 
 
@@ -88,6 +113,10 @@ class LatentDataset:
     def __getitem__(self, index: int) -> dict[str, Any]:
         arrays, info = decode_record(self._source[index])
         return self.sample(arrays, info)
+
+    def info(self, index: int) -> dict[str, Any]:
+        """The sample's recorded metadata: caption, source file, source frame indices."""
+        return decode_record(self._source[index])[1]
 
     def sample(self, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> dict[str, Any]:
         embeds = arrays["prompt_embeds"][:self.text_len]
