@@ -12,6 +12,7 @@ from fastvideo_jax.attention.sliding_tile_mask import TileGeometry
 from fastvideo_jax.attention.sliding_tile_strategy import MaskStrategy, load_mask_strategy
 from fastvideo_jax.attention.splash_tpu import SplashConfig
 from fastvideo_jax.attention.splash_tpu import config_scope as splash_config_scope
+from fastvideo_jax.attention.topk_block_sparse import TopkBackend, topk_block_sparse_attention
 from fastvideo_jax.attention.tokamax_dpa import TokamaxConfig, tokamax_config_scope
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "SplashConfig",
     "TileGeometry",
     "TokamaxConfig",
+    "TopkBackend",
     "TritonConfig",
     "attention",
     "block_sparse_attention",
@@ -36,5 +38,6 @@ __all__ = [
     "splash_config_scope",
     "sta_reference_dense",
     "tokamax_config_scope",
+    "topk_block_sparse_attention",
     "triton_config_scope",
 ]
