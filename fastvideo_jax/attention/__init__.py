@@ -14,6 +14,7 @@ from fastvideo_jax.attention.splash_tpu import SplashConfig
 from fastvideo_jax.attention.splash_tpu import config_scope as splash_config_scope
 from fastvideo_jax.attention.topk_block_sparse import TopkBackend, topk_block_sparse_attention
 from fastvideo_jax.attention.tokamax_dpa import TokamaxConfig, tokamax_config_scope
+from fastvideo_jax.attention.video_sparse import video_sparse_attention
 
 __all__ = [
     "AttentionBackend",
@@ -40,4 +41,5 @@ __all__ = [
     "tokamax_config_scope",
     "topk_block_sparse_attention",
     "triton_config_scope",
+    "video_sparse_attention",
 ]

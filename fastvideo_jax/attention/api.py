@@ -44,6 +44,9 @@ class AttentionBackend(enum.Enum):
     # ``sliding_tile_attention(q, k, v, grid=..., window=..., backend=<a dense one or None>)``; a DiT that
     # supports it takes SLIDING_TILE_ATTN as its ``attention_backend``.
     SLIDING_TILE_ATTN = "sliding_tile_attn"
+    # Video sparse attention (FastVideo's VIDEO_SPARSE_ATTN, FastWan's training mode) is not a dense backend either:
+    # ``video_sparse_attention(q, k, v, gate, grid=..., sparsity=...)``; "video_sparse" parses to it.
+    VIDEO_SPARSE_ATTN = "video_sparse_attn"
 
     @classmethod
     def parse(cls, value: "AttentionBackend | str | None") -> "AttentionBackend | None":
@@ -52,6 +55,8 @@ class AttentionBackend(enum.Enum):
         if str(value).lower() == "sliding_tile":
             raise ValueError("'sliding_tile' is not a dense attention backend: call sliding_tile_attention(q, k, v, "
                              "grid=..., window=...) (the Wan DiT: self_attention_backend='sliding_tile')")
+        if str(value).lower() == "video_sparse":
+            return cls.VIDEO_SPARSE_ATTN
         try:
             return cls(value.lower())
         except ValueError:
@@ -126,6 +131,9 @@ def resolve_backend(requested, q, k, v, kv_mask=None) -> AttentionBackend:
     if backend is AttentionBackend.SLIDING_TILE_ATTN:
         raise ValueError("SLIDING_TILE_ATTN is not a dense attention backend: call sliding_tile_attention(q, k, v, "
                          "grid=..., window=...)")
+    if backend is AttentionBackend.VIDEO_SPARSE_ATTN:
+        raise ValueError("VIDEO_SPARSE_ATTN is not a dense attention backend: call video_sparse_attention(q, k, v, "
+                         "gate, grid=..., sparsity=...)")
     if backend is AttentionBackend.TORCH_SDPA:
         return AttentionBackend.REFERENCE
     if backend is AttentionBackend.FLASH_ATTN:
