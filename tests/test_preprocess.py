@@ -167,7 +167,8 @@ def test_preprocess_matches_diffusers_encoding(clips, tmp_path):
     assert meta["count"] == 2 and meta["skipped"] == 2 and len(meta["shards"]) == 2
     skipped = {s["path"].split("/")[-1]: s["reason"] for s in json.loads((tmp_path / "ds" / "skipped.json").read_text())}
     assert skipped["short.mp4"].startswith("too short") and skipped["broken.mp4"].startswith("unreadable")
-    ds = D.LatentDataset(tmp_path / "ds")
+    ds = D.LatentDataset(tmp_path / "ds", raw=True)
+    dit_space = D.LatentDataset(tmp_path / "ds")
     vae = AutoencoderKLWan.from_pretrained(pipe / "vae").eval()
     ref_pipe = WanPipeline.from_pretrained(pipe)
     transform = _fastvideo_transform().CenterCropResizeVideo((32, 32))
@@ -182,6 +183,9 @@ def test_preprocess_matches_diffusers_encoding(clips, tmp_path):
         assert got.shape == ref.shape
         rel = np.abs(got - ref).max() / np.abs(ref).max()
         assert rel <= 1e-4, f"latents {name}: max-abs {np.abs(got - ref).max():.3g}, relative {rel:.3g}"
+        mean = np.asarray(vae.config.latents_mean, np.float32).reshape(-1, 1, 1, 1)
+        std = np.asarray(vae.config.latents_std, np.float32).reshape(-1, 1, 1, 1)
+        np.testing.assert_allclose(dit_space[i]["latents"], (got - mean) / std, rtol=1e-6, atol=1e-6)
         with torch.no_grad():
             embeds, _ = ref_pipe.encode_prompt(info["caption"], do_classifier_free_guidance=False,
                                                max_sequence_length=ds.text_len)

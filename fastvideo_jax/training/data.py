@@ -99,13 +99,18 @@ def write_shards(directory: Path, records: list[bytes], shard_size: int) -> list
 class LatentDataset:
     """Random access to a preprocessed dataset: ``dataset[i]`` is a dict of numpy arrays,
     ``latents`` float32 (C, T, h, w), ``prompt_embeds`` float32 (text_len, E) zero-padded and ``prompt_mask``
-    bool (text_len,), plus ``caption`` (str). Everything is checked when the dataset is opened."""
+    bool (text_len,), plus ``caption`` (str). Everything is checked when the dataset is opened.
 
-    def __init__(self, path: str | Path):
+    ``latents`` are what the DiT sees: the stored VAE posterior mean normalised per channel with the VAE's
+    ``latents_mean`` / ``latents_std`` (``(z - mean) / std``, as the pipeline's decode inverts it). ``raw=True``
+    gives the stored VAE latents unchanged."""
+
+    def __init__(self, path: str | Path, *, raw: bool = False):
         self.path = Path(path).expanduser()
         self.metadata = _read_metadata(self.path)
         self.text_len = int(self.metadata["text_len"])
         self._source = _open_source(self.path, self.metadata)
+        self._stats = None if raw else _latent_stats(self.metadata)
 
     def __len__(self) -> int:
         return len(self._source)
@@ -123,7 +128,11 @@ class LatentDataset:
         padded = np.zeros((self.text_len, embeds.shape[1]), np.float32)
         padded[:len(embeds)] = embeds
         mask = np.arange(self.text_len) < len(embeds)
-        return {"latents": arrays["latents"], "prompt_embeds": padded, "prompt_mask": mask,
+        latents = arrays["latents"]
+        if self._stats is not None:
+            mean, std = self._stats
+            latents = ((latents - mean) / std).astype(np.float32)
+        return {"latents": latents, "prompt_embeds": padded, "prompt_mask": mask,
                 "caption": info.get("caption", "")}
 
     @property
@@ -181,6 +190,19 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     if missing:
         raise UserError(f"{path}: shard file(s) missing: {missing}")
     return meta
+
+
+def _latent_stats(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-channel (mean, std) shaped (C, 1, 1, 1), or None when the VAE has none (identity)."""
+    mean, std = meta.get("latents_mean") or [], meta.get("latents_std") or []
+    if not mean and not std:
+        return None
+    channels = meta["latent_shape"][0]
+    if len(mean) != channels or len(std) != channels:
+        raise UserError(f"{METADATA}: latents_mean/latents_std have {len(mean)}/{len(std)} entries for "
+                        f"{channels} latent channels")
+    shape = (channels, 1, 1, 1)
+    return np.asarray(mean, np.float32).reshape(shape), np.asarray(std, np.float32).reshape(shape)
 
 
 def _open_source(path: Path, meta: dict[str, Any]):
