@@ -28,8 +28,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from fastvideo_jax.attention._common import warn_once
 from fastvideo_jax.attention.api import AttentionBackend
+from fastvideo_jax.attention.topk_block_sparse import topk_block_sparse_attention
 from fastvideo_jax.attention.video_sparse_layout import (
     CUBE_TOKENS,
     VSA_TILE,
@@ -71,44 +71,14 @@ def _select(scores: jax.Array, width: int) -> jax.Array:
     return jax.lax.top_k(jax.lax.stop_gradient(scores), width)[1].astype(jnp.int32)
 
 
-def _fine_reference(qt, kt, vt, kv_block_indices, count, sizes, scale: float) -> jax.Array:
-    """Fine branch in jnp: per query cube, softmax over the real tokens of its first ``count`` listed KV cubes.
-
-    ``kv_block_indices`` (B, N, C, K) int32; ``count`` int32 scalar (entries used per row); ``sizes`` (C,) real
-    tokens per cube (a prefix of its slot). Memory O(L x K x 64) per map batch, never (L, L)."""
-    B, Lp, N, E = qt.shape
-    C, K, S = Lp // CUBE_TOKENS, kv_block_indices.shape[-1], CUBE_TOKENS
-    qb = qt.reshape(B, C, S, N, E).swapaxes(0, 1)  # (C, B, S, N, E)
-    kb = kt.reshape(B, C, S, N, E).transpose(0, 3, 1, 2, 4)  # (B, N, C, S, E)
-    vb = vt.reshape(B, C, S, N, E).transpose(0, 3, 1, 2, 4)
-    sizes = jnp.asarray(sizes, jnp.int32)
-    used = jnp.arange(K) < count  # (K,)
-
-    @jax.checkpoint
-    def step(args):
-        qi, ids = args  # (B, S, N, E), (B, N, K)
-        kg = jnp.take_along_axis(kb, ids[..., None, None], axis=2)  # (B, N, K, S, E)
-        vg = jnp.take_along_axis(vb, ids[..., None, None], axis=2)
-        s = jnp.einsum("bqne,bnkse->bnqks", qi, kg, preferred_element_type=F32) * scale
-        ok = (jnp.arange(S) < sizes[ids][..., None]) & used[:, None]  # (B, N, K, S)
-        s = jnp.where(ok[:, :, None], s, jnp.finfo(F32).min)
-        shape = s.shape
-        p = jax.nn.softmax(s.reshape(*shape[:3], -1), axis=-1).reshape(shape)
-        out = jnp.einsum("bnqks,bnkse->bqne", p.astype(vt.dtype), vg, preferred_element_type=F32)
-        return out.astype(qt.dtype)
-
-    per_cube = B * N * S * K * S * 4 * 3  # logits + probs + mask bytes for one query cube
-    batch_size = max(1, min(C, (256 << 20) // max(per_cube, 1)))
-    out = jax.lax.map(step, (qb, kv_block_indices.transpose(2, 0, 1, 3)), batch_size=batch_size)
-    return out.swapaxes(0, 1).reshape(B, Lp, N, E)
-
-
-def _fine(qt, kt, vt, kv_block_indices, count, sizes, scale, backend) -> jax.Array:
-    chosen = AttentionBackend.parse(backend)
-    if chosen not in (None, AttentionBackend.REFERENCE, AttentionBackend.TORCH_SDPA):
-        warn_once(f"video sparse attention: no {chosen.value} fine-stage kernel here; falling back to the jnp "
-                  "reference (gathers each query cube's selected KV cubes)")
-    return _fine_reference(qt, kt, vt, kv_block_indices, count, sizes, scale)
+def _fine(qt, kt, vt, kv_cube_indices, count, sizes, backend, interpret) -> jax.Array:
+    """Fine branch: each query cube over the real tokens of its first ``count`` listed KV cubes (the top-k
+    block-sparse op: entries past ``count`` become -1, "no block"; keys past each cube's size are masked)."""
+    width = kv_cube_indices.shape[-1]
+    if not isinstance(count, int) or count < width:
+        kv_cube_indices = jnp.where(jnp.arange(width) < count, kv_cube_indices, -1)
+    return topk_block_sparse_attention(qt, kt, vt, kv_cube_indices, block_size=CUBE_TOKENS,
+                                       kv_valid_blocks=jnp.asarray(sizes), backend=backend, interpret=interpret)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,7 +103,7 @@ def vsa_topk_plan(grid: Sequence[int], sparsity, max_topk: int | None = None) ->
     return count, count
 
 
-def _prepare(q, k, v, grid, scale) -> tuple[CubeLayout, float]:
+def _prepare(q, k, v, grid) -> tuple[CubeLayout, float]:
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"video_sparse_attention expects equal (B, L, N, E) q/k/v, got {q.shape}, {k.shape}, "
                          f"{v.shape}")
@@ -141,14 +111,14 @@ def _prepare(q, k, v, grid, scale) -> tuple[CubeLayout, float]:
     if q.shape[1] != layout.video_len:
         raise ValueError(f"video_sparse_attention: sequence length {q.shape[1]} != T*H*W = {layout.video_len} for "
                          f"grid {tuple(grid)}")
-    return layout, q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return layout, q.shape[-1] ** -0.5  # FastVideo: 1/sqrt(D) in both branches
 
 
-def vsa_selection(q, k, *, grid: Sequence[int], sparsity, max_topk: int | None = None,
-                  scale: float | None = None) -> tuple[jax.Array, "int | jax.Array"]:
+def vsa_selection(q, k, *, grid: Sequence[int], sparsity,
+                  max_topk: int | None = None) -> tuple[jax.Array, "int | jax.Array"]:
     """``(kv_cube_indices (B, N, C, width) int32, count)``: the KV cubes each query cube attends to (its first
     ``count`` entries, best first), in cube ids (row-major over the 4x4x4 cube grid)."""
-    layout, scale = _prepare(q, k, k, grid, scale)
+    layout, scale = _prepare(q, k, k, grid)
     width, count = vsa_topk_plan(grid, sparsity, max_topk)
     qt, kt = layout.to_cubes(q), layout.to_cubes(k)
     _, scores = vsa_coarse(qt, kt, kt, layout.sizes, scale)
@@ -164,17 +134,19 @@ def video_sparse_attention(
     grid: Sequence[int],
     sparsity,  # float in [0, 1), or a traced scalar (then max_topk is the static width)
     max_topk: int | None = None,
-    scale: float | None = None,
     backend: AttentionBackend | str | None = None,
+    interpret: bool | None = None,
 ) -> jax.Array:  # (B, L, N, E), caller's order
-    """VSA: ``fine + gate * coarse`` (module docstring). ``backend``: the fine stage's implementation."""
-    layout, scale = _prepare(q, k, v, grid, scale)
+    """VSA: ``fine + gate * coarse`` (module docstring). ``backend`` / ``interpret``: the fine stage's
+    implementation (``topk_block_sparse_attention``: "reference", "pallas_gpu", "pallas_tpu", None = the
+    platform's kernel)."""
+    layout, scale = _prepare(q, k, v, grid)
     if gate is not None and gate.shape != q.shape:
         raise ValueError(f"video_sparse_attention: gate must be shaped like q {q.shape}, got {gate.shape}")
     width, count = vsa_topk_plan(grid, sparsity, max_topk)
     qt, kt, vt = (layout.to_cubes(x) for x in (q, k, v))
     coarse, scores = vsa_coarse(qt, kt, vt, layout.sizes, scale)  # (B, C, N, E)
-    fine = _fine(qt, kt, vt, _select(scores, width), count, layout.sizes, scale, backend)
+    fine = _fine(qt, kt, vt, _select(scores, width), count, layout.sizes, backend, interpret)
     B, Lp, N, E = qt.shape
     coarse = jnp.broadcast_to(coarse[:, :, None], (B, layout.num_cubes, CUBE_TOKENS, N, E)).reshape(B, Lp, N, E)
     coarse = coarse.astype(F32)
