@@ -39,6 +39,8 @@ _TEXT_ENCODER_MODELS = {
     "LlamaForCausalLM": ("encoders", "llama", "LlamaModel"),
     # StepVideo's bilingual "HunyuanClip" (HunyuanDiT's CLIP text encoder).
     "BertModel": ("encoders", "bert", "BertModel"),
+    # StepVideo's Step-LLM (``step_llm/``): causal square-root-ALiBi decoder stack, fused wqkv.
+    "Step1Model": ("encoders", "stepllm", "Step1Model"),
 }
 _IMAGE_ENCODER_MODELS = {
     "CLIPVisionModel": ("encoders", "clip", "CLIPVisionModel"),
