@@ -25,6 +25,7 @@ __all__ = [
 _TEXT_TO_VIDEO_DIT_MODELS = {
     "WanTransformer3DModel": ("dits", "wanvideo", "WanTransformer3DModel"),
     "HunyuanVideoTransformer3DModel": ("dits", "hunyuanvideo", "HunyuanVideoTransformer3DModel"),
+    "StepVideoModel": ("dits", "stepvideo", "StepVideoModel"),
 }
 _IMAGE_TO_VIDEO_DIT_MODELS: dict[str, tuple[str, str, str]] = {
     # Wan I2V checkpoints carry the same class name; image conditioning is a config switch.
