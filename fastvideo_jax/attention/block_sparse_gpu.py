@@ -76,6 +76,8 @@ def _fwd_kernel(table_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, st
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
         corr = jnp.exp2(m_prev - m_next)
         p = jnp.exp2(s - m_next[:, None])
+        if st.has_valid:  # a row with no valid key so far adds nothing (output 0 if it never gets one)
+            p = jnp.where(ok[None, :], p, 0.0)
         l_next = corr * l_prev + jnp.sum(p, axis=-1)
         v = plgpu.load(v_ref.at[sl, :])
         acc = corr[:, None] * acc + plgpu.dot(p.astype(v.dtype), v)
@@ -160,9 +162,12 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delt
 
 
 def _table_spec(table: jax.Array, rows_per_block: int = 1):
-    """BlockSpec for a (H', R, 1 + width) table: grid step i reads row i // rows_per_block (of head h if H' > 1)."""
+    """BlockSpec for a (H', R, 1 + width) table: grid step i reads row i // rows_per_block (of head h if H' > 1);
+    a (B, N, R, 1 + width) table (data-dependent, per example and head) reads row i of example b, head h."""
     from jax.experimental import pallas as pl
 
+    if table.ndim == 4:
+        return pl.BlockSpec((None, None, None, table.shape[3]), lambda i, b, h: (b, h, i // rows_per_block, 0))
     if table.shape[0] == 1:
         return pl.BlockSpec((None, None, table.shape[2]), lambda i, b, h: (0, i // rows_per_block, 0))
     return pl.BlockSpec((None, None, table.shape[2]), lambda i, b, h: (h, i // rows_per_block, 0))
@@ -266,8 +271,9 @@ def block_sparse_attention(
     """Flash attention that visits only the listed (q block, kv block) pairs. Differentiable.
 
     ``tables`` is a :class:`BlockTables` (static numpy) or a ``(kv_table, q_table)`` pair of int32 arrays in the
-    same format (they may be traced, e.g. stacked per layer under a scan); block sizes then come from
-    ``config.block_q`` / ``config.block_k``. Every query row must have at least one valid key in its blocks.
+    same format (they may be traced, e.g. stacked per layer under a scan), either (H', R, 1 + width) with H' in
+    (1, N) or (B, N, R, 1 + width) (data-dependent tables, e.g. top-k selections); block sizes then come from
+    ``config.block_q`` / ``config.block_k``. A query row with no valid key in its blocks gets output 0.
     """
     config = config or current_triton_config()
     if isinstance(tables, BlockTables):
@@ -280,7 +286,9 @@ def block_sparse_attention(
     Lk = k.shape[1]
     if Lq % bq or Lk % bk:
         raise ValueError(f"block_sparse_attention: lengths ({Lq}, {Lk}) must be multiples of blocks ({bq}, {bk})")
-    if kv_table.shape[1] != Lq // bq or q_table.shape[1] != Lk // bk or kv_table.shape[0] not in (1, N):
+    lead = kv_table.shape[:-2]
+    if (kv_table.shape[-2] != Lq // bq or q_table.shape[-2] != Lk // bk or q_table.shape[:-2] != lead
+            or lead not in ((1,), (N,), (B, N))):
         raise ValueError(f"block tables {kv_table.shape}/{q_table.shape} do not match q/k blocks "
                          f"({Lq // bq}, {Lk // bk}) and {N} heads")
     for name, b in (("block_q", bq), ("block_k", bk)):

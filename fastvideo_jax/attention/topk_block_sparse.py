@@ -200,14 +200,9 @@ def topk_block_sparse_reference(q, k, v, kv_block_indices, *, block_size: int = 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check(backend: TopkBackend, q, block_size: int, interpret: bool) -> str | None:
+def _check(backend: TopkBackend, q, block_size: int, interpret: bool, topk: int) -> str | None:
     if backend is TopkBackend.REFERENCE:
         return None
-    import importlib.util
-
-    module = {TopkBackend.PALLAS_GPU: "gpu", TopkBackend.PALLAS_TPU: "tpu"}[backend]
-    if importlib.util.find_spec(f"fastvideo_jax.attention.topk_block_sparse_{module}") is None:
-        return "kernel not landed yet"
     if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         return f"dtype {q.dtype} unsupported"
     if q.shape[-1] > 256:
@@ -224,19 +219,25 @@ def _check(backend: TopkBackend, q, block_size: int, interpret: bool) -> str | N
         return f"needs a TPU or interpret=True (platform is {platform()})"
     if block_size % 8:
         return f"block_size={block_size} must be a multiple of 8 (TPU sublanes)"
+    from fastvideo_jax.attention.topk_block_sparse_tpu import SMEM_TABLE_WORDS, smem_words
+
+    words = smem_words(q.shape[1], block_size, topk)
+    if words > SMEM_TABLE_WORDS:
+        return f"one head's block tables need {words} SMEM words > {SMEM_TABLE_WORDS} (block_size / topk too small / large)"
     return None
 
 
-def resolve_topk_backend(backend, q, block_size: int = 64, interpret: bool | None = None) -> TopkBackend:
+def resolve_topk_backend(backend, q, block_size: int = 64, interpret: bool | None = None,
+                         topk: int = 1) -> TopkBackend:
     """The implementation that will run: the requested one if capable (else the reference, logged), or for
     None the platform's kernel when capable, else the reference."""
     requested = TopkBackend.parse(backend)
     if requested is None:
         plat = {"gpu": TopkBackend.PALLAS_GPU, "tpu": TopkBackend.PALLAS_TPU}.get(platform())
-        if plat is not None and _check(plat, q, block_size, bool(interpret)) is None:
+        if plat is not None and _check(plat, q, block_size, bool(interpret), topk) is None:
             return plat
         return TopkBackend.REFERENCE
-    reason = _check(requested, q, block_size, bool(interpret))
+    reason = _check(requested, q, block_size, bool(interpret), topk)
     if reason is None:
         return requested
     warn_once(f"topk_block_sparse_attention: backend {requested.value} cannot run this call ({reason}); "
@@ -258,7 +259,7 @@ def topk_block_sparse_attention(
     """Attention of each query block over the keys of its listed KV blocks (see the module docstring)."""
     kv_block_indices = jnp.asarray(kv_block_indices) if isinstance(kv_block_indices, np.ndarray) else kv_block_indices
     _validate(q, k, v, kv_block_indices, block_size, kv_valid_blocks)
-    chosen = resolve_topk_backend(backend, q, block_size, interpret)
+    chosen = resolve_topk_backend(backend, q, block_size, interpret, kv_block_indices.shape[-1])
     if chosen is TopkBackend.PALLAS_GPU:
         from fastvideo_jax.attention.topk_block_sparse_gpu import topk_block_sparse_gpu
 

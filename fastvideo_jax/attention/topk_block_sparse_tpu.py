@@ -1,0 +1,319 @@
+"""Top-k block-sparse attention as Pallas Mosaic TPU kernels (interpret mode on CPU), forward and backward.
+
+Splash cannot serve here: its ``MaskInfo`` is computed in numpy from a static mask when the kernel is built, so
+a selection that is traced data inside jit has no splash form. These kernels take the tables as scalar prefetch
+(SMEM) and let the BlockSpec index maps fetch the selected blocks:
+
+* forward and dQ: grid (heads, q blocks, topk); step (h, i, t) fetches KV block ``ids[h, i, t]``; steps past the
+  row's count of distinct blocks repeat the last id (no new DMA) and compute nothing. Online softmax in fp32
+  VMEM scratch; the log-sum-exp (natural log) is saved for the backward pass.
+* dK/dV: grid (heads, S) over a list of (kv block, q block) pairs sorted by kv block, S = nq * topk + nk: every
+  selected pair once, plus one empty pair per kv block (so blocks nobody selected are visited and written as
+  zeros). Consecutive steps of one kv block accumulate in scratch; the output block is written back when the
+  kv block changes. No width bound and no wasted steps.
+
+Layout: (B, L, N, D) is transposed to (B * N, L, D) heads; heads run in chunks of ``G`` (a ``lax.map`` over
+chunks, one ``pallas_call`` each) so that a chunk's tables fit ``SMEM_TABLE_WORDS`` int32 words of SMEM
+(the dK/dV pair list, 2 * G * S words, is the largest). A single head whose tables exceed the budget
+(e.g. block 64 at 75k tokens and topk 119: 2 * 141k words) is refused by the capability check.
+Not yet run on a TPU: block sizes, SMEM budget and speed are unmeasured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fastvideo_jax.attention.topk_block_sparse import compact_kv_table
+
+__all__ = ["SMEM_TABLE_WORDS", "smem_words", "topk_block_sparse_tpu"]
+
+SMEM_TABLE_WORDS = 1 << 17  # 512 KiB of int32 tables per pallas_call
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    bs: int
+    nq: int
+    nk: int
+    topk: int
+    group: int  # heads per pallas_call
+    scale: float
+    has_valid: bool
+    interpret: bool
+
+
+def smem_words(L: int, block_size: int, topk: int) -> int:
+    """Scalar-prefetch words one head needs (the dK/dV pair list dominates)."""
+    nb = L // block_size
+    return 2 * (nb * topk + nb) + nb
+
+
+def _params(*semantics):
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+def _scores(q, k, st: _Static, ok):
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * st.scale
+    return s if ok is None else jnp.where(ok, s, _NEG)
+
+
+def _key_ok(vc_ref, h, kb, st: _Static):
+    if not st.has_valid:
+        return None
+    return lax.broadcasted_iota(jnp.int32, (st.bs, st.bs), 1) < vc_ref[h * st.nk + kb]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _fwd_kernel(ids_ref, cnt_ref, vc_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, st):
+    from jax.experimental import pallas as pl
+
+    g, i, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    row = g * st.nq + i
+
+    @pl.when(t == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, _NEG, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    @pl.when(t < cnt_ref[row])
+    def _step():
+        ok = _key_ok(vc_ref, g, ids_ref[row * st.topk + t], st)
+        s = _scores(q_ref[...], k_ref[...], st, ok)
+        m_prev = m_sc[...]
+        m_new = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
+        corr = jnp.exp(m_prev - m_new)
+        p = jnp.exp(s - m_new)
+        if ok is not None:
+            p = jnp.where(ok, p, 0.0)
+        l_sc[...] = corr * l_sc[...] + p.sum(axis=-1, keepdims=True)
+        v = v_ref[...]
+        acc_sc[...] = corr * acc_sc[...] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        m_sc[...] = m_new
+
+    @pl.when(t == st.topk - 1)
+    def _finish():
+        l = l_sc[...]
+        l_safe = jnp.where(l == 0.0, 1.0, l)
+        o_ref[...] = (acc_sc[...] / l_safe).astype(o_ref.dtype)
+        lse_ref[...] = m_sc[...] + jnp.log(l_safe)
+
+
+def _dq_kernel(ids_ref, cnt_ref, vc_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *, st):
+    from jax.experimental import pallas as pl
+
+    g, i, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    row = g * st.nq + i
+
+    @pl.when(t == 0)
+    def _init():
+        dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+    @pl.when(t < cnt_ref[row])
+    def _step():
+        ok = _key_ok(vc_ref, g, ids_ref[row * st.topk + t], st)
+        k, v, do = k_ref[...], v_ref[...], do_ref[...]
+        p = jnp.exp(_scores(q_ref[...], k, st, ok) - lse_ref[...])
+        if ok is not None:
+            p = jnp.where(ok, p, 0.0)
+        dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_ref[...])
+        dq_sc[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    @pl.when(t == st.topk - 1)
+    def _finish():
+        dq_ref[...] = (dq_sc[...] * st.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(pkv_ref, pq_ref, vc_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                dk_sc, dv_sc, *, st):
+    from jax.experimental import pallas as pl
+
+    g, s_ = pl.program_id(0), pl.program_id(1)
+    steps = st.nq * st.topk + st.nk
+    idx = g * steps + s_
+    kb = pkv_ref[idx]
+
+    @pl.when((s_ == 0) | (pkv_ref[jnp.maximum(idx - 1, 0)] != kb))
+    def _init():
+        dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+        dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+    @pl.when(pq_ref[idx] >= 0)
+    def _step():
+        ok = _key_ok(vc_ref, g, kb, st)
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        p = jnp.exp(_scores(q, k, st, ok) - lse_ref[...])  # (bq, bk)
+        if ok is not None:
+            p = jnp.where(ok, p, 0.0)
+        dv_sc[...] += lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
+        dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_ref[...])
+        dk_sc[...] += lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
+
+    dk_ref[...] = (dk_sc[...] * st.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pallas_calls on one chunk of G heads: q/k/v (G, L, D), ids (G, nq, topk), cnt (G, nq), vc (G, nk)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _fwd_call(q, k, v, ids, cnt, vc, st: _Static):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    G, L, D = q.shape
+    T = st.topk
+    blk = (None, st.bs, D)
+    qmap = lambda g, i, t, ids, cnt, vc: (g, i, 0)  # noqa: E731
+    kmap = lambda g, i, t, ids, cnt, vc: (g, ids[(g * st.nq + i) * T + t], 0)  # noqa: E731
+    spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=3, grid=(G, st.nq, T),
+        in_specs=[pl.BlockSpec(blk, qmap), pl.BlockSpec(blk, kmap), pl.BlockSpec(blk, kmap)],
+        out_specs=[pl.BlockSpec(blk, qmap), pl.BlockSpec((None, st.bs, 1), qmap)],
+        scratch_shapes=[pltpu.VMEM((st.bs, 1), jnp.float32), pltpu.VMEM((st.bs, 1), jnp.float32),
+                        pltpu.VMEM((st.bs, D), jnp.float32)])
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, st=st), grid_spec=spec,
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((G, L, 1), jnp.float32)],
+        compiler_params=_params("parallel", "parallel", "arbitrary"), interpret=st.interpret,
+        name="topk_block_sparse_fwd",
+    )(ids.reshape(-1), cnt.reshape(-1), vc.reshape(-1), q, k, v)
+
+
+def _dq_call(q, k, v, do, lse, delta, ids, cnt, vc, st: _Static):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    G, L, D = q.shape
+    T = st.topk
+    blk, row = (None, st.bs, D), (None, st.bs, 1)
+    qmap = lambda g, i, t, ids, cnt, vc: (g, i, 0)  # noqa: E731
+    kmap = lambda g, i, t, ids, cnt, vc: (g, ids[(g * st.nq + i) * T + t], 0)  # noqa: E731
+    spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=3, grid=(G, st.nq, T),
+        in_specs=[pl.BlockSpec(blk, qmap), pl.BlockSpec(blk, kmap), pl.BlockSpec(blk, kmap),
+                  pl.BlockSpec(blk, qmap), pl.BlockSpec(row, qmap), pl.BlockSpec(row, qmap)],
+        out_specs=pl.BlockSpec(blk, qmap), scratch_shapes=[pltpu.VMEM((st.bs, D), jnp.float32)])
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, st=st), grid_spec=spec, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_params("parallel", "parallel", "arbitrary"), interpret=st.interpret,
+        name="topk_block_sparse_dq",
+    )(ids.reshape(-1), cnt.reshape(-1), vc.reshape(-1), q, k, v, do, lse, delta)
+
+
+def pair_lists(ids, cnt, nk: int):
+    """(pkv, pq) (G, nq * topk + nk) int32: (kv block, q block) pairs sorted by kv block, then q block; each kv
+    block starts with an empty pair (q = -1); unlisted slots trail as (nk - 1, -1)."""
+    G, nq, T = ids.shape
+    listed = jnp.arange(T) < cnt[..., None]
+    real = jnp.where(listed, ids * (nq + 1) + jnp.arange(nq)[:, None] + 1, nk * (nq + 1)).reshape(G, nq * T)
+    empty = jnp.broadcast_to(jnp.arange(nk) * (nq + 1), (G, nk))
+    keys = jnp.sort(jnp.concatenate([empty, real], axis=-1), axis=-1)
+    pkv = jnp.minimum(keys // (nq + 1), nk - 1)
+    pq = jnp.where(keys >= nk * (nq + 1), -1, keys % (nq + 1) - 1)
+    return pkv.astype(jnp.int32), pq.astype(jnp.int32)
+
+
+def _dkv_call(q, k, v, do, lse, delta, ids, cnt, vc, st: _Static):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    G, L, D = q.shape
+    pkv, pq = pair_lists(ids, cnt, st.nk)
+    S = pkv.shape[1]
+    blk, row = (None, st.bs, D), (None, st.bs, 1)
+    qmap = lambda g, s, pkv, pq, vc: (g, jnp.maximum(pq[g * S + s], 0), 0)  # noqa: E731
+    kmap = lambda g, s, pkv, pq, vc: (g, pkv[g * S + s], 0)  # noqa: E731
+    spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=3, grid=(G, S),
+        in_specs=[pl.BlockSpec(blk, qmap), pl.BlockSpec(blk, kmap), pl.BlockSpec(blk, kmap),
+                  pl.BlockSpec(blk, qmap), pl.BlockSpec(row, qmap), pl.BlockSpec(row, qmap)],
+        out_specs=[pl.BlockSpec(blk, kmap), pl.BlockSpec(blk, kmap)],
+        scratch_shapes=[pltpu.VMEM((st.bs, D), jnp.float32), pltpu.VMEM((st.bs, D), jnp.float32)])
+    return pl.pallas_call(
+        functools.partial(_dkv_kernel, st=st), grid_spec=spec,
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_params("parallel", "arbitrary"), interpret=st.interpret, name="topk_block_sparse_dkv",
+    )(pkv.reshape(-1), pq.reshape(-1), vc.reshape(-1), q, k, v, do, lse, delta)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chunking over heads and the custom VJP, on (H, L, D) heads
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _chunked(fn, group: int, *arrays):
+    """Run ``fn`` on chunks of ``group`` heads (leading axis) with a lax.map; outputs re-joined."""
+    H = arrays[0].shape[0]
+    if group == H:
+        return fn(*arrays)
+    split = [a.reshape(H // group, group, *a.shape[1:]) for a in arrays]
+    out = lax.map(lambda xs: fn(*xs), tuple(split))
+    return jax.tree.map(lambda o: o.reshape(H, *o.shape[2:]), out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _core(q, k, v, ids, cnt, vc, st: _Static):
+    return _chunked(lambda *a: _fwd_call(*a, st)[0], st.group, q, k, v, ids, cnt, vc)
+
+
+def _core_fwd(q, k, v, ids, cnt, vc, st):
+    out, lse = _chunked(lambda *a: tuple(_fwd_call(*a, st)), st.group, q, k, v, ids, cnt, vc)
+    return out, (q, k, v, ids, cnt, vc, out, lse)
+
+
+def _core_bwd(st, res, do):
+    q, k, v, ids, cnt, vc, out, lse = res
+    delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
+    do = do.astype(q.dtype)
+    dq = _chunked(lambda *a: _dq_call(*a, st), st.group, q, k, v, do, lse, delta, ids, cnt, vc)
+    dk, dv = _chunked(lambda *a: tuple(_dkv_call(*a, st)), st.group, q, k, v, do, lse, delta, ids, cnt, vc)
+    return dq, dk, dv, None, None, None
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _group(heads: int, per_head_words: int) -> int:
+    """The largest divisor of ``heads`` whose tables fit the SMEM budget (at least 1)."""
+    fits = [g for g in range(1, heads + 1) if heads % g == 0 and g * per_head_words <= SMEM_TABLE_WORDS]
+    return max(fits, default=1)
+
+
+def topk_block_sparse_tpu(q, k, v, kv_block_indices, *, block_size: int = 64, kv_valid_blocks=None,
+                          interpret: bool = False):
+    """(B, L, N, D) attention of each query block over its listed KV blocks. Differentiable."""
+    B, L, N, D = q.shape
+    nb, topk = L // block_size, kv_block_indices.shape[-1]
+    ids, cnt = compact_kv_table(kv_block_indices, nb)
+    H = B * N
+    if kv_valid_blocks is None:
+        vc = jnp.full((H, nb), block_size, jnp.int32)
+    else:
+        vc = jnp.broadcast_to(jnp.asarray(kv_valid_blocks, jnp.int32), (B, nb))
+        vc = jnp.broadcast_to(vc[:, None], (B, N, nb)).reshape(H, nb)
+    st = _Static(block_size, nb, nb, topk, _group(H, smem_words(L, block_size, topk)), D ** -0.5,
+                 kv_valid_blocks is not None, bool(interpret))
+
+    def heads(x):  # (B, L, N, D) -> (B * N, L, D)
+        return jnp.transpose(x, (0, 2, 1, 3)).reshape(H, L, D)
+
+    out = _core(heads(q), heads(k), heads(v), ids.reshape(H, nb, topk), cnt.reshape(H, nb), vc, st)
+    return jnp.transpose(out.reshape(B, N, L, D), (0, 2, 1, 3))
