@@ -2,6 +2,7 @@ from fastvideo_jax.attention.api import AttentionBackend, attention, default_bac
 from fastvideo_jax.attention.block_sparse_gpu import block_sparse_attention
 from fastvideo_jax.attention.pallas_gpu import MosaicConfig, TritonConfig, mosaic_config_scope, triton_config_scope
 from fastvideo_jax.attention.reference import reference_attention
+from fastvideo_jax.attention.sage import SageConfig, sage_attention, sage_config_scope
 from fastvideo_jax.attention.sliding_tile import (
     FULL_WINDOW,
     resolve_sta_backend,
@@ -21,6 +22,7 @@ __all__ = [
     "FULL_WINDOW",
     "MaskStrategy",
     "MosaicConfig",
+    "SageConfig",
     "SplashConfig",
     "TileGeometry",
     "TokamaxConfig",
@@ -35,6 +37,8 @@ __all__ = [
     "register_backend",
     "resolve_backend",
     "resolve_sta_backend",
+    "sage_attention",
+    "sage_config_scope",
     "sliding_tile_attention",
     "splash_config_scope",
     "sta_reference_dense",
