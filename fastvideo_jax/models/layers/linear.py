@@ -2,7 +2,9 @@
 
 Parameters follow Flax layout (``kernel`` is ``[in, out]``) and carry their logical axes as ``out_sharding``
 metadata; ``fastvideo_jax.parallel.rules`` maps logical names to mesh axes. The matmul runs in the parameter
-dtype (inputs are cast to it), as PyTorch modules do, accumulating in fp32.
+dtype (inputs are cast to it), as PyTorch modules do, accumulating in fp32. A ``Linear`` may carry a LoRA
+adapter (``lora``, see ``models/layers/lora.py``): unless merged into the kernel, its scaled low-rank output is
+added in fp32 before the cast.
 """
 
 from __future__ import annotations
@@ -46,12 +48,15 @@ class Linear(nnx.Module):
         init = _uniform_fan_in(in_features)
         self.kernel = make_param(rngs, init, (in_features, out_features), param_dtype, axes)
         self.bias = make_param(rngs, init, (out_features,), param_dtype, (axes[1],)) if use_bias else None
+        self.lora = None  # a low-rank adapter (models/layers/lora.py) when one is attached
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (..., in) -> (..., out)
         kernel = self.kernel[...]
         y = jnp.dot(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
+        if self.lora is not None and not self.lora.merged:
+            y = y + self.lora(x)  # fp32, scaled
         return y.astype(kernel.dtype)
 
 

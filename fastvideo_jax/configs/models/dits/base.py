@@ -16,6 +16,8 @@ class DiTArchConfig(MappedArchConfig):
 
     lora_param_names_mapping: NameMapping = internal(())
     exclude_lora_layers: tuple[str, ...] = internal(())
+    # Layers that get LoRA adapters for training: suffixes of our module paths (models/layers/lora.py).
+    lora_target_modules: tuple[str, ...] = internal(())
     boundary_ratio: float | None = internal(None)
     in_channels: int = 16
     out_channels: int = 16

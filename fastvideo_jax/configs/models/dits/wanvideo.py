@@ -58,6 +58,17 @@ WAN_LORA_PARAM_NAMES_MAPPING: NameMapping = (
     (_B + r"cross_attn\.o\.(.*)$", r"blocks.\1.attn2.to_out.0.\2"),
     (_B + r"ffn\.0\.(.*)$", r"blocks.\1.ffn.net.0.proj.\2"),
     (_B + r"ffn\.2\.(.*)$", r"blocks.\1.ffn.net.2.\2"),
+    # beyond FastVideo's table: the layers diffusers' non-Diffusers Wan LoRA converter also maps
+    (_B + r"cross_attn\.k_img\.(.*)$", r"blocks.\1.attn2.add_k_proj.\2"),
+    (_B + r"cross_attn\.v_img\.(.*)$", r"blocks.\1.attn2.add_v_proj.\2"),
+    (r"^text_embedding\.0\.(.*)$", r"condition_embedder.text_embedder.linear_1.\1"),
+    (r"^text_embedding\.2\.(.*)$", r"condition_embedder.text_embedder.linear_2.\1"),
+    (r"^time_embedding\.0\.(.*)$", r"condition_embedder.time_embedder.linear_1.\1"),
+    (r"^time_embedding\.2\.(.*)$", r"condition_embedder.time_embedder.linear_2.\1"),
+    (r"^time_projection\.1\.(.*)$", r"condition_embedder.time_proj.\1"),
+    (r"^img_emb\.proj\.1\.(.*)$", r"condition_embedder.image_embedder.ff.net.0.proj.\1"),
+    (r"^img_emb\.proj\.3\.(.*)$", r"condition_embedder.image_embedder.ff.net.2.\1"),
+    (r"^head\.head\.(.*)$", r"proj_out.\1"),
 )
 
 
@@ -88,6 +99,9 @@ class WanVideoArchConfig(DiTArchConfig):
     lora_param_names_mapping: NameMapping = internal(WAN_LORA_PARAM_NAMES_MAPPING)
     scanned_prefixes: tuple[str, ...] = internal(("blocks",))
     exclude_lora_layers: tuple[str, ...] = internal(("embedder",))
+    # Attention (self and cross; the I2V image keys/values) and FFN projections, in our module names.
+    lora_target_modules: tuple[str, ...] = internal(
+        ("to_q", "to_k", "to_v", "to_out", "add_k_proj", "add_v_proj", "ffn.fc_in", "ffn.fc_out"))
     # Checkpoint tensors that diffusers drops on load; we consume and drop them too, by name.
     ignored_param_patterns: tuple[str, ...] = internal((r".*\.norm_added_q\..*",))
     # FastWan's VSA checkpoints carry a learned compress gate per block; diffusers drops it on load and so do
