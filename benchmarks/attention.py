@@ -4,6 +4,11 @@
     python benchmarks/attention.py --preset wan14b-720p      # 75,600 tokens, 40 heads
     python benchmarks/attention.py --preset tiny             # CPU: interpret-mode kernels, seconds
 
+Top-k block-sparse rows (VSA's fine stage, ``topk_block_sparse_attention``, 64-token blocks, random top-k of
+``ceil((1 - sparsity) * blocks)`` per query block, length padded to a block multiple): time, dense-equivalent and
+kernel TFLOP/s (the selected blocks' FLOPs) and the speed-up over the best dense backend; on CPU the interpret-mode
+kernels are also checked against the jnp reference (max abs difference printed).
+
 Dense TFLOP/s = 4 * B * N * Lq * Lk * E / time (forward; x2.5 with --backward). STA rows report the time, the
 dense-equivalent TFLOP/s (the dense FLOPs at the unpadded length divided by the STA time, i.e. "how fast it
 looks") and the kernel TFLOP/s (FLOPs of the blocks it actually visits, padding included), plus the speed-up over
@@ -186,6 +191,56 @@ def run(preset: Preset, backward: bool, only: set[str] | None) -> list[dict]:
     return rows
 
 
+TOPK_SPARSITIES = (0.5, 0.9)
+TOPK_BLOCK = 64
+
+
+def run_topk(preset: Preset, backward: bool, only: set[str] | None) -> list[dict]:
+    """Top-k block-sparse attention rows: each implementation at each sparsity (interpret check on CPU)."""
+    from fastvideo_jax.attention import topk_block_sparse as tbs
+
+    dtype = jnp.dtype(preset.dtype)
+    B, N, E, bs = preset.batch, preset.heads, preset.head_dim, TOPK_BLOCK
+    nb = -(-preset.seq // bs)
+    L = nb * bs
+    keys = jax.random.split(jax.random.key(1), 4)
+    q, k, v = (jax.random.normal(s, (B, L, N, E), jnp.float32).astype(dtype) for s in keys[:3])
+    mult = 2.5 if backward else 1.0
+    dense_flops = 4.0 * B * N * preset.seq ** 2 * E * mult
+    rows = []
+    for sparsity in (0.5,) if preset.cpu else TOPK_SPARSITIES:
+        topk = max(1, math.ceil((1 - sparsity) * nb))
+        idx = jax.lax.top_k(jax.random.uniform(keys[3], (B, N, nb, nb)), topk)[1].astype(jnp.int32)
+        ref = None
+        for backend in tbs.TopkBackend:
+            if only and backend.value not in only:
+                continue
+            row = {"case": f"topk s={sparsity}", "backend": f"topk_{backend.value}"}
+            reason = tbs._check(backend, q, bs, preset.cpu, topk)
+            if reason is None and backend is tbs.TopkBackend.REFERENCE and not preset.cpu:
+                reason = "the jnp reference is a correctness twin, not timed on accelerators"
+            if reason is not None:
+                rows.append({**row, "skip": reason})
+                continue
+
+            def call(q, k, v, idx, b=backend):
+                return tbs.topk_block_sparse_attention(q, k, v, idx, block_size=bs, backend=b,
+                                                       interpret=preset.cpu or None)
+
+            fn = (jax.jit(call) if not backward else
+                  jax.jit(jax.grad(lambda q, k, v, i: jnp.sum(call(q, k, v, i).astype(jnp.float32)), (0, 1, 2))))
+            t = _time(fn, (q, k, v, idx), preset.iters, preset.warmup)
+            if preset.cpu:  # interpret check: every kernel against the jnp reference on the same indices
+                out = jax.jit(call)(q, k, v, idx)
+                ref = out if backend is tbs.TopkBackend.REFERENCE else ref
+                err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+                print(f"   topk check s={sparsity} {backend.value}: max |out - reference| = {err:.2e}")
+            kernel_flops = 4.0 * B * N * L * topk * bs * E * mult
+            rows.append({**row, "ms": t * 1e3, "tflops": dense_flops / t / 1e12,
+                         "kernel_tflops": kernel_flops / t / 1e12, "density": topk / nb, "padded": L})
+    return rows
+
+
 def report(preset: Preset, rows: list[dict], backward: bool) -> None:
     dense = [r for r in rows if r["case"] == "dense" and "ms" in r]
     best = min(dense, key=lambda r: r["ms"]) if dense else None
@@ -223,6 +278,7 @@ def main(argv=None) -> None:
         if args.iters:
             preset = Preset(**{**preset.__dict__, "iters": args.iters})
         rows = run(preset, args.backward, only)
+        rows += run_topk(preset, args.backward, only)
         report(preset, rows, args.backward)
         _record(preset, rows, args.backward)
 
