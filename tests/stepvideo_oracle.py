@@ -47,3 +47,12 @@ def diffsynth_module(name: str):
 def fastvideo_file(*parts: str) -> Path:
     """Path of a file inside the installed fastvideo 0.1.7 wheel (read it, or parse it, for facts)."""
     return _package_dir("fastvideo", *parts)
+
+
+def diffsynth_flow_scheduler(**kwargs):
+    """diffsynth's ``FlowMatchScheduler`` (``diffsynth.schedulers.flow_match``), as its StepVideo pipeline builds
+    it by default: ``FlowMatchScheduler(sigma_min=0.0, extra_one_step=True, shift=13.0, reverse_sigmas=True,
+    num_train_timesteps=1)`` (``kwargs`` override)."""
+    module = _load("_oracle_diffsynth_schedulers", _package_dir("diffsynth", "schedulers"), "flow_match")
+    args = dict(sigma_min=0.0, extra_one_step=True, shift=13.0, reverse_sigmas=True, num_train_timesteps=1)
+    return module.FlowMatchScheduler(**{**args, **kwargs})

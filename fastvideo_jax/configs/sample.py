@@ -68,8 +68,9 @@ class SamplingParam:
             raise TypeError(f"unknown sampling option(s) {bad}; options: {sorted(names)}")
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
-    def validate(self, spatial: int = 8, patch: int = 2, temporal: int = 4) -> None:
-        """Clear errors (``UserError`` naming the field) before any heavy work: types first, then ranges."""
+    def validate(self, spatial: int = 8, patch: int = 2, temporal: int = 4, frame_chunk: int | None = None) -> None:
+        """Clear errors (``UserError`` naming the field) before any heavy work: types first, then ranges.
+        ``frame_chunk``: a VAE that decodes fixed chunks of frames (StepVideo: 17) takes a multiple of it."""
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise UserError(f"prompt must be a non-empty string, got {type(self.prompt).__name__} {self.prompt!r}"
                             if self.prompt else "a prompt is required")
@@ -84,7 +85,12 @@ class SamplingParam:
         multiple = spatial * patch
         if self.height <= 0 or self.width <= 0 or self.height % multiple or self.width % multiple:
             raise UserError(f"height and width must be positive multiples of {multiple}, got {self.height}x{self.width}")
-        if self.num_frames < 1 or (self.num_frames - 1) % temporal:
+        if frame_chunk:
+            if self.num_frames < frame_chunk or self.num_frames % frame_chunk:
+                raise UserError(f"num_frames must be a multiple of {frame_chunk} ({frame_chunk}, {2 * frame_chunk}, "
+                                f"..., {12 * frame_chunk}): this VAE decodes {frame_chunk}-frame chunks, got "
+                                f"{self.num_frames}")
+        elif self.num_frames < 1 or (self.num_frames - 1) % temporal:
             raise UserError(f"num_frames must be 1 + {temporal}k (1, 5, 9, ..., 81), got {self.num_frames}")
         if not 1 <= self.num_inference_steps <= MAX_INFERENCE_STEPS:
             raise UserError(f"num_inference_steps must be at least 1 and at most {MAX_INFERENCE_STEPS}, "

@@ -18,6 +18,7 @@ _PIPELINES: dict[str, Any] = {
     "HunyuanVideoPipeline": "fastvideo_jax.pipelines.hunyuan:HunyuanVideoPipeline",
     "WanDMDPipeline": "fastvideo_jax.pipelines.wan:WanDMDPipeline",
     "WanImageToVideoPipeline": "fastvideo_jax.pipelines.wan_i2v:WanImageToVideoPipeline",
+    "StepVideoPipeline": "fastvideo_jax.pipelines.stepvideo:StepVideoPipeline",
 }
 
 

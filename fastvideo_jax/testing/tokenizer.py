@@ -93,3 +93,55 @@ def write_llama_tokenizer(directory: str | Path, extra_text: str = ""):
     tokenizer = build_llama_tokenizer(extra_text)
     tokenizer.save_pretrained(str(directory))
     return tokenizer
+
+
+# StepChat's special pieces: the original's tokenizer wrapper asserts they exist (the first six as control pieces).
+_STEP_CONTROL = ("<|BOT|>", "<|EOT|>", "<|CALL_START|>", "<|CALL_END|>", "<|THINK_START|>", "<|THINK_END|>",
+                 "<|MASK_1e69f|>", "<|UNMASK_1e69f|>")
+
+
+def write_step_tokenizer(directory: str | Path, vocab_size: int = 120) -> Path:
+    """A tiny SentencePiece model trained in code (BPE over ``_CORPUS`` and StepVideo's Chinese magic suffixes;
+    unk 0, bos 1, eos 2 as StepChat's; its special pieces as control symbols), written as StepVideo ships it:
+    ``<directory>/step1_chat_tokenizer.model``. No download."""
+    import io
+
+    import sentencepiece
+
+    from fastvideo_jax.configs.pipelines.stepvideo import NEG_MAGIC, POS_MAGIC
+    from fastvideo_jax.models.encoders.stepvideo_prompt import STEP_TOKENIZER_FILE
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([*_CORPUS, POS_MAGIC, NEG_MAGIC]), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        control_symbols=list(_STEP_CONTROL), minloglevel=2)
+    path = Path(directory) / STEP_TOKENIZER_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def build_bert_tokenizer():
+    """A tiny ``BertTokenizer`` (BERT's special tokens first, pad 0; the words of ``_CORPUS`` and the Chinese
+    characters of StepVideo's magic suffixes, which BERT splits one per character). No download."""
+    import re
+    import tempfile
+
+    from transformers import BertTokenizer
+
+    from fastvideo_jax.configs.pipelines.stepvideo import NEG_MAGIC, POS_MAGIC
+
+    words = sorted(set(re.findall(r"[a-z]+", " ".join(_CORPUS))))
+    chars = sorted(set(re.sub(r"[\sA-Za-z0-9]", "", POS_MAGIC + NEG_MAGIC)))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *chars]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "vocab.txt"
+        path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+        return BertTokenizer(str(path), do_lower_case=True)
+
+
+def write_bert_tokenizer(directory: str | Path):
+    tokenizer = build_bert_tokenizer()
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer

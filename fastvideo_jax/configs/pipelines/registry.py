@@ -12,6 +12,7 @@ from typing import Any
 
 from fastvideo_jax.configs.pipelines.base import PipelineConfig
 from fastvideo_jax.configs.pipelines.hunyuan import FastHunyuanConfig, HunyuanConfig
+from fastvideo_jax.configs.pipelines.stepvideo import StepVideoT2VConfig, StepVideoT2VTurboConfig
 from fastvideo_jax.configs.pipelines.wan import (
     FASTWAN_DMD_STEPS, FastWan21T2V480PConfig, FastWan22TI2V5BConfig, Wan22I2VA14BConfig, Wan22T2VA14BConfig,
     Wan22TI2V5BConfig, WanI2V480PConfig, WanI2V720PConfig, WanT2V480PConfig, WanT2V720PConfig, WanTinyConfig,
@@ -166,6 +167,18 @@ register_model_defaults("hunyuanvideo-community/HunyuanVideo", HunyuanConfig(), 
 # Same DiT shape as HunyuanVideo: found by its id only (a local copy by content gets HunyuanVideo's defaults).
 register_model_defaults("FastVideo/FastHunyuan-diffusers", FastHunyuanConfig(),
                         dataclasses.replace(_HUNYUAN_SAMPLING, num_inference_steps=6))
+
+# StepVideo-T2V: the release's 544x992, 204 frames (12 VAE chunks of 17), 25 fps; T2V 50 steps CFG 9 shift 13 (the
+# 30-50 step range's top, FastVideo's default), Turbo 15 steps CFG 5 shift 17 (10-15 steps). The Turbo DiT has
+# the T2V's shape: found by its id only.
+_STEPVIDEO_DIT = dict(in_channels=64, num_attention_heads=48, attention_head_dim=128, num_layers=48)
+_STEPVIDEO_SAMPLING = SamplingParam(height=544, width=992, num_frames=204, num_inference_steps=50, guidance_scale=9.0,
+                                    fps=25)
+for _id in ("stepfun-ai/stepvideo-t2v", "FastVideo/stepvideo-t2v-diffusers"):
+    register_model_defaults(_id, StepVideoT2VConfig(), _STEPVIDEO_SAMPLING, dit=_STEPVIDEO_DIT,
+                            index=dict(_class_name="StepVideoPipeline"))
+register_model_defaults("stepfun-ai/stepvideo-t2v-turbo", StepVideoT2VTurboConfig(),
+                        dataclasses.replace(_STEPVIDEO_SAMPLING, num_inference_steps=15, guidance_scale=5.0))
 
 
 def find_model_defaults(model: str | Path, transformer_config: Mapping[str, Any] | None = None,

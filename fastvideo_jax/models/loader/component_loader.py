@@ -244,14 +244,19 @@ class ImageProcessorLoader:
 
 
 class TokenizerLoader:
-    """A Transformers tokenizer from a ``tokenizer/`` directory (``AutoTokenizer``; nothing is downloaded)."""
+    """A Transformers tokenizer from a ``tokenizer/`` directory (``AutoTokenizer``; nothing is downloaded), or
+    StepVideo's Step-LLM tokenizer (a folder holding ``step1_chat_tokenizer.model`` and no tokenizer config)."""
 
     def load(self, component_dir: str | Path, **kwargs):
         from transformers import AutoTokenizer
 
+        from fastvideo_jax.models.encoders.stepvideo_prompt import STEP_TOKENIZER_FILE, StepChatTokenizer
+
         component_dir = Path(component_dir)
         if not component_dir.is_dir():
             raise CheckpointError(f"{component_dir}: tokenizer directory missing")
+        if (component_dir / STEP_TOKENIZER_FILE).is_file() and not (component_dir / "tokenizer_config.json").exists():
+            return StepChatTokenizer(component_dir / STEP_TOKENIZER_FILE)
         for path in sorted(component_dir.glob("*.json")):  # name a broken file rather than a parser's complaint
             read_config(component_dir, path.name)
         try:

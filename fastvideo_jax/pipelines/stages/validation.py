@@ -9,7 +9,7 @@ from fastvideo_jax.errors import UserError
 from fastvideo_jax.pipelines.batch import ForwardBatch
 from fastvideo_jax.pipelines.stages.base import PipelineStage
 
-__all__ = ["InputValidationStage", "check_request", "patch_of"]
+__all__ = ["InputValidationStage", "check_request", "latent_frames", "patch_of"]
 
 
 def check_request(param: SamplingParam, dit_arch: Any, vae_arch: Any, config: Any = None) -> None:
@@ -19,8 +19,9 @@ def check_request(param: SamplingParam, dit_arch: Any, vae_arch: Any, config: An
     second expert)."""
     spatial, temporal = vae_arch.spatial_compression_ratio, vae_arch.temporal_compression_ratio
     pt, ph, pw = patch_of(dit_arch)
-    param.validate(spatial, ph, temporal)
-    frames = (param.num_frames - 1) // temporal + 1
+    chunk = getattr(config, "frame_chunk", None)  # a VAE decoding fixed frame chunks (StepVideo's 17)
+    param.validate(spatial, ph, temporal, frame_chunk=chunk)
+    frames = latent_frames(param.num_frames, temporal, chunk)
     if frames % pt:
         raise UserError(f"num_frames={param.num_frames} gives {frames} latent frames, not a multiple of the "
                         f"patch's {pt}")
@@ -45,6 +46,14 @@ def _check_against_config(param: SamplingParam, config: Any) -> None:
     if param.guidance_scale_2 is not None and getattr(config, "boundary_ratio", None) is None:
         raise UserError(f"guidance_scale_2={param.guidance_scale_2} is for the low-noise expert of a two-expert "
                         f"model (boundary_ratio set); this model has one transformer")
+
+
+def latent_frames(num_frames: int, temporal: int, frame_chunk: int | None = None) -> int:
+    """Latent frames of ``num_frames``: causal (1 + (n - 1) / temporal), or per ``frame_chunk``-frame chunk of a
+    chunked VAE (StepVideo: 17 frames -> 3 latent frames)."""
+    if frame_chunk:
+        return num_frames // frame_chunk * ((frame_chunk - 1) // temporal + 1)
+    return (num_frames - 1) // temporal + 1
 
 
 def patch_of(dit_arch: Any) -> tuple[int, int, int]:
