@@ -5,6 +5,7 @@ from fastvideo_jax.testing.tiny_checkpoints import (
     write_random_dit,
     write_random_hunyuan_dit,
     write_random_hunyuan_vae,
+    write_random_stepvideo_dit,
     write_random_vae,
 )
 
@@ -13,5 +14,6 @@ __all__ = [
     "write_random_dit",
     "write_random_hunyuan_dit",
     "write_random_hunyuan_vae",
+    "write_random_stepvideo_dit",
     "write_random_vae",
 ]

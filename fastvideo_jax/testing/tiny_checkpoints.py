@@ -142,3 +142,17 @@ def write_random_hunyuan_vae(directory: str | Path, preset: str = "tiny", precis
     with jax.default_device(jax.devices("cpu")[0]):
         return write_random_component(directory, AutoencoderKLHunyuanVideo, "AutoencoderKLHunyuanVideo",
                                       HUNYUAN_VAE_PRESETS[preset], precision=precision, seed=seed)
+
+
+def write_random_stepvideo_dit(directory: str | Path, preset: str = "tiny", precision: str = "fp32",
+                               seed: int = 0) -> Path:
+    """A random ``StepVideoModel`` checkpoint of a preset (``tiny``: 2 layers, 2 heads x 128, 8 channels, text
+    widths 48 (LLM) and 24 (CLIP); ``stepvideo-t2v``: the released 30B layout)."""
+    from fastvideo_jax.configs.models.dits.stepvideo import STEPVIDEO_PRESETS
+    from fastvideo_jax.models.dits.stepvideo import StepVideoModel
+
+    if preset not in STEPVIDEO_PRESETS:
+        raise KeyError(f"unknown StepVideo DiT preset {preset!r}; presets: {sorted(STEPVIDEO_PRESETS)}")
+    with jax.default_device(jax.devices("cpu")[0]):
+        return write_random_component(directory, StepVideoModel, "StepVideoModel", STEPVIDEO_PRESETS[preset],
+                                      precision=precision, seed=seed)
