@@ -3,6 +3,7 @@
     python benchmarks/attention.py --preset wan1.3b-480p     # 32,760 tokens, 12 heads, head dim 128, bf16
     python benchmarks/attention.py --preset wan14b-720p      # 75,600 tokens, 40 heads
     python benchmarks/attention.py --preset tiny             # CPU: interpret-mode kernels, seconds
+    python benchmarks/attention.py --preset gpu --backends sage_attn,cudnn   # SageAttention vs cuDNN only
 
 Top-k block-sparse rows (VSA's fine stage, ``topk_block_sparse_attention``, 64-token blocks, random top-k of
 ``ceil((1 - sparsity) * blocks)`` per query block, length padded to a block multiple): time, dense-equivalent and
@@ -12,7 +13,10 @@ kernels are also checked against the jnp reference (max abs difference printed).
 Dense TFLOP/s = 4 * B * N * Lq * Lk * E / time (forward; x2.5 with --backward). STA rows report the time, the
 dense-equivalent TFLOP/s (the dense FLOPs at the unpadded length divided by the STA time, i.e. "how fast it
 looks") and the kernel TFLOP/s (FLOPs of the blocks it actually visits, padding included), plus the speed-up over
-the fastest dense backend. Timing: jitted, warm-up runs excluded, ``block_until_ready`` on every iteration,
+the fastest dense backend. Sage rows (``SAGE_ATTN``, 8-bit, forward only) report the dense-equivalent TFLOP/s,
+the speed-up over the fastest dense backend and the accuracy (cosine similarity, relative L1) against the
+platform's default dense backend on the same inputs; on CPU, each Sage kernel in interpret mode against the jnp
+reference. Timing: jitted, warm-up runs excluded, ``block_until_ready`` on every iteration,
 median reported. Backends the platform cannot run are listed as skipped with the reason (never silently
 replaced by the reference).
 """
@@ -47,6 +51,7 @@ from fastvideo_jax.attention import (  # noqa: E402
     triton_config_scope,
 )
 from fastvideo_jax.attention import api, sliding_tile  # noqa: E402
+from fastvideo_jax.attention.sage import SageConfig, sage_attention, sage_reference  # noqa: E402
 from fastvideo_jax.attention.sliding_tile_mask import normalize_windows, sta_density  # noqa: E402
 
 
@@ -264,6 +269,73 @@ def report(preset: Preset, rows: list[dict], backward: bool) -> None:
         print(f"best dense: {best['backend']} {best['ms']:.3f} ms; 'vs best dense' = best dense time / row time")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# SageAttention (SAGE_ATTN) against dense: rate and accuracy on the same inputs
+# ----------------------------------------------------------------------------------------------------------
+
+SAGE_IMPLS = {"triton": "gpu", "mosaic_tpu": "tpu", "jnp": None}  # impl: the hardware its kernel needs
+SAGE_CPU_TILES = {"triton": (128, 64), "mosaic_tpu": (128, 128), "jnp": (None, None)}
+
+
+def _sage_accuracy(out, exact) -> tuple[float, float]:
+    """(cosine similarity, relative L1) of ``out`` against ``exact``: the SageAttention papers' metrics."""
+    o, r = out.astype(jnp.float32).ravel(), exact.astype(jnp.float32).ravel()
+    cos = jnp.dot(o, r) / (jnp.linalg.norm(o) * jnp.linalg.norm(r))
+    return float(cos), float(jnp.abs(o - r).sum() / jnp.abs(r).sum())
+
+
+def run_sage(preset: Preset, backward: bool, only: set[str] | None) -> list[dict]:
+    """Sage rows: on a GPU/TPU the platform's kernel, timed like the dense rows, with its accuracy against the
+    platform's default dense backend on the same inputs; on CPU (``tiny``) the interpret-mode check: every
+    kernel against the jnp reference at the kernel's tiles (``vs_ref``: max error / max|ref|) and the accuracy."""
+    if only and AttentionBackend.SAGE_ATTN.value not in only:
+        return []
+    if backward:
+        return [{"case": "sage", "backend": "sage_attn", "skip": "forward only (an inference kernel)"}]
+    dtype = jnp.dtype(preset.dtype)
+    B, L, N, E = preset.batch, preset.seq, preset.heads, preset.head_dim
+    q, k, v = (jax.random.normal(s, (B, L, N, E), jnp.float32).astype(dtype)
+               for s in jax.random.split(jax.random.key(0), 3))
+    exact = jax.jit(lambda q, k, v: attention(q, k, v))(q, k, v)  # the platform's default dense backend
+    rows = []
+    for impl, hardware in SAGE_IMPLS.items():
+        row = {"case": "sage", "backend": f"sage[{impl}]"}
+        on_hw = hardware is not None and jax.devices()[0].platform == hardware
+        if not preset.cpu and not on_hw:
+            rows.append({**row, "skip": f"needs a {hardware.upper()}" if hardware else "CPU check only"})
+            continue
+        bq, bk = SAGE_CPU_TILES[impl] if preset.cpu else (None, None)
+        config = SageConfig(impl=impl, interpret=hardware is not None and not on_hw, block_q=bq, block_k=bk)
+        fn = jax.jit(lambda q, k, v, c=config: sage_attention(q, k, v, config=c))
+        t = _time(fn, (q, k, v), preset.iters, preset.warmup)
+        out = fn(q, k, v)
+        cos, l1 = _sage_accuracy(out, exact)
+        row.update(ms=t * 1e3, tflops=4.0 * B * N * L * L * E / t / 1e12, cos=cos, rel_l1=l1)
+        if preset.cpu:
+            pv = config.resolved_pv_dtype(impl)
+            ref = sage_reference(q, k, v, pv_dtype=pv, **({"block_q": bq, "block_k": bk} if bq else {}))
+            row["vs_ref"] = float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max()
+                                  / jnp.abs(ref.astype(jnp.float32)).max())
+        rows.append(row)
+    return rows
+
+
+def report_sage(preset: Preset, rows: list[dict]) -> None:
+    sage_rows = [r for r in rows if r["case"] == "sage" and "ms" in r]
+    if not sage_rows:
+        return
+    from _results import record
+
+    print("Sage accuracy vs the default dense backend (same inputs): cosine similarity, relative L1"
+          + ("; vs_ref = kernel vs the jnp reference at its tiles (max error / max|ref|)" if preset.cpu else ""))
+    for r in sage_rows:
+        ref = f"  vs_ref {r['vs_ref']:.2e}" if "vs_ref" in r else ""
+        print(f"  {r['backend']:<20} cos {r['cos']:.6f}  rel L1 {r['rel_l1']:.4f}{ref}")
+        record(f"attention {preset.name} sage accuracy (L={preset.seq}, heads={preset.heads}, "
+               f"head_dim={preset.head_dim}, {preset.dtype})", r["backend"], cos=r["cos"], rel_l1=r["rel_l1"],
+               vs_ref=r.get("vs_ref"))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=[*PRESETS, "gpu", "all"])
@@ -279,7 +351,9 @@ def main(argv=None) -> None:
             preset = Preset(**{**preset.__dict__, "iters": args.iters})
         rows = run(preset, args.backward, only)
         rows += run_topk(preset, args.backward, only)
+        rows += run_sage(preset, args.backward, only)
         report(preset, rows, args.backward)
+        report_sage(preset, rows)
         _record(preset, rows, args.backward)
 
 
