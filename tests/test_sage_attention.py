@@ -170,7 +170,7 @@ def test_gradients_are_refused_clearly():
 
 def test_wan_dit_with_sage_is_close_to_dense(tmp_path):
     """The tiny Wan DiT (fp32, self- and cross-attention on SAGE_ATTN) against the same weights on exact attention:
-    cosine similarity and relative L1 of the predicted noise, the metric the papers use end to end per layer."""
+    cosine similarity >= 0.9999 and relative L1 <= 0.005 of the predicted noise (the papers' metrics)."""
     from fastvideo_jax.models.loader.component_loader import TransformerLoader
     from fastvideo_jax.testing import write_random_dit
     from tests.oracles import dit_call
@@ -182,5 +182,5 @@ def test_wan_dit_with_sage_is_close_to_dense(tmp_path):
     dense = dit_call(TransformerLoader().load(d, precision="fp32"), *inputs)
     ours = dit_call(TransformerLoader().load(d, precision="fp32", attention_backend="SAGE_ATTN"), *inputs)
     cos, l1 = accuracy(ours, dense)
-    assert cos >= COS_MIN and l1 <= L1_MAX, (cos, l1)
-    assert l1 > 0  # it did run the 8-bit path
+    # measured 0.9999997 / 6.8e-4: the residual stream dilutes the per-layer attention error
+    assert cos >= 0.9999 and 0 < l1 <= 0.005, (cos, l1)  # l1 > 0: it did run the 8-bit path
