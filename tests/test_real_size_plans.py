@@ -207,3 +207,27 @@ def test_hunyuan_vae_real_size():
     assert specs[("encoder", "down_blocks", 1, "downsamplers", 0, "conv", "conv", "kernel")].shape == (3, 3, 3, 256, 256)
     assert specs[("decoder", "mid_block", "attentions", 0, "to_q", "kernel")].shape == (512, 512)
     assert ("decoder", "up_blocks", 3, "upsamplers", 0, "conv", "conv", "kernel") not in specs
+
+
+def test_stepvideo_vae_real_size():
+    """StepVideo's VAE (StepFun's vae_v2, FastVideo/stepvideo-t2v-diffusers' vae): the original's modules at the
+    release's widths (diffsynth's StepVideoVAE, version 2, z = 64) under the checkpoint's names (its
+    ``decoder.conv_out.*``), every tensor mapped, same total."""
+    from fastvideo_jax.configs.models.vaes.stepvideovae import STEPVIDEO_VAE_PRESETS
+    from fastvideo_jax.models.vaes.stepvideovae import AutoencoderKLStepvideo as Ours
+    from tests.stepvideo_oracle import diffsynth_module
+
+    raw = {"_class_name": "AutoencoderKLStepvideo", **STEPVIDEO_VAE_PRESETS["stepvideo"]}
+    with torch.device("meta"):
+        ref = diffsynth_module("stepvideo_vae").StepVideoVAE(z_channels=64, version=2)
+    release = {k.replace("decoder.conv_out.conv.", "decoder.conv_out."): v for k, v in ref.state_dict().items()}
+    assert "decoder.conv_out.weight" in release and "decoder.conv_out.conv.weight" not in release
+    holder = type("Release", (), {"state_dict": lambda self: release})()
+    n, specs = _plan(holder, Ours, raw)  # every tensor mapped, same total
+    assert n == sum(p.numel() for p in ref.parameters()) == 498_818_819  # 1.0 GB in bf16
+    assert specs[("decoder", "conv_in", "conv", "kernel")].shape == (3, 3, 3, 64, 2048)
+    assert specs[("decoder", "conv_unpatchify", "conv", "conv", "kernel")].shape == (3, 3, 3, 2048, 4096)
+    assert specs[("encoder", "conv_out", "conv", "kernel")].shape == (3, 3, 3, 2048, 128)
+    assert specs[("decoder", "up", 1, "upsample", "conv", "kernel")].shape == (3, 3, 256, 256)
+    assert specs[("encoder", "down", 0, "downsample", "conv", "kernel")].shape == (3, 3, 128, 128)
+    assert specs[("decoder", "up", 3, "upsample", "conv3d", "conv1", "conv", "kernel")].shape == (3, 3, 3, 512, 512)

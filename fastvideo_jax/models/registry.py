@@ -50,6 +50,7 @@ _IMAGE_ENCODER_MODELS = {
 _VAE_MODELS = {
     "AutoencoderKLWan": ("vaes", "wanvae", "AutoencoderKLWan"),
     "AutoencoderKLHunyuanVideo": ("vaes", "hunyuanvae", "AutoencoderKLHunyuanVideo"),
+    "AutoencoderKLStepvideo": ("vaes", "stepvideovae", "AutoencoderKLStepvideo"),
 }
 _SCHEDULERS = {
     "FlowMatchEulerDiscreteScheduler": ("schedulers", "flow_match_euler", "FlowMatchEulerScheduler"),

@@ -6,6 +6,7 @@ from fastvideo_jax.testing.tiny_checkpoints import (
     write_random_hunyuan_dit,
     write_random_hunyuan_vae,
     write_random_stepvideo_dit,
+    write_random_stepvideo_vae,
     write_random_vae,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "write_random_hunyuan_dit",
     "write_random_hunyuan_vae",
     "write_random_stepvideo_dit",
+    "write_random_stepvideo_vae",
     "write_random_vae",
 ]

@@ -156,3 +156,17 @@ def write_random_stepvideo_dit(directory: str | Path, preset: str = "tiny", prec
     with jax.default_device(jax.devices("cpu")[0]):
         return write_random_component(directory, StepVideoModel, "StepVideoModel", STEPVIDEO_PRESETS[preset],
                                       precision=precision, seed=seed)
+
+
+def write_random_stepvideo_vae(directory: str | Path, preset: str = "tiny", precision: str = "fp32",
+                               seed: int = 0) -> Path:
+    """A random ``AutoencoderKLStepvideo`` checkpoint of a preset (``tiny``: 4 latent channels, 32-64 wide;
+    ``stepvideo``: the release's 499M layout) under the release's tensor names."""
+    from fastvideo_jax.configs.models.vaes.stepvideovae import STEPVIDEO_VAE_PRESETS
+    from fastvideo_jax.models.vaes.stepvideovae import AutoencoderKLStepvideo
+
+    if preset not in STEPVIDEO_VAE_PRESETS:
+        raise KeyError(f"unknown StepVideo VAE preset {preset!r}; presets: {sorted(STEPVIDEO_VAE_PRESETS)}")
+    with jax.default_device(jax.devices("cpu")[0]):
+        return write_random_component(directory, AutoencoderKLStepvideo, "AutoencoderKLStepvideo",
+                                      STEPVIDEO_VAE_PRESETS[preset], precision=precision, seed=seed)
