@@ -16,13 +16,13 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _encoders import gib, time_jax, time_torch, torch_device  # noqa: E402
 
 # preset -> (kind, our preset name, batch)
 PRESETS = {
@@ -31,15 +31,6 @@ PRESETS = {
     "vit-h-14": ("vision", "vit-h-14", 1),  # one conditioning image per video
     "clip-vit-large-text": ("text", "clip-vit-large-patch14", 2),  # prompt + negative prompt
 }
-
-
-def _time(fn, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def _inputs(kind: str, arch: dict, batch: int) -> dict[str, np.ndarray]:
@@ -63,31 +54,20 @@ def run_torch(model_dir, cls_name, kind, dtype_name, inputs, iters):
     import torch
     import transformers
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    model = getattr(transformers, cls_name).from_pretrained(model_dir, dtype=dtype).to(dev).eval()
-    feeds = {k: torch.from_numpy(v).to(dev) for k, v in inputs.items()}
+    model = getattr(transformers, cls_name).from_pretrained(model_dir, dtype=dtype).to(torch_device()).eval()
+    feeds = {k: torch.from_numpy(v).to(torch_device()) for k, v in inputs.items()}
     if "pixel_values" in feeds:
         feeds["pixel_values"] = feeds["pixel_values"].to(dtype)
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
-    def call():
-        with torch.no_grad():
-            out = model(**feeds, output_hidden_states=True)
-        sync()
-        return out
+    def pick(out):
+        return _used(kind, out.hidden_states, getattr(out, "image_embeds", None) if kind == "vision"
+                     else out.pooler_output)
 
-    out = call()
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sec = _time(call, iters)
-    peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
-    pooled = getattr(out, "image_embeds", None) if kind == "vision" else out.pooler_output
-    return sec, peak, _used(kind, out.hidden_states, pooled).float().cpu().numpy()
+    return time_torch(model, feeds, pick, iters)
 
 
 def run_jax(model_dir, kind, dtype_name, inputs, iters):
-    import jax
     import jax.numpy as jnp
 
     from fastvideo_jax.models.loader.component_loader import ImageEncoderLoader, TextEncoderLoader
@@ -99,14 +79,9 @@ def run_jax(model_dir, kind, dtype_name, inputs, iters):
 
     def call():
         out = model(*args, output_hidden_states=True)
-        return jax.block_until_ready(_used(kind, out.hidden_states, out.pooler_output))
+        return _used(kind, out.hidden_states, out.pooler_output)
 
-    t0 = time.perf_counter()
-    out = call()  # compiles; later calls reuse the executable (compiled_call)
-    compile_s = time.perf_counter() - t0
-    sec = _time(call, iters)
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return sec, compile_s, stats.get("peak_bytes_in_use"), np.asarray(out.astype(jnp.float32))
+    return time_jax(call, iters)
 
 
 def main(argv=None):
@@ -138,7 +113,6 @@ def main(argv=None):
               f"device {jax.devices()[0].device_kind}")
         tj, compile_s, peak_j, out_j = run_jax(d, kind, args.dtype, inputs, args.iters)
         tt, peak_t, out_t = run_torch(d, cls_name, kind, args.dtype, inputs, args.iters)
-    gib = lambda b: "n/a" if b is None else f"{b / 2**30:.2f} GiB"  # noqa: E731
     print(f"ours (jax)          : {tj * 1e3:9.2f} ms/call, compile {compile_s:.1f} s, peak {gib(peak_j)}")
     print(f"transformers eager  : {tt * 1e3:9.2f} ms/call, peak {gib(peak_t)}  -> speedup {tt / tj:.2f}x")
     what = "hidden_states[-2]" if kind == "vision" else "pooler_output"

@@ -17,13 +17,13 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _encoders import gib, time_jax, time_torch, torch_device  # noqa: E402
 
 # preset -> (our preset name, batch, tokens)
 PRESETS = {
@@ -31,15 +31,6 @@ PRESETS = {
     "llava-llama-3-8b": ("llava-llama-3-8b", 1, 256 + 95),  # embedded guidance: one prompt, no negative
 }
 SKIP = 2  # HunyuanVideo's hidden_state_skip_layer
-
-
-def _time(fn, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def _inputs(arch: dict, batch: int, length: int) -> dict[str, np.ndarray]:
@@ -54,44 +45,20 @@ def run_torch(model_dir, dtype_name, inputs, iters):
     import torch
     import transformers
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    model = transformers.LlamaModel.from_pretrained(model_dir, dtype=dtype).to(dev).eval()
-    feeds = {k: torch.from_numpy(v).to(dev) for k, v in inputs.items()}
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-
-    def call():
-        with torch.no_grad():
-            out = model(**feeds, output_hidden_states=True)
-        sync()
-        return out
-
-    out = call()
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sec = _time(call, iters)
-    peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
-    return sec, peak, out.hidden_states[-(SKIP + 1)].float().cpu().numpy()
+    model = transformers.LlamaModel.from_pretrained(model_dir, dtype=dtype).to(torch_device()).eval()
+    feeds = {k: torch.from_numpy(v).to(torch_device()) for k, v in inputs.items()}
+    return time_torch(model, feeds, lambda out: out.hidden_states[-(SKIP + 1)], iters)
 
 
 def run_jax(model_dir, dtype_name, inputs, iters):
-    import jax
     import jax.numpy as jnp
 
     from fastvideo_jax.models.loader.component_loader import TextEncoderLoader
 
     model = TextEncoderLoader().load(model_dir, precision=dtype_name)
     args = tuple(jnp.asarray(v) for v in inputs.values())
-
-    def call():
-        return jax.block_until_ready(model(*args, output_hidden_states=True).hidden_states[-(SKIP + 1)])
-
-    t0 = time.perf_counter()
-    out = call()  # compiles; later calls reuse the executable (compiled_call)
-    compile_s = time.perf_counter() - t0
-    sec = _time(call, iters)
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return sec, compile_s, stats.get("peak_bytes_in_use"), np.asarray(out.astype(jnp.float32))
+    return time_jax(lambda: model(*args, output_hidden_states=True).hidden_states[-(SKIP + 1)], iters)
 
 
 def _write_random(directory: str, arch: dict, dtype_name: str) -> int:
@@ -99,7 +66,7 @@ def _write_random(directory: str, arch: dict, dtype_name: str) -> int:
     import transformers
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch_device()
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build the 8B model in its dtype (half the host/GPU memory of fp32)
@@ -137,7 +104,6 @@ def main(argv=None):
               f"device {jax.devices()[0].device_kind}")
         tj, compile_s, peak_j, out_j = run_jax(d, dtype, inputs, args.iters)
         tt, peak_t, out_t = run_torch(d, dtype, inputs, args.iters)
-    gib = lambda b: "n/a" if b is None else f"{b / 2**30:.2f} GiB"  # noqa: E731
     print(f"ours (jax)          : {tj * 1e3:9.2f} ms/call, compile {compile_s:.1f} s, peak {gib(peak_j)}")
     print(f"transformers eager  : {tt * 1e3:9.2f} ms/call, peak {gib(peak_t)}  -> speedup {tt / tj:.2f}x")
     valid = inputs["attention_mask"] > 0

@@ -84,3 +84,34 @@ def sta_token_mask(grid, tile, window) -> np.ndarray:
         near = np.abs(centre[:, None] - coords[None, :, d]) <= half
         allowed &= near if 2 * half < n else True
     return allowed
+
+
+# ---- VAE parity tests (Wan2.1, Wan2.2, HunyuanVideo): one noised oracle and the same inputs and error report ------
+
+def noised_torch_vae(cls: type, preset: dict) -> torch.nn.Module:
+    """``cls(**preset)`` (tuples as lists, as diffusers' configs hold them) from seed 0, in eval mode, with
+    0.1 * N(0, 1) added to every parameter."""
+    torch.manual_seed(0)
+    model = cls(**{k: list(v) if isinstance(v, tuple) else v for k, v in preset.items()}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def uniform_video(seed: int, shape) -> np.ndarray:
+    """A float32 video in [-1, 1] (the VAE's pixel range)."""
+    return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
+
+
+def normal_latents(seed: int, shape) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def error_report(got, ref) -> tuple[float, str]:
+    """(max-abs error, "max-abs ..., relative ..." with the relative error in the Frobenius norm)."""
+    got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+    assert got.shape == ref.shape, f"shape {got.shape} != reference {ref.shape}"
+    err = float(np.abs(got - ref).max())
+    rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
+    return err, f"max-abs {err:.3e}, relative {rel:.3e}"

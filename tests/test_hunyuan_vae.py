@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+from tests.oracles import error_report, normal_latents, noised_torch_vae, uniform_video  # noqa: E402
 
 from fastvideo_jax.configs.models.vaes.hunyuanvae import HUNYUAN_VAE_PRESETS, HunyuanVAEArchConfig, HunyuanVAEConfig  # noqa: E402
 from fastvideo_jax.errors import UserError  # noqa: E402
@@ -39,31 +40,15 @@ TILES = dict(tile_sample_min_height=16, tile_sample_min_width=16, tile_sample_st
 FAR = 100 * TOL  # how much tiling must change diffusers' output for a tiled comparison to mean anything
 
 
-def _err(got, ref) -> tuple[float, str]:
-    got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
-    assert got.shape == ref.shape, f"shape {got.shape} != reference {ref.shape}"
-    err = float(np.abs(got - ref).max())
-    rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
-    return err, f"max-abs {err:.3e}, relative {rel:.3e}"
 
 
-def _video(seed: int, shape) -> np.ndarray:
-    return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
 
 
-def _latents(seed: int, shape) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
 def torch_vae():
-    torch.manual_seed(0)
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in HUNYUAN_VAE_PRESETS["tiny"].items()}
-    model = diffusers.AutoencoderKLHunyuanVideo(**config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
+    return noised_torch_vae(diffusers.AutoencoderKLHunyuanVideo, HUNYUAN_VAE_PRESETS["tiny"])
 
 
 @pytest.fixture(scope="module")
@@ -107,33 +92,33 @@ def _ref_decode(model, z, *, tiled: bool, framewise: bool):
 def _check_encode(torch_vae, vae, x, *, tiled: bool, framewise: bool, what: str, changes: bool = True):
     mean_ref, logvar_ref = _ref_encode(torch_vae, x, tiled=tiled, framewise=framewise)
     mean, logvar = vae.encode_distribution(x, tiled=tiled, framewise=framewise)
-    err, msg = _err(mean, mean_ref)
+    err, msg = error_report(mean, mean_ref)
     assert err < TOL, f"encode mean, {what}: {msg}"
-    err, msg = _err(logvar, logvar_ref)
+    err, msg = error_report(logvar, logvar_ref)
     assert err < TOL, f"encode logvar, {what}: {msg}"
     if (tiled or framewise) and changes:  # the tiling must matter, or this comparison proves nothing about it
         plain, _ = _ref_encode(torch_vae, x, tiled=False, framewise=False)
-        assert _err(mean_ref, plain)[0] > FAR, f"{what}: diffusers' tiling did not change the encoding"
+        assert error_report(mean_ref, plain)[0] > FAR, f"{what}: diffusers' tiling did not change the encoding"
 
 
 def _check_decode(torch_vae, vae, z, *, tiled: bool, framewise: bool, what: str):
     ref = _ref_decode(torch_vae, z, tiled=tiled, framewise=framewise)
-    err, msg = _err(vae.decode(z, tiled=tiled, framewise=framewise), ref)
+    err, msg = error_report(vae.decode(z, tiled=tiled, framewise=framewise), ref)
     assert err < TOL, f"decode, {what}: {msg}"
     if tiled or framewise:
         plain = _ref_decode(torch_vae, z, tiled=False, framewise=False)
-        assert _err(ref, plain)[0] > FAR, f"{what}: diffusers' tiling did not change the decoded video"
+        assert error_report(ref, plain)[0] > FAR, f"{what}: diffusers' tiling did not change the decoded video"
 
 
 @pytest.mark.parametrize("frames", [1, 5, 9, 13])
 def test_encode_matches_diffusers(torch_vae, vae, frames):
-    x = _video(frames, (2, 3, frames, *SIZE))
+    x = uniform_video(frames, (2, 3, frames, *SIZE))
     _check_encode(torch_vae, vae, x, tiled=False, framewise=False, what=f"{frames} frames, untiled")
 
 
 @pytest.mark.parametrize("frames", [1, 5, 9, 13])
 def test_decode_matches_diffusers(torch_vae, vae, frames):
-    z = _latents(frames, (2, Z, (frames - 1) // 4 + 1, SIZE[0] // 8, SIZE[1] // 8))
+    z = normal_latents(frames, (2, Z, (frames - 1) // 4 + 1, SIZE[0] // 8, SIZE[1] // 8))
     _check_decode(torch_vae, vae, z, tiled=False, framewise=False, what=f"{frames} frames, untiled")
 
 
@@ -142,35 +127,35 @@ def test_temporal_tiling_matches_diffusers(torch_vae, vae, frames):
     # Temporal tiles of these clips have the frame counts of the untiled tests above (no new compilations). At 9
     # frames diffusers' tiled encoding IS the untiled one (the first tile is the whole clip and a one-frame blend
     # keeps the first tile's frame), so only 13 frames can show that encode tiling happened.
-    x = _video(frames + 100, (2, 3, frames, *SIZE))
+    x = uniform_video(frames + 100, (2, 3, frames, *SIZE))
     _check_encode(torch_vae, vae, x, tiled=False, framewise=True, what=f"{frames} frames, temporal tiles",
                   changes=frames == 13)
-    z = _latents(frames + 100, (2, Z, (frames - 1) // 4 + 1, SIZE[0] // 8, SIZE[1] // 8))
+    z = normal_latents(frames + 100, (2, Z, (frames - 1) // 4 + 1, SIZE[0] // 8, SIZE[1] // 8))
     _check_decode(torch_vae, vae, z, tiled=False, framewise=True, what=f"{frames} frames, temporal tiles")
 
 
 def test_spatial_tiling_matches_diffusers(torch_vae, vae):
     # Decode: 2x3 latents in tiles of 2x2 at a stride of 1x1, a 2x3 grid blended both ways with edge tiles.
     # Encode: 8x24 px, one row of three 8x16 / 8x8 tiles blended across. 5 frames: not temporally tiled.
-    x = _video(7, (1, 3, 5, 8, 24))
+    x = uniform_video(7, (1, 3, 5, 8, 24))
     _check_encode(torch_vae, vae, x, tiled=True, framewise=False, what="5 frames, spatial tiles")
-    z = _latents(7, (1, Z, 2, SIZE[0] // 8, SIZE[1] // 8))
+    z = normal_latents(7, (1, Z, 2, SIZE[0] // 8, SIZE[1] // 8))
     _check_decode(torch_vae, vae, z, tiled=True, framewise=False, what="5 frames, spatial tiles")
 
 
 def test_spatial_and_temporal_tiling_matches_diffusers(torch_vae, vae):
     # 13 frames: temporal tiles, each split into the spatial tiles above (diffusers' nesting). The last temporal
     # tiles have the shapes of the spatial test's (fewer compilations).
-    x = _video(13, (1, 3, 13, 8, 24))
+    x = uniform_video(13, (1, 3, 13, 8, 24))
     _check_encode(torch_vae, vae, x, tiled=True, framewise=True, what="13 frames, temporal + spatial tiles")
-    z = _latents(13, (1, Z, 4, SIZE[0] // 8, SIZE[1] // 8))
+    z = normal_latents(13, (1, Z, 4, SIZE[0] // 8, SIZE[1] // 8))
     _check_decode(torch_vae, vae, z, tiled=True, framewise=True, what="13 frames, temporal + spatial tiles")
 
 
 def test_bf16_decode_as_accurate_as_diffusers_bf16(torch_vae, ckpt_dir):
     # bf16 has 8 mantissa bits; the justified bound is diffusers' own bf16 error against fp32 (both keep the
     # GroupNorm statistics in fp32).
-    z = _latents(3, (1, Z, 2, SIZE[0] // 8, SIZE[1] // 8))
+    z = normal_latents(3, (1, Z, 2, SIZE[0] // 8, SIZE[1] // 8))
     ref = _ref_decode(torch_vae, z, tiled=False, framewise=False)
     with torch.no_grad():
         tb16 = diffusers.AutoencoderKLHunyuanVideo.from_pretrained(ckpt_dir, torch_dtype=torch.bfloat16).eval()
@@ -184,7 +169,7 @@ def test_bf16_decode_as_accurate_as_diffusers_bf16(torch_vae, ckpt_dir):
 def test_second_call_does_not_compile(vae, count_compiles):
     """Eager use: every temporal tile is one cached compiled call, so decoding the same shape again (tiles
     included) compiles nothing."""
-    z = _latents(4, (2, Z, 3, SIZE[0] // 8, SIZE[1] // 8))
+    z = normal_latents(4, (2, Z, 3, SIZE[0] // 8, SIZE[1] // 8))
     first = np.asarray(vae.decode(z, framewise=True))
     with count_compiles() as n:
         again = np.asarray(vae.decode(z, framewise=True))
@@ -205,7 +190,7 @@ def test_defaults_follow_diffusers(torch_vae):
 
 
 def test_latent_scaling_is_diffusers_pipeline(vae):
-    z = _latents(0, (1, Z, 2, 2, 3))
+    z = normal_latents(0, (1, Z, 2, 2, 3))
     np.testing.assert_allclose(np.asarray(vae.denormalize_latents(z)), z / 0.476986, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(vae.normalize_latents(vae.denormalize_latents(z))), z, rtol=1e-6)
 
@@ -242,11 +227,11 @@ def test_decode_on_mesh_equals_one_device():
     mesh = make_mesh(MeshConfig(data=2, sequence=4))
     single = nnx.merge(graph, state)
     on_mesh = nnx.merge(graph, jax.device_put(state, NamedSharding(mesh, PartitionSpec())))
-    z = _latents(2, (1, Z, 2, 4, 4))
+    z = normal_latents(2, (1, Z, 2, 4, 4))
     reference = np.asarray(single.decode(z))
     video = decode_on_mesh(on_mesh, z, mesh)
     assert len({str(s.index) for s in video.addressable_shards}) > 1, f"output not split: {video.sharding}"
-    err, msg = _err(video, reference)
+    err, msg = error_report(video, reference)
     assert err < 1e-5, f"decode split over data=2 x sequence=4 vs one device: {msg}"
 
 

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+from tests.oracles import error_report, normal_latents, noised_torch_vae, uniform_video  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from fastvideo_jax.configs.models.vaes.wanvae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, WAN_VAE_PRESETS  # noqa: E402
@@ -41,12 +42,6 @@ ENCODE_TILES = dict(tile_sample_min_height=16, tile_sample_min_width=24, tile_sa
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def _err(got, ref) -> tuple[float, str]:
-    got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
-    assert got.shape == ref.shape, f"shape {got.shape} != reference {ref.shape}"
-    err = float(np.abs(got - ref).max())
-    rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
-    return err, f"max-abs {err:.3e}, relative {rel:.3e}"
 
 
 def _torch_config(preset: str) -> dict:
@@ -55,12 +50,7 @@ def _torch_config(preset: str) -> dict:
 
 @pytest.fixture(scope="module")
 def torch_vae():
-    torch.manual_seed(0)
-    model = diffusers.AutoencoderKLWan(**_torch_config("tiny-wan2.2")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
+    return noised_torch_vae(diffusers.AutoencoderKLWan, WAN_VAE_PRESETS["tiny-wan2.2"])
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +65,8 @@ def vae(ckpt_dir):
     return VAELoader().load(ckpt_dir, precision="fp32", **TILES)
 
 
-def _video(seed: int, shape) -> np.ndarray:
-    return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
 
 
-def _latents(seed: int, shape) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 def _tiled(torch_vae, tiles: dict):
@@ -90,66 +76,66 @@ def _tiled(torch_vae, tiles: dict):
 
 @pytest.mark.parametrize("frames", [1, 5, 9])
 def test_encode_matches_diffusers(torch_vae, vae, frames):
-    x = _video(frames, (2, 3, frames, *SIZE))
+    x = uniform_video(frames, (2, 3, frames, *SIZE))
     with torch.no_grad():
         dist = torch_vae.encode(torch.from_numpy(x)).latent_dist
     mean, logvar = vae.encode_distribution(x, tiled=False)
     assert mean.shape == (2, 48, 1 + (frames - 1) // 4, *LATENT)
-    err, msg = _err(mean, dist.mean.numpy())
+    err, msg = error_report(mean, dist.mean.numpy())
     assert err < TOL, f"encode mean, {frames} frames: {msg}"
-    err, msg = _err(logvar, dist.logvar.numpy())
+    err, msg = error_report(logvar, dist.logvar.numpy())
     assert err < TOL, f"encode logvar, {frames} frames: {msg}"
 
 
 @pytest.mark.parametrize("latent_frames", [1, 2, 3])
 def test_decode_matches_diffusers(torch_vae, vae, latent_frames):
-    z = _latents(latent_frames, (2, 48, latent_frames, *LATENT))
+    z = normal_latents(latent_frames, (2, 48, latent_frames, *LATENT))
     with torch.no_grad():
         ref = torch_vae.decode(torch.from_numpy(z)).sample.numpy()
     assert ref.shape == (2, 3, 1 + 4 * (latent_frames - 1), *SIZE)
-    err, msg = _err(vae.decode(z, tiled=False), ref)
+    err, msg = error_report(vae.decode(z, tiled=False), ref)
     assert err < TOL, f"decode, {latent_frames} latent frames -> {ref.shape[2]} frames: {msg}"
 
 
 def test_tiled_encode_matches_diffusers(torch_vae, ckpt_dir, vae):
-    x = _video(19, (1, 3, 9, *SIZE))  # a 3x3 grid of tiles, blended both ways
+    x = uniform_video(19, (1, 3, 9, *SIZE))  # a 3x3 grid of tiles, blended both ways
     try:
         with torch.no_grad():
             ref = _tiled(torch_vae, ENCODE_TILES).encode(torch.from_numpy(x)).latent_dist.mean.numpy()
     finally:
         torch_vae.use_tiling = False
     tiled = VAELoader().load(ckpt_dir, precision="fp32", load_decoder=False, **ENCODE_TILES)
-    err, msg = _err(tiled.encode(x, tiled=True), ref)
+    err, msg = error_report(tiled.encode(x, tiled=True), ref)
     assert err < TOL, f"tiled encode (9 frames) vs diffusers tiled encode: {msg}"
     untiled = np.asarray(vae.encode(x, tiled=False))
     assert not np.allclose(ref, untiled, atol=1e-3), "tiles this small must change the result (tiling engaged)"
 
 
 def test_tiled_decode_matches_diffusers(torch_vae, vae):
-    z = _latents(17, (1, 48, 2, *LATENT))  # a 3x3 grid of tiles, blended both ways
+    z = normal_latents(17, (1, 48, 2, *LATENT))  # a 3x3 grid of tiles, blended both ways
     try:
         with torch.no_grad():
             ref = _tiled(torch_vae, TILES).decode(torch.from_numpy(z)).sample.numpy()
     finally:
         torch_vae.use_tiling = False
-    err, msg = _err(vae.decode(z, tiled=True), ref)
+    err, msg = error_report(vae.decode(z, tiled=True), ref)
     assert err < TOL, f"tiled decode (2 latent frames) vs diffusers tiled decode: {msg}"
 
 
 def test_without_feature_cache_same_result(ckpt_dir, vae):
     # All frames after the first in one chunk: the shortcuts pool / duplicate over many frames at once.
     one_chunk = VAELoader().load(ckpt_dir, precision="fp32", use_feature_cache=False)
-    z = _latents(11, (1, 48, 3, *LATENT))
-    err, msg = _err(one_chunk.decode(z), vae.decode(z, tiled=False))
+    z = normal_latents(11, (1, 48, 3, *LATENT))
+    err, msg = error_report(one_chunk.decode(z), vae.decode(z, tiled=False))
     assert err < 1e-5, f"decode with one chunk vs per-frame scan: {msg}"
-    x = _video(12, (1, 3, 9, *SIZE))
-    err, msg = _err(one_chunk.encode(x), vae.encode(x, tiled=False))
+    x = uniform_video(12, (1, 3, 9, *SIZE))
+    err, msg = error_report(one_chunk.encode(x), vae.encode(x, tiled=False))
     assert err < 1e-5, f"encode with one chunk vs 4-frame scan: {msg}"
 
 
 def test_bf16_decode_as_accurate_as_diffusers_bf16(torch_vae, ckpt_dir):
     # bf16 has 8 mantissa bits; the justified bound is diffusers' own bf16 error against fp32.
-    z = _latents(3, (1, 48, 2, 2, 3))
+    z = normal_latents(3, (1, 48, 2, 2, 3))
     with torch.no_grad():
         ref = torch_vae.decode(torch.from_numpy(z)).sample.numpy()
         tb16 = diffusers.AutoencoderKLWan.from_pretrained(ckpt_dir, torch_dtype=torch.bfloat16).eval()
@@ -162,7 +148,7 @@ def test_bf16_decode_as_accurate_as_diffusers_bf16(torch_vae, ckpt_dir):
 
 def test_latent_normalisation_uses_checkpoint_stats(ckpt_dir, vae, tmp_path):
     assert vae.config.latents_mean == WAN22_LATENTS_MEAN and vae.config.latents_std == WAN22_LATENTS_STD
-    z = _latents(5, (1, 48, 2, *LATENT))
+    z = normal_latents(5, (1, 48, 2, *LATENT))
     mean = np.asarray(WAN22_LATENTS_MEAN, np.float32)[None, :, None, None, None]
     std = np.asarray(WAN22_LATENTS_STD, np.float32)[None, :, None, None, None]
     np.testing.assert_allclose(vae.normalize_latents(z), (z - mean) / std, rtol=1e-6, atol=1e-6)
@@ -241,9 +227,9 @@ def micro_vaes():
 @pytest.mark.parametrize("tiled", [False, True])
 def test_decode_on_mesh_equals_one_device(micro_vaes, tiled):
     single, on_mesh, mesh = micro_vaes
-    z = _latents(2, (1, 16, 2, 8, 8) if not tiled else (1, 16, 2, 4, 8))
+    z = normal_latents(2, (1, 16, 2, 8, 8) if not tiled else (1, 16, 2, 4, 8))
     reference = np.asarray(single.decode(z, tiled=tiled))
     video = decode_on_mesh(on_mesh, z, mesh, tiled=tiled)
     assert video.shape == (1, 3, 3, 4 * z.shape[3], 4 * z.shape[4])
-    err, msg = _err(video, reference)
+    err, msg = error_report(video, reference)
     assert err < 1e-5, f"decode (tiled={tiled}) split over data=2 x sequence=4 vs one device: {msg}"

@@ -15,6 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+from tests.oracles import error_report, normal_latents, noised_torch_vae, uniform_video  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from converters import ConversionError  # noqa: E402
@@ -30,23 +31,11 @@ SIZE = (16, 40)  # non-square, with an odd latent width: 40 -> 20 -> 10 -> 5
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def _err(got, ref) -> tuple[float, str]:
-    got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
-    assert got.shape == ref.shape, f"shape {got.shape} != reference {ref.shape}"
-    err = float(np.abs(got - ref).max())
-    rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
-    return err, f"max-abs {err:.3e}, relative {rel:.3e}"
 
 
 @pytest.fixture(scope="module")
 def torch_vae():
-    torch.manual_seed(0)
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in WAN_VAE_PRESETS["tiny"].items()}
-    model = diffusers.AutoencoderKLWan(**config).eval()  # base_dim 8, dim_mult [1, 2, 2, 2]
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
+    return noised_torch_vae(diffusers.AutoencoderKLWan, WAN_VAE_PRESETS["tiny"])
 
 
 @pytest.fixture(scope="module")
@@ -61,39 +50,35 @@ def vae(ckpt_dir):
     return VAELoader().load(ckpt_dir, precision="fp32", **TILES)
 
 
-def _video(seed: int, shape) -> np.ndarray:
-    return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
 
 
-def _latents(seed: int, shape) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 @pytest.mark.parametrize("frames", [1, 5, 9, 17])
 def test_encode_matches_diffusers(torch_vae, vae, frames):
-    x = _video(frames, (2, 3, frames, *SIZE))
+    x = uniform_video(frames, (2, 3, frames, *SIZE))
     with torch.no_grad():
         dist = torch_vae.encode(torch.from_numpy(x)).latent_dist
     mean, logvar = vae.encode_distribution(x)
-    err, msg = _err(mean, dist.mean.numpy())
+    err, msg = error_report(mean, dist.mean.numpy())
     assert err < TOL, f"encode mean, {frames} frames: {msg}"
-    err, msg = _err(logvar, dist.logvar.numpy())
+    err, msg = error_report(logvar, dist.logvar.numpy())
     assert err < TOL, f"encode logvar, {frames} frames: {msg}"
 
 
 @pytest.mark.parametrize("latent_frames", [1, 2, 3, 5])
 def test_decode_matches_diffusers(torch_vae, vae, latent_frames):
-    z = _latents(latent_frames, (2, 16, latent_frames, SIZE[0] // 8, SIZE[1] // 8))
+    z = normal_latents(latent_frames, (2, 16, latent_frames, SIZE[0] // 8, SIZE[1] // 8))
     with torch.no_grad():
         ref = torch_vae.decode(torch.from_numpy(z)).sample.numpy()
-    err, msg = _err(vae.decode(z), ref)
+    err, msg = error_report(vae.decode(z), ref)
     assert err < TOL, f"decode, {latent_frames} latent frames -> {ref.shape[2]} frames: {msg}"
 
 
 def test_tiled_decode_matches_diffusers(torch_vae, vae):
     # A 3x3 grid of tiles, blended both ways. One latent frame: tiles reuse the time path tested above, and
     # full tiles then reuse the compiled (2, 16, 1, 2, 5) decode.
-    z = _latents(7, (2, 16, 1, 3, 8))
+    z = normal_latents(7, (2, 16, 1, 3, 8))
     torch_vae.enable_tiling(**TILES)
     try:
         with torch.no_grad():
@@ -101,7 +86,7 @@ def test_tiled_decode_matches_diffusers(torch_vae, vae):
     finally:
         torch_vae.use_tiling = False
     tiled = np.asarray(vae.decode(z, tiled=True))
-    err, msg = _err(tiled, ref)
+    err, msg = error_report(tiled, ref)
     assert err < TOL, f"tiled decode vs diffusers tiled decode: {msg}"
 
     # Against the untiled decode. Tiles see zero padding at their borders and the mid-block attention is global
@@ -109,34 +94,34 @@ def test_tiled_decode_matches_diffusers(torch_vae, vae):
     # justified. Exact where the two must agree: latents that fit one tile are not tiled, and the top-left
     # tile's kept (unblended) region is that tile's own untiled decode.
     small = z[..., :2, :5]
-    err, msg = _err(vae.decode(small, tiled=True), vae.decode(small, tiled=False))
+    err, msg = error_report(vae.decode(small, tiled=True), vae.decode(small, tiled=False))
     assert err == 0.0, f"latents within one tile, tiled=True vs untiled: {msg}"
-    err, msg = _err(tiled[..., :8, :24], np.asarray(vae.decode(small, tiled=False))[..., :8, :24])
+    err, msg = error_report(tiled[..., :8, :24], np.asarray(vae.decode(small, tiled=False))[..., :8, :24])
     assert err == 0.0, f"tiled decode, unblended corner vs untiled decode of that tile: {msg}"
     # Whole frame (measured: relative 0.34 vs 0.52): closer to the untiled decode of the same latents than the
     # untiled decode of unrelated latents is.
     untiled = np.asarray(vae.decode(z, tiled=False))
-    other = np.asarray(vae.decode(_latents(8, z.shape), tiled=False))
+    other = np.asarray(vae.decode(normal_latents(8, z.shape), tiled=False))
     rel = np.linalg.norm(tiled - untiled) / np.linalg.norm(untiled)
     rel_other = np.linalg.norm(other - untiled) / np.linalg.norm(untiled)
     assert rel < rel_other, f"tiled vs untiled: relative {rel:.3f}; unrelated latents: {rel_other:.3f}"
 
 
 def test_tiled_encode_matches_diffusers(torch_vae, vae):
-    x = _video(9, (2, 3, 1, 8, 48))  # one tile row (8 px fit the row stride), two blended columns
+    x = uniform_video(9, (2, 3, 1, 8, 48))  # one tile row (8 px fit the row stride), two blended columns
     torch_vae.enable_tiling(**TILES)
     try:
         with torch.no_grad():
             ref = torch_vae.encode(torch.from_numpy(x)).latent_dist.mean.numpy()
     finally:
         torch_vae.use_tiling = False
-    err, msg = _err(vae.encode(x, tiled=True), ref)
+    err, msg = error_report(vae.encode(x, tiled=True), ref)
     assert err < TOL, f"tiled encode vs diffusers tiled encode: {msg}"
 
 
 def test_bf16_decode_as_accurate_as_diffusers_bf16(torch_vae, ckpt_dir):
     # bf16 has 8 mantissa bits; the justified bound is diffusers' own bf16 error against fp32.
-    z = _latents(3, (1, 16, 2, 2, 3))
+    z = normal_latents(3, (1, 16, 2, 2, 3))
     with torch.no_grad():
         ref = torch_vae.decode(torch.from_numpy(z)).sample.numpy()
         tb16 = diffusers.AutoencoderKLWan.from_pretrained(ckpt_dir, torch_dtype=torch.bfloat16).eval()
@@ -148,9 +133,9 @@ def test_bf16_decode_as_accurate_as_diffusers_bf16(torch_vae, ckpt_dir):
 
 
 def test_without_feature_cache_same_result(ckpt_dir, vae):
-    z = _latents(11, (2, 16, 3, SIZE[0] // 8, SIZE[1] // 8))
+    z = normal_latents(11, (2, 16, 3, SIZE[0] // 8, SIZE[1] // 8))
     one_chunk = VAELoader().load(ckpt_dir, precision="fp32", use_feature_cache=False, load_encoder=False)
-    err, msg = _err(one_chunk.decode(z), vae.decode(z))
+    err, msg = error_report(one_chunk.decode(z), vae.decode(z))
     assert err < 1e-5, f"decode with all frames after the first in one chunk vs per-frame scan: {msg}"
 
 
@@ -163,7 +148,7 @@ def test_export_round_trip(ckpt_dir, vae):
 
 
 def test_latent_normalisation_round_trip(vae):
-    z = _latents(5, (1, 16, 2, 2, 3))
+    z = normal_latents(5, (1, 16, 2, 2, 3))
     mean = np.asarray(vae.config.latents_mean, np.float32)[None, :, None, None, None]
     std = np.asarray(vae.config.latents_std, np.float32)[None, :, None, None, None]
     np.testing.assert_allclose(vae.normalize_latents(z), (z - mean) / std, rtol=1e-6, atol=1e-6)
@@ -194,8 +179,8 @@ def test_renamed_checkpoint_key_is_named(ckpt_dir, tmp_path):
 
 
 def test_second_eager_decode_and_encode_do_not_compile(vae, count_compiles):
-    z1, z2 = (jnp.asarray(_latents(s, (1, 16, 2, SIZE[0] // 8, SIZE[1] // 8))) for s in (11, 12))
-    x1, x2 = (jnp.asarray(_video(s, (1, 3, 5, *SIZE))) for s in (13, 14))
+    z1, z2 = (jnp.asarray(normal_latents(s, (1, 16, 2, SIZE[0] // 8, SIZE[1] // 8))) for s in (11, 12))
+    x1, x2 = (jnp.asarray(uniform_video(s, (1, 3, 5, *SIZE))) for s in (13, 14))
     first = (np.asarray(vae.decode(z1)), np.asarray(vae.encode(x1)))
     with count_compiles() as compiles:
         second = (np.asarray(vae.decode(z2)), np.asarray(vae.encode(x2)))
@@ -206,7 +191,7 @@ def test_second_eager_decode_and_encode_do_not_compile(vae, count_compiles):
 @pytest.mark.parametrize("knob,expect", [(None, "HIGHEST"), ("default", "DEFAULT")])
 def test_matmul_precision_knob_reaches_every_conv(ckpt_dir, matmul_precisions, knob, expect):
     vae = VAELoader().load(ckpt_dir, precision="fp32", matmul_precision=knob)
-    z = jnp.asarray(_latents(1, (1, 16, 2, SIZE[0] // 8, SIZE[1] // 8)))
+    z = jnp.asarray(normal_latents(1, (1, 16, 2, SIZE[0] // 8, SIZE[1] // 8)))
     found = matmul_precisions(vae.decode, z)
     names = set(found)
     assert len(found) >= 10 and names == {expect}, f"{len(found)} convs/matmuls at {names}, expected {expect}"

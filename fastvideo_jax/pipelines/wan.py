@@ -87,7 +87,7 @@ class WanPipeline(ComposedPipeline):
     def create_stages(self) -> list[PipelineStage]:
         c, dit, vae = self.config, self.transformer, self.vae
         dit_arch = dit.config.arch_config
-        vae_arch = vae.config.arch_config if vae is not None else None
+        vae_arch = vae.config.arch_config
         return [
             InputValidationStage(dit_arch, vae_arch, c),
             TextEncodingStage(self.tokenizer, self.text_encoder, text_len=c.text_len, clean=c.clean_prompts,
