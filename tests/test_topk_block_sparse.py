@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fastvideo_jax.attention import topk_block_sparse as tbs
+from fastvideo_jax.attention import topk_block_sparse_tpu as tpu
 from fastvideo_jax.attention.topk_block_sparse import (
     TopkBackend,
     compact_kv_table,
@@ -84,6 +85,20 @@ def _run(impl, q, k, v, idx, bs, counts):
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda b: b.value)
 @pytest.mark.parametrize("ragged", [False, True], ids=["full_blocks", "partial_blocks"])
 def test_matches_dense_masked_softmax_forward_and_grads(impl, ragged):
+    _check_against_dense(impl, ragged)
+
+
+@pytest.mark.parametrize("budget,expected", [(30, tpu.Plan(group=1, q_blocks=2, chunks=3)),
+                                             (90, tpu.Plan(group=2, q_blocks=5, chunks=1))],
+                         ids=["query_chunks_padded", "head_groups"])
+def test_tpu_kernel_splits_to_the_smem_budget(monkeypatch, budget, expected):
+    """Tables over budget: heads grouped per call, or one head per call in padded query chunks (dK/dV summed)."""
+    monkeypatch.setattr(tpu, "SMEM_TABLE_WORDS", budget)
+    assert tpu.plan(4, 5, 3) == expected
+    _check_against_dense(TopkBackend.PALLAS_TPU, ragged=True)
+
+
+def _check_against_dense(impl, ragged):
     B, N, D, bs, nb, topk = 2, 2, 32, 16, 5, 3
     L = nb * bs
     q, k, v, ct = _inputs(B, L, N, D, seed=int(ragged))

@@ -223,11 +223,12 @@ def _check(backend: TopkBackend, q, block_size: int, interpret: bool, topk: int)
         return f"needs a TPU or interpret=True (platform is {platform()})"
     if block_size % 8:
         return f"block_size={block_size} must be a multiple of 8 (TPU sublanes)"
-    from fastvideo_jax.attention.topk_block_sparse_tpu import SMEM_TABLE_WORDS, smem_words
+    from fastvideo_jax.attention import topk_block_sparse_tpu as tpu
 
-    words = smem_words(q.shape[1], block_size, topk)
-    if words > SMEM_TABLE_WORDS:
-        return f"one head's block tables need {words} SMEM words > {SMEM_TABLE_WORDS} (block_size / topk too small / large)"
+    nb = q.shape[1] // block_size
+    if tpu.plan(q.shape[0] * q.shape[2], nb, topk) is None:
+        return (f"one query block's tables ({3 * nb + 2 * topk} words) exceed SMEM_TABLE_WORDS="
+                f"{tpu.SMEM_TABLE_WORDS}; use larger blocks")
     return None
 
 

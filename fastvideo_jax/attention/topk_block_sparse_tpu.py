@@ -12,11 +12,14 @@ a selection that is traced data inside jit has no splash form. These kernels tak
   zeros). Consecutive steps of one kv block accumulate in scratch; the output block is written back when the
   kv block changes. No width bound and no wasted steps.
 
-Layout: (B, L, N, D) is transposed to (B * N, L, D) heads; heads run in chunks of ``G`` (a ``lax.map`` over
-chunks, one ``pallas_call`` each) so that a chunk's tables fit ``SMEM_TABLE_WORDS`` int32 words of SMEM
-(the dK/dV pair list, 2 * G * S words, is the largest). A single head whose tables exceed the budget
-(e.g. block 64 at 75k tokens and topk 119: 2 * 141k words) is refused by the capability check.
-Not yet run on a TPU: block sizes, SMEM budget and speed are unmeasured.
+Layout: (B, L, N, D) is transposed to (B * N, L, D) heads. Every ``pallas_call``'s tables must fit
+``SMEM_TABLE_WORDS`` int32 words of SMEM (the dK/dV pair list, 2 x (nq * topk + nk) words per head, dominates):
+:func:`plan` groups heads per call (a ``lax.map`` over groups) when a head fits, else runs one head per call
+with its query blocks in chunks (a ``lax.map`` / ``lax.scan`` over chunks; the dK/dV partials of the chunks are
+summed in fp32; each chunk re-visits every kv block once through its empty pairs). E.g. Wan 14B 720p at
+sparsity 0.9 (1,182 blocks of 64, topk 119) takes 3 query chunks per head. Only a budget below one query
+block's tables (3 * nk + 2 * topk words) is refused by the capability check.
+Not yet run on a TPU: block sizes, the SMEM budget and speed are unmeasured.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from jax import lax
 
 from fastvideo_jax.attention.topk_block_sparse import compact_kv_table
 
-__all__ = ["SMEM_TABLE_WORDS", "smem_words", "topk_block_sparse_tpu"]
+__all__ = ["Plan", "SMEM_TABLE_WORDS", "pair_lists", "plan", "topk_block_sparse_tpu"]
 
 SMEM_TABLE_WORDS = 1 << 17  # 512 KiB of int32 tables per pallas_call
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -43,15 +46,10 @@ class _Static:
     nk: int
     topk: int
     group: int  # heads per pallas_call
+    chunks: int  # query chunks per head (nq above is the query blocks of one chunk)
     scale: float
     has_valid: bool
     interpret: bool
-
-
-def smem_words(L: int, block_size: int, topk: int) -> int:
-    """Scalar-prefetch words one head needs (the dK/dV pair list dominates)."""
-    nb = L // block_size
-    return 2 * (nb * topk + nb) + nb
 
 
 def _params(*semantics):
@@ -231,7 +229,7 @@ def pair_lists(ids, cnt, nk: int):
     return pkv.astype(jnp.int32), pq.astype(jnp.int32)
 
 
-def _dkv_call(q, k, v, do, lse, delta, ids, cnt, vc, st: _Static):
+def _dkv_call(q, k, v, do, lse, delta, ids, cnt, vc, st: _Static, out_dtype=None):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import tpu as pltpu
 
@@ -249,18 +247,49 @@ def _dkv_call(q, k, v, do, lse, delta, ids, cnt, vc, st: _Static):
         scratch_shapes=[pltpu.VMEM((st.bs, D), jnp.float32), pltpu.VMEM((st.bs, D), jnp.float32)])
     return pl.pallas_call(
         functools.partial(_dkv_kernel, st=st), grid_spec=spec,
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, out_dtype or k.dtype), jax.ShapeDtypeStruct(v.shape, out_dtype or v.dtype)],
         compiler_params=_params("parallel", "arbitrary"), interpret=st.interpret, name="topk_block_sparse_dkv",
     )(pkv.reshape(-1), pq.reshape(-1), vc.reshape(-1), q, k, v, do, lse, delta)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Chunking over heads and the custom VJP, on (H, L, D) heads
+# Chunking (heads; query blocks when one head's tables exceed the SMEM budget) and the custom VJP
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _chunked(fn, group: int, *arrays):
-    """Run ``fn`` on chunks of ``group`` heads (leading axis) with a lax.map; outputs re-joined."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How the heads and query blocks are split into pallas_calls: ``group`` heads per call (a divisor of the
+    head count), or, when one head's tables do not fit, one head per call and its query blocks in ``chunks``
+    chunks of ``q_blocks`` (the query side zero-padded to ``chunks * q_blocks`` blocks that list nothing)."""
+
+    group: int
+    q_blocks: int
+    chunks: int
+
+
+def _words(q_blocks: int, nk: int, topk: int) -> int:
+    """SMEM words of one head's call tables: the dK/dV pair list (2 x (q_blocks * topk + nk)) plus valid counts."""
+    return 2 * (q_blocks * topk + nk) + nk
+
+
+def plan(heads: int, nb: int, topk: int, budget: int | None = None) -> Plan | None:
+    """The split that keeps every call's tables within ``budget`` (default ``SMEM_TABLE_WORDS``), None if even
+    one query block's tables do not fit."""
+    budget = SMEM_TABLE_WORDS if budget is None else budget
+    per_head = _words(nb, nb, topk)
+    if per_head <= budget:
+        group = max(g for g in range(1, heads + 1) if heads % g == 0 and g * per_head <= budget)
+        return Plan(group, nb, 1)
+    fit = (budget - 3 * nb) // (2 * topk)
+    if fit < 1:
+        return None
+    chunks = -(-nb // fit)
+    return Plan(1, -(-nb // chunks), chunks)
+
+
+def _per_group(fn, group: int, *arrays):
+    """Run ``fn`` on groups of ``group`` heads (leading axis) with a lax.map; outputs re-joined."""
     H = arrays[0].shape[0]
     if group == H:
         return fn(*arrays)
@@ -269,13 +298,47 @@ def _chunked(fn, group: int, *arrays):
     return jax.tree.map(lambda o: o.reshape(H, *o.shape[2:]), out)
 
 
+def _q_chunks(x, chunks: int):
+    """(1, chunks * n, ...) -> (chunks, 1, n, ...): one head's query-side array split into its chunks."""
+    return x.reshape(chunks, 1, x.shape[1] // chunks, *x.shape[2:])
+
+
+def _unchunk(x):
+    return x.reshape(1, x.shape[0] * x.shape[2], *x.shape[3:])
+
+
+def _fwd_group(q, k, v, ids, cnt, vc, st: _Static):
+    if st.chunks == 1:
+        return tuple(_fwd_call(q, k, v, ids, cnt, vc, st))
+    xs = tuple(_q_chunks(a, st.chunks) for a in (q, ids, cnt))
+    out, lse = lax.map(lambda a: tuple(_fwd_call(a[0], k, v, a[1], a[2], vc, st)), xs)
+    return _unchunk(out), _unchunk(lse)
+
+
+def _bwd_group(q, k, v, do, lse, delta, ids, cnt, vc, st: _Static):
+    if st.chunks == 1:
+        dq = _dq_call(q, k, v, do, lse, delta, ids, cnt, vc, st)
+        return (dq, *_dkv_call(q, k, v, do, lse, delta, ids, cnt, vc, st))
+    xs = tuple(_q_chunks(a, st.chunks) for a in (q, do, lse, delta, ids, cnt))
+
+    def step(acc, a):  # partial dK/dV of one query chunk, summed in fp32
+        qc, doc, lsec, dc, idc, cc = a
+        dq = _dq_call(qc, k, v, doc, lsec, dc, idc, cc, vc, st)
+        dk, dv = _dkv_call(qc, k, v, doc, lsec, dc, idc, cc, vc, st, jnp.float32)
+        return (acc[0] + dk, acc[1] + dv), dq
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    (dk, dv), dq = lax.scan(step, (zeros, zeros), xs)
+    return _unchunk(dq), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _core(q, k, v, ids, cnt, vc, st: _Static):
-    return _chunked(lambda *a: _fwd_call(*a, st)[0], st.group, q, k, v, ids, cnt, vc)
+    return _per_group(lambda *a: _fwd_group(*a, st), st.group, q, k, v, ids, cnt, vc)[0]
 
 
 def _core_fwd(q, k, v, ids, cnt, vc, st):
-    out, lse = _chunked(lambda *a: tuple(_fwd_call(*a, st)), st.group, q, k, v, ids, cnt, vc)
+    out, lse = _per_group(lambda *a: _fwd_group(*a, st), st.group, q, k, v, ids, cnt, vc)
     return out, (q, k, v, ids, cnt, vc, out, lse)
 
 
@@ -283,18 +346,11 @@ def _core_bwd(st, res, do):
     q, k, v, ids, cnt, vc, out, lse = res
     delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
     do = do.astype(q.dtype)
-    dq = _chunked(lambda *a: _dq_call(*a, st), st.group, q, k, v, do, lse, delta, ids, cnt, vc)
-    dk, dv = _chunked(lambda *a: tuple(_dkv_call(*a, st)), st.group, q, k, v, do, lse, delta, ids, cnt, vc)
+    dq, dk, dv = _per_group(lambda *a: _bwd_group(*a, st), st.group, q, k, v, do, lse, delta, ids, cnt, vc)
     return dq, dk, dv, None, None, None
 
 
 _core.defvjp(_core_fwd, _core_bwd)
-
-
-def _group(heads: int, per_head_words: int) -> int:
-    """The largest divisor of ``heads`` whose tables fit the SMEM budget (at least 1)."""
-    fits = [g for g in range(1, heads + 1) if heads % g == 0 and g * per_head_words <= SMEM_TABLE_WORDS]
-    return max(fits, default=1)
 
 
 def topk_block_sparse_tpu(q, k, v, kv_block_indices, *, block_size: int = 64, kv_valid_blocks=None,
@@ -302,18 +358,29 @@ def topk_block_sparse_tpu(q, k, v, kv_block_indices, *, block_size: int = 64, kv
     """(B, L, N, D) attention of each query block over its listed KV blocks. Differentiable."""
     B, L, N, D = q.shape
     nb, topk = L // block_size, kv_block_indices.shape[-1]
-    ids, cnt = compact_kv_table(kv_block_indices, nb)
     H = B * N
+    split = plan(H, nb, topk)
+    if split is None:
+        raise ValueError(f"topk_block_sparse_tpu: one query block's tables ({_words(1, nb, topk)} words) exceed "
+                         f"SMEM_TABLE_WORDS={SMEM_TABLE_WORDS}")
+    ids, cnt = compact_kv_table(kv_block_indices, nb)
+    ids, cnt = ids.reshape(H, nb, topk), cnt.reshape(H, nb)
     if kv_valid_blocks is None:
         vc = jnp.full((H, nb), block_size, jnp.int32)
     else:
         vc = jnp.broadcast_to(jnp.asarray(kv_valid_blocks, jnp.int32), (B, nb))
         vc = jnp.broadcast_to(vc[:, None], (B, N, nb)).reshape(H, nb)
-    st = _Static(block_size, nb, nb, topk, _group(H, smem_words(L, block_size, topk)), D ** -0.5,
+    st = _Static(block_size, split.q_blocks, nb, topk, split.group, split.chunks, D ** -0.5,
                  kv_valid_blocks is not None, bool(interpret))
 
     def heads(x):  # (B, L, N, D) -> (B * N, L, D)
         return jnp.transpose(x, (0, 2, 1, 3)).reshape(H, L, D)
 
-    out = _core(heads(q), heads(k), heads(v), ids.reshape(H, nb, topk), cnt.reshape(H, nb), vc, st)
+    qh = heads(q)
+    nq_pad = split.q_blocks * split.chunks
+    if nq_pad != nb:  # padded query blocks list nothing: output 0, sliced off
+        qh = jnp.pad(qh, ((0, 0), (0, (nq_pad - nb) * block_size), (0, 0)))
+        ids = jnp.pad(ids, ((0, 0), (0, nq_pad - nb), (0, 0)))
+        cnt = jnp.pad(cnt, ((0, 0), (0, nq_pad - nb)))
+    out = _core(qh, heads(k), heads(v), ids, cnt, vc, st)[:, :L]
     return jnp.transpose(out.reshape(B, N, L, D), (0, 2, 1, 3))
