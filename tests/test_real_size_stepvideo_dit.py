@@ -26,7 +26,7 @@ def test_stepvideo_dit_real_size():
 
     arch = dict(STEPVIDEO_PRESETS["stepvideo-t2v"])
     with torch.device("meta"):
-        ref = diffsynth_module("stepvideo_dit").StepVideoModel(**{**arch, "caption_channels": list(arch["caption_channels"])})
+        ref = diffsynth_module("stepvideo_dit").StepVideoModel(**{**arch, "caption_channels": [6144, 1024]})
     n, specs = _plan(ref, Ours, arch, precision="bf16")  # every tensor mapped, same total
     print(f"StepVideo DiT parameters: {n:,}")
     assert n == sum(p.numel() for p in ref.parameters()) == 48 * PER_BLOCK + OUTSIDE == 29_342_478_400, n

@@ -11,9 +11,9 @@ cross-attention per token shard against the whole text.
 The call (by keyword, as every pipeline calls a DiT)::
 
     model(hidden_states=latents,                  # (B, 64, F, H, W), channels first like every DiT here
-          timestep=t,                             # () or (B,): the flow time in [0, 1] (sigma); the DiT
-                                                  # multiplies it by 1000 itself (time_step_rescale), as the
-                                                  # original, whose scheduler has num_train_timesteps=1
+          timestep=t,                             # () or (B,): the original's flow time in [0, 1], 0 = pure
+                                                  # noise: t = 1 - sigma (its scheduler: reverse_sigmas,
+                                                  # num_train_timesteps=1); the DiT multiplies it by 1000 itself
           encoder_hidden_states=llm_states,       # (B, Lt, 6144): Step-LLM last hidden states (max 320 tokens)
           encoder_hidden_states_2=clip_states,    # (B, Lc, 1024): the bilingual CLIP (BERT) states (77 tokens)
           encoder_attention_mask=mask)            # (B, Lc + Lt): the LLM mask with Lc ones in front (the
@@ -26,6 +26,12 @@ length, so padding must be at the end). Pipeline facts from the originals: flow 
 30-50 steps (Turbo: shift 17, CFG 5, 10-15 steps); CFG = uncond + scale * (cond - uncond).
 
 Precision: parameters in the configured dtype; the time embedder, modulation tables and block norms in fp32.
+Pass the timestep in fp32 (it is cast to fp32 here): t * 1000 feeds a sinusoid, and a bf16 timestep (diffsynth's
+bf16 pipeline passes one) moves the output by ~10% of its scale.
+
+The text mask follows the original and DiffSynth (each row attends its first ``sum(mask[b])`` tokens);
+FastVideo 0.1.7's port drops the mask in its cross-attention (keys are only cut to the batch's longest row), so
+it differs from this on batches whose rows have different text lengths (e.g. the CFG batch [cond; uncond]).
 """
 
 from __future__ import annotations
@@ -57,7 +63,8 @@ class _PatchConv(nnx.Module):
 
     def __init__(self, channels, dim, patch, *, param_dtype, rngs):
         init = nnx.initializers.normal((channels * patch * patch) ** -0.5)
-        self.kernel = make_param(rngs, init, (patch, patch, channels, dim), param_dtype, (None, None, "conv_in", "embed"))
+        axes = (None, None, "conv_in", "embed")
+        self.kernel = make_param(rngs, init, (patch, patch, channels, dim), param_dtype, axes)
         self.bias = make_param(rngs, init, (dim,), param_dtype, ("embed",))
 
     def __call__(self, patches):  # (..., p*p*C) in (p, q, c) order -> (..., D)
@@ -93,7 +100,7 @@ class _AdaLayerNormSingle(nnx.Module):
         self.emb = _TimestepEmb(dim, rngs=rngs)
         self.linear = Linear(dim, 6 * dim, axes=("embed", "modulation"), param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, timestep):  # (B,) in [0, 1] -> modulation (B, 6, D) fp32, embedded timestep (B, D) fp32
+    def __call__(self, timestep):  # (B,) 1 - sigma -> modulation (B, 6, D), embedded timestep (B, D), fp32
         temb = self.emb.timestep_embedder(timestep_embedding(timestep * TIME_STEP_RESCALE, FREQ_DIM)).astype(F32)
         mod = self.linear(jax.nn.silu(temb)).astype(F32)
         return rearrange(mod, "b (six d) -> b six d", six=6), temb
@@ -133,7 +140,7 @@ class StepVideoModel(BaseDiT):
         self,
         hidden_states: jax.Array,  # (B, C, F, H, W)
         encoder_hidden_states: jax.Array,  # (B, Lt, caption_dim): Step-LLM states
-        timestep: jax.Array,  # () or (B,), in [0, 1]
+        timestep: jax.Array,  # () or (B,), in [0, 1]: 1 - sigma (0 = pure noise)
         encoder_hidden_states_image: jax.Array | None = None,  # no image branch: must stay None
         guidance: jax.Array | None = None,  # no guidance embedding: must stay None
         **kwargs,  # encoder_hidden_states_2 (B, Lc, clip_dim); encoder_attention_mask (B, Lc + Lt) or (B, Lt)
