@@ -50,7 +50,7 @@ from fastvideo_jax.attention import (  # noqa: E402
     tokamax_config_scope,
     triton_config_scope,
 )
-from fastvideo_jax.attention import api, sliding_tile  # noqa: E402
+from fastvideo_jax.attention import api, sage, sliding_tile  # noqa: E402
 from fastvideo_jax.attention.sage import SageConfig, sage_attention, sage_reference  # noqa: E402
 from fastvideo_jax.attention.sliding_tile_mask import normalize_windows, sta_density  # noqa: E402
 
@@ -273,7 +273,9 @@ def report(preset: Preset, rows: list[dict], backward: bool) -> None:
 # SageAttention (SAGE_ATTN) against dense: rate and accuracy on the same inputs
 # ----------------------------------------------------------------------------------------------------------
 
-SAGE_IMPLS = {"triton": "gpu", "mosaic_tpu": "tpu", "jnp": None}  # impl: the hardware its kernel needs
+# label: (impl, PV dtype (None = the impl's default), the hardware its kernel needs)
+SAGE_IMPLS = {"triton": ("triton", None, "gpu"), "triton fp8": ("triton", "float8_e4m3fn", "gpu"),
+              "mosaic_tpu": ("mosaic_tpu", None, "tpu"), "jnp": ("jnp", None, None)}
 SAGE_CPU_TILES = {"triton": (128, 64), "mosaic_tpu": (128, 128), "jnp": (None, None)}
 
 
@@ -298,14 +300,19 @@ def run_sage(preset: Preset, backward: bool, only: set[str] | None) -> list[dict
                for s in jax.random.split(jax.random.key(0), 3))
     exact = jax.jit(lambda q, k, v: attention(q, k, v))(q, k, v)  # the platform's default dense backend
     rows = []
-    for impl, hardware in SAGE_IMPLS.items():
-        row = {"case": "sage", "backend": f"sage[{impl}]"}
+    for label, (impl, pv_dtype, hardware) in SAGE_IMPLS.items():
+        row = {"case": "sage", "backend": f"sage[{label}]"}
         on_hw = hardware is not None and jax.devices()[0].platform == hardware
         if not preset.cpu and not on_hw:
             rows.append({**row, "skip": f"needs a {hardware.upper()}" if hardware else "CPU check only"})
             continue
         bq, bk = SAGE_CPU_TILES[impl] if preset.cpu else (None, None)
-        config = SageConfig(impl=impl, interpret=hardware is not None and not on_hw, block_q=bq, block_k=bk)
+        config = SageConfig(impl=impl, interpret=hardware is not None and not on_hw, block_q=bq, block_k=bk,
+                            pv_dtype=pv_dtype)
+        reason = _reason(sage.check_sage, q, k, v, None, config)
+        if reason is not None:
+            rows.append({**row, "skip": reason})
+            continue
         fn = jax.jit(lambda q, k, v, c=config: sage_attention(q, k, v, config=c))
         t = _time(fn, (q, k, v), preset.iters, preset.warmup)
         out = fn(q, k, v)

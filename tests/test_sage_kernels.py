@@ -75,6 +75,17 @@ def test_kernel_equals_reference(impl, dtype, E, masked):
     assert err <= 4 * float(jnp.finfo(dtype).eps), err
 
 
+def test_triton_fp8_pv_equals_reference():
+    q, k, v = realistic_qkv(13, Lq=130, Lk=150)
+    mask = jax.random.uniform(jax.random.key(14), (1, 150)) > 0.3
+    f8 = jnp.float8_e4m3fn
+    config = SageConfig(impl="triton", interpret=PLATFORM != "gpu", pv_dtype="float8_e4m3fn", block_q=128, block_k=64)
+    ours = sage_gpu.sage_triton(q, k, v, mask, config=config, pv_dtype=f8)
+    want = sage_reference(q, k, v, mask, pv_dtype=f8, block_q=128, block_k=64)
+    err = float(jnp.abs(ours - want).max() / jnp.abs(want).max())
+    assert err <= 4 * float(jnp.finfo(jnp.float32).eps), err
+
+
 @pytest.mark.parametrize("impl", list(KERNELS))
 def test_kernel_through_dispatch_padding_and_accuracy(impl):
     q, k, v = realistic_qkv(12, Lq=70, Lk=190)
@@ -103,13 +114,14 @@ def _capture(module, name, text_of):
     return original, capture, seen
 
 
-def _lowered_kernel_text(monkeypatch, impl, platform_name, module, name, text_of):
+def _lowered_kernel_text(monkeypatch, impl, platform_name, module, name, text_of, pv_dtype=None):
     original, capture, seen = _capture(module, name, text_of)
     monkeypatch.setattr(module, name, capture)
     x = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
     fn = KERNELS[impl][0]
-    config = SageConfig(impl=impl, block_q=128, block_k=128)
-    jax.jit(lambda q, k, v, m: fn(q, k, v, m, config=config, pv_dtype=KERNELS[impl][2])).trace(
+    pv = pv_dtype or KERNELS[impl][2]
+    config = SageConfig(impl=impl, block_q=128, block_k=128, pv_dtype=jnp.dtype(pv).name)
+    jax.jit(lambda q, k, v, m: fn(q, k, v, m, config=config, pv_dtype=pv)).trace(
         x, x, x, jnp.ones((1, 256), bool)).lower(lowering_platforms=(platform_name,))
     assert len(seen) == 1
     return seen[0]
@@ -125,6 +137,18 @@ def test_triton_lowering_has_an_int8_mma_with_int32_accumulation(monkeypatch):
     dots = [line for line in text.splitlines() if "tt.dot" in line]
     assert any("tensor<128x128xi8> * tensor<128x128xi8> -> tensor<128x128xi32>" in d for d in dots), dots
     assert any("xf16> * tensor<128x128xf16> -> tensor<128x128xf32>" in d for d in dots), dots
+
+
+def test_triton_fp8_lowering_has_an_e4m3_mma_with_fp32_accumulation(monkeypatch):
+    try:
+        from jax._src.pallas.triton import pallas_call_registration as reg
+    except ImportError as e:
+        pytest.skip(f"Pallas Triton lowering not importable: {e}")
+    text = _lowered_kernel_text(monkeypatch, "triton", "cuda", reg.lowering, "lower_jaxpr_to_triton_module",
+                                lambda r: r.module.operation.get_asm(), pv_dtype=jnp.float8_e4m3fn)
+    dots = [line for line in text.splitlines() if "tt.dot" in line]
+    assert any("xi8> * tensor<128x128xi8> -> tensor<128x128xi32>" in d for d in dots), dots
+    assert any("xf8E4M3FN> * tensor<128x128xf8E4M3FN> -> tensor<128x128xf32>" in d for d in dots), dots
 
 
 def test_mosaic_tpu_lowering_has_an_int8_matmul(monkeypatch):

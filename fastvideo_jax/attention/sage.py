@@ -14,12 +14,16 @@ tensors and repeat the same per-block steps):
    for E <= 1040, so its conversion to fp32 is exact), masked keys to a large negative logit.
 4. Online softmax in fp32 (running max, sum, fp32 accumulator); ``P`` (unnormalised, fp32) is cast to the PV dtype
    and ``P @ V`` runs in that dtype with fp32 accumulation. PV dtype: fp16 (Sage casts V to fp16 for every input
-   dtype; |V| above 65504 overflows, as in Sage) or, on the TPU kernel, bf16 (no fp16 MXU path).
+   dtype; |V| above 65504 overflows, as in Sage) or, on the TPU kernel, bf16 (no fp16 MXU path). Optionally fp8
+   e4m3 as SageAttention 2 on Hopper (``pv_dtype="float8_e4m3fn"``): V quantised per channel (scale = absmax over
+   the valid tokens / 448), P with the static scale 448 (P <= 1), each kv block's product accumulated in fp32 on
+   its own and added to the fp32 accumulator (Sage 2's two-level accumulation), the output rescaled by
+   ``v_scale / 448``.
 
 Deviations from the published code, stated: Sage 1's ``P @ V`` accumulates each block product in fp16
 (``out_dtype=fp16``, a consumer-GPU speed trick) before adding it to the fp32 accumulator; ours accumulates in fp32
-(Hopper and TPU matmuls run fp32 accumulation at full rate). SageAttention 2's fp8 ``P @ V`` (per-channel fp8 V,
-two-level accumulation) and its Q smoothing / int4 per-thread quantisation are not implemented. Sage 1.0.6 lets
+(Hopper and TPU matmuls run fp32 accumulation at full rate). SageAttention 2's Q smoothing and int4 / per-thread
+quantisation are not implemented (its fp8 ``P @ V`` is, as an option). Sage 1.0.6 lets
 padded keys of a ragged last block take part in the softmax with logit 0; ours masks them.
 
 Forward only: Sage is an inference kernel. Differentiating through it raises :class:`SageGradientError`.
@@ -48,6 +52,8 @@ K_BLOCK = 64  # key tokens per quantisation scale (SageAttention's BLKK)
 LOG2E = math.log2(math.e)
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 MAX_HEAD_DIM = 256
+FP8_MAX = 448.0  # largest float8_e4m3fn: P's static scale and V's per-channel range
+PV_DTYPES = ("float16", "bfloat16", "float8_e4m3fn")
 IMPLS = ("auto", "jnp", "triton", "mosaic_tpu")
 
 
@@ -62,7 +68,8 @@ class SageConfig:
     ``impl``: "auto" (the Triton kernel on a GPU, the Mosaic TPU kernel on a TPU, the jnp reference elsewhere),
     or one of "jnp", "triton", "mosaic_tpu". ``interpret`` runs the Pallas kernels in interpret mode (CPU tests).
     ``smooth_k``: subtract K's token mean before quantising (Sage's default; off only to measure what it buys).
-    ``pv_dtype``: "float16" / "bfloat16", or None = fp16, except bf16 on the TPU kernel.
+    ``pv_dtype``: "float16" / "bfloat16" / "float8_e4m3fn" (SageAttention 2's fp8 PV; GPU kernel and jnp only), or
+    None = fp16, except bf16 on the TPU kernel.
     ``block_q`` / ``block_k``: kernel tiles (None = the kernel's default); quantisation blocks are fixed.
     """
 
@@ -76,8 +83,8 @@ class SageConfig:
     def __post_init__(self):
         if self.impl not in IMPLS:
             raise ValueError(f"SageConfig.impl={self.impl!r}; one of {IMPLS}")
-        if self.pv_dtype not in (None, "float16", "bfloat16"):
-            raise ValueError(f"SageConfig.pv_dtype={self.pv_dtype!r}; 'float16', 'bfloat16' or None")
+        if self.pv_dtype not in (None, *PV_DTYPES):
+            raise ValueError(f"SageConfig.pv_dtype={self.pv_dtype!r}; one of {PV_DTYPES} or None")
         for name in ("block_q", "block_k"):
             b = getattr(self, name)
             if b is not None and (b < 16 or b & (b - 1)):
@@ -123,10 +130,11 @@ class SageQuantized(NamedTuple):
 
     q: jax.Array  # int8 (B, Lqp, N, E)
     k: jax.Array  # int8 (B, Lkp, N, E), smoothed
-    v: jax.Array  # pv dtype (B, Lkp, N, E)
+    v: jax.Array  # pv dtype (B, Lkp, N, E); fp8: V / v_scale
     q_scale: jax.Array  # fp32 (B, N, Lqp): per token, constant over each Q_BLOCK; includes sm_scale * log2(e)
     k_scale: jax.Array  # fp32 (B, N, Lkp): per token, constant over each K_BLOCK
     valid: jax.Array | None  # bool (B, Lkp), None when every key is valid (no mask, no padding)
+    out_scale: jax.Array | None = None  # fp8 PV only: fp32 (B, N, E) = v_scale / 448, applied to acc / l
 
 
 def _pad_tokens(x: jax.Array, length: int) -> jax.Array:
@@ -156,10 +164,35 @@ def sage_quantize(q, k, v, kv_mask=None, scale=None, *, smooth_k=True, pv_dtype=
         k32 = jnp.where(valid[:, :, None, None], k32, 0.0)
     q_i8, qs = quantize_blocks(_pad_tokens(q, Lqp), Q_BLOCK, sm_scale * LOG2E)
     k_i8, ks = quantize_blocks(_pad_tokens(k32, Lkp), K_BLOCK)
-    vq = _pad_tokens(v.astype(pv_dtype), Lkp)
+    vq, out_scale = _pv_operand(v, valid, pv_dtype)
+    vq = _pad_tokens(vq, Lkp)
     if Lkp != Lk:
         valid = _pad_tokens(jnp.ones((B, Lk), bool) if valid is None else valid, Lkp)
-    return SageQuantized(q_i8, k_i8, vq, jnp.repeat(qs, Q_BLOCK, axis=-1), jnp.repeat(ks, K_BLOCK, axis=-1), valid)
+    return SageQuantized(q_i8, k_i8, vq, jnp.repeat(qs, Q_BLOCK, axis=-1), jnp.repeat(ks, K_BLOCK, axis=-1), valid,
+                         out_scale)
+
+
+def is_fp8(dtype) -> bool:
+    return jnp.dtype(dtype) == jnp.dtype(jnp.float8_e4m3fn)
+
+
+def _pv_operand(v, valid, pv_dtype):
+    """V in the PV dtype and, for fp8, the output scale: per-channel ``v_scale = absmax / 448`` (valid tokens)."""
+    if not is_fp8(pv_dtype):
+        return v.astype(pv_dtype), None
+    v32 = v.astype(jnp.float32)
+    if valid is not None:
+        v32 = jnp.where(valid[:, :, None, None], v32, 0.0)
+    v_scale = jnp.max(jnp.abs(v32), axis=1) / jnp.float32(FP8_MAX)  # (B, N, E)
+    v8 = jnp.clip(v32 / jnp.where(v_scale > 0, v_scale, 1.0)[:, None], -FP8_MAX, FP8_MAX).astype(pv_dtype)
+    return v8, v_scale / jnp.float32(FP8_MAX)
+
+
+def p_operand(p: jax.Array, pv_dtype) -> jax.Array:
+    """P (fp32, <= 1) as the PV matmul's left operand: cast, or for fp8 scaled by 448 first (Sage 2's static scale)."""
+    if is_fp8(pv_dtype):
+        return (p * jnp.float32(FP8_MAX)).astype(pv_dtype)
+    return p.astype(pv_dtype)
 
 
 def dequantized_logits(s_int32: jax.Array, q_scale: jax.Array, k_scale: jax.Array) -> jax.Array:
@@ -195,13 +228,16 @@ def _attend(x: SageQuantized, out_dtype, block_q: int, block_k: int) -> jax.Arra
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(s - m_new[..., None])
             l = l * alpha + p.sum(-1)
-            pv = jnp.einsum("bhqk,bhke->bhqe", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+            pv = jnp.einsum("bhqk,bhke->bhqe", p_operand(p, vj.dtype), vj, preferred_element_type=jnp.float32)
             return (m_new, l, acc * alpha[..., None] + pv), None
 
         init = (jnp.full((B, N, block_q), MASK_VALUE, jnp.float32), jnp.zeros((B, N, block_q), jnp.float32),
                 jnp.zeros((B, N, block_q, E), jnp.float32))
         (_, l, acc), _ = jax.lax.scan(kv_step, init, (kb, vb, ksb, mb))
-        return (acc / l[..., None]).astype(out_dtype)
+        out = acc / l[..., None]
+        if x.out_scale is not None:
+            out = out * x.out_scale[:, :, None, :]
+        return out.astype(out_dtype)
 
     qb = rearrange(x.q, "b (i t) h e -> i b h t e", t=block_q)
     qsb = rearrange(x.q_scale, "b h (i t) -> i b h t", t=block_q)
@@ -230,6 +266,12 @@ def check_sage(q, k, v, kv_mask=None, config: SageConfig | None = None) -> str |
         return f"dtype {q.dtype} unsupported (fp32, bf16 or fp16)"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if config.pv_dtype == "float8_e4m3fn":
+        if impl == "mosaic_tpu":
+            return "fp8 PV is a GPU (Hopper) variant; the TPU kernel runs PV in bf16 / fp16"
+        cc = getattr(jax.devices()[0], "compute_capability", None)
+        if impl == "triton" and not config.interpret and cc is not None and float(cc) < 8.9:
+            return f"fp8 PV needs compute capability >= 8.9 (fp8 tensor cores), device has {cc}"
     need = {"triton": "gpu", "mosaic_tpu": "tpu"}.get(impl)
     if need is not None and not config.interpret and platform() != need:
         return f"impl {impl!r} needs a {need.upper()} or interpret=True (platform is {platform()})"

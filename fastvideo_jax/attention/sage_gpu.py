@@ -7,6 +7,8 @@ head), walks every kv block with an online softmax:
     S_int32 = Q_int8 @ K_int8^T            (plgpu.dot on int8 inputs: Triton int8 MMA, int32 accumulator)
     S = (S_int32 * q_scale) * k_scale      (``sage.dequantized_logits``: log2-domain fp32 logits)
     online softmax with exp2 in fp32; acc += P.astype(pv dtype) @ V (fp32 accumulation)
+    fp8 PV (``pv_dtype="float8_e4m3fn"``, SageAttention 2 on Hopper): P * 448 and per-channel-scaled V in e4m3,
+    each block's product a fresh fp32 accumulator added to acc; the output times v_scale / 448
 
 Kernel tiles (``SageConfig.block_q`` / ``block_k``, default 128 / 64 as Sage's kernel) are independent of the
 quantisation blocks because scales arrive per token. Head dims are zero-padded to a power of two >= 32 (Triton
@@ -25,7 +27,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from fastvideo_jax.attention._gpu_common import _next_pow2, _pad_axis
-from fastvideo_jax.attention.sage import K_BLOCK, MASK_VALUE, Q_BLOCK, SageConfig, dequantized_logits, sage_quantize
+from fastvideo_jax.attention.sage import (
+    K_BLOCK,
+    MASK_VALUE,
+    Q_BLOCK,
+    SageConfig,
+    dequantized_logits,
+    p_operand,
+    sage_quantize,
+)
 
 __all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "int_scores", "sage_triton"]
 
@@ -39,6 +49,7 @@ class _Static:
     block_k: int
     num_kv_blocks: int
     has_valid: bool
+    has_out_scale: bool
     interpret: bool
 
 
@@ -49,7 +60,7 @@ def int_scores(q_i8: jax.Array, k_i8: jax.Array) -> jax.Array:
     return plgpu.dot(q_i8, k_i8, trans_b=True)
 
 
-def _kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, valid_ref, o_ref, *, st: _Static):
+def _kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, valid_ref, os_ref, o_ref, *, st: _Static):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -69,12 +80,15 @@ def _kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, valid_ref, o_ref, *, st: _Stati
         p = jnp.exp2(s - m_next[:, None])
         l_next = alpha * l_prev + jnp.sum(p, axis=-1)
         v = plgpu.load(v_ref.at[sl, :])
-        acc = alpha[:, None] * acc + plgpu.dot(p.astype(v.dtype), v)
+        acc = alpha[:, None] * acc + plgpu.dot(p_operand(p, v.dtype), v)  # a fresh fp32 product per block
         return acc, m_next, l_next
 
     init = (jnp.zeros((bq, E), jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32))
     acc, _, l = lax.fori_loop(0, st.num_kv_blocks, body, init)
-    plgpu.store(o_ref, (acc / l[:, None]).astype(o_ref.dtype))
+    out = acc / l[:, None]
+    if st.has_out_scale:  # fp8 PV: v_scale / 448 per channel
+        out = out * os_ref[...][None, :]
+    plgpu.store(o_ref, out.astype(o_ref.dtype))
 
 
 def _call(x, out_dtype, st: _Static):
@@ -90,6 +104,7 @@ def _call(x, out_dtype, st: _Static):
         pl.BlockSpec((None, None, st.block_q), lambda i, b, h: (b, h, i)),
         pl.BlockSpec((None, None, Lkp), lambda i, b, h: (b, h, 0)),
         pl.BlockSpec((None, Lkp), lambda i, b, h: (b, 0)) if st.has_valid else None,
+        pl.BlockSpec((None, None, E), lambda i, b, h: (b, h, 0)) if st.has_out_scale else None,
     ]
     valid = None if x.valid is None else x.valid.astype(jnp.int32)
     warps = 4 if E <= 64 else 8
@@ -98,7 +113,7 @@ def _call(x, out_dtype, st: _Static):
         out_shape=jax.ShapeDtypeStruct((B, Lqp, N, E), out_dtype),
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=3 if E <= 64 else 4),
         interpret=st.interpret, name="sage_attention_fwd",
-    )(x.q, x.k, x.v, x.q_scale, x.k_scale, valid)
+    )(x.q, x.k, x.v, x.q_scale, x.k_scale, valid, x.out_scale)
 
 
 def sage_triton(q, k, v, kv_mask=None, scale=None, *, config: SageConfig, pv_dtype=jnp.float16) -> jax.Array:
@@ -108,6 +123,7 @@ def sage_triton(q, k, v, kv_mask=None, scale=None, *, config: SageConfig, pv_dty
     x = sage_quantize(q, k, v, kv_mask, scale, smooth_k=config.smooth_k, pv_dtype=pv_dtype,
                       q_multiple=math.lcm(Q_BLOCK, bq), k_multiple=math.lcm(K_BLOCK, bk))
     Ep = max(32, _next_pow2(E))
-    x = x._replace(q=_pad_axis(x.q, 3, Ep), k=_pad_axis(x.k, 3, Ep), v=_pad_axis(x.v, 3, Ep))
-    st = _Static(bq, bk, x.k.shape[1] // bk, x.valid is not None, config.interpret)
+    x = x._replace(q=_pad_axis(x.q, 3, Ep), k=_pad_axis(x.k, 3, Ep), v=_pad_axis(x.v, 3, Ep),
+                   out_scale=None if x.out_scale is None else _pad_axis(x.out_scale, 2, Ep))
+    st = _Static(bq, bk, x.k.shape[1] // bk, x.valid is not None, x.out_scale is not None, config.interpret)
     return _call(x, q.dtype, st)[:, :Lq, :, :E]

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from fastvideo_jax.attention._common import round_up
-from fastvideo_jax.attention.sage import K_BLOCK, MASK_VALUE, Q_BLOCK, SageConfig, sage_quantize
+from fastvideo_jax.attention.sage import K_BLOCK, MASK_VALUE, Q_BLOCK, SageConfig, p_operand, sage_quantize
 
 __all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "int_scores", "sage_mosaic_tpu"]
 
@@ -70,7 +70,7 @@ def _kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, valid_ref, o_ref, m_sc, l_sc, a
     m_sc[...] = m_next
     v = v_ref[...]
     acc_sc[...] = acc_sc[...] * alpha[:, :1] + jax.lax.dot_general(
-        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        p_operand(p, v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _store():
@@ -111,6 +111,8 @@ def sage_mosaic_tpu(q, k, v, kv_mask=None, scale=None, *, config: SageConfig, pv
     bq, bk = config.block_q or DEFAULT_BLOCK_Q, config.block_k or DEFAULT_BLOCK_K
     if bq % 32 or bk % LANES:
         raise ValueError(f"sage_mosaic_tpu: block_q={bq} must be a multiple of 32 and block_k={bk} of {LANES}")
+    if jnp.dtype(pv_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"sage_mosaic_tpu: PV dtype {jnp.dtype(pv_dtype)} unsupported (bf16 or fp16)")
     B, Lq, N, E = q.shape
     x = sage_quantize(q, k, v, kv_mask, scale, smooth_k=config.smooth_k, pv_dtype=pv_dtype,
                       q_multiple=math.lcm(Q_BLOCK, bq), k_multiple=math.lcm(K_BLOCK, bk))
