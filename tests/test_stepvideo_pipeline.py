@@ -1,8 +1,9 @@
-"""StepVideoPipeline vs a reference loop built from the PyTorch originals on the same weights and initial latents:
-diffsynth's Step1Model (its kernel as sqrt-ALiBi, tests/test_stepllm.py) and StepVideoModel, Transformers' BertModel,
-the original's tokenizer wrapper and diffsynth's StepVideo scheduler and loop (prompt + magic suffix, CFG 9 on
-[cond; uncond], shift 13, the reversed time axis). Latents <= 1e-4 relative. Also: tokenizer parity, the
-schedule, presets, bad input."""
+"""StepVideoPipeline end to end (``VideoGenerator`` on a directory in our layout, picked by model_index.json's
+``_class_name``) vs a reference loop built from the PyTorch originals on the same weights and initial latents:
+diffsynth's Step1Model (its kernel as sqrt-ALiBi, tests/test_stepllm.py), StepVideoModel and StepVideo VAE (its
+chunked decode), Transformers' BertModel, the original's tokenizer wrapper and diffsynth's StepVideo scheduler and
+loop (prompt + magic suffix, CFG 9 on [cond; uncond], shift 13, the reversed time axis). Latents <= 1e-4 relative,
+frames PSNR >= 40 dB. Also: tokenizer parity, the schedule, presets, tiny-stepvideo by id, bad input."""
 
 from __future__ import annotations
 
@@ -18,39 +19,46 @@ from tests.oracles import add_noise, errors
 from tests.stepvideo_oracle import diffsynth_flow_scheduler, diffsynth_module
 from tests.test_stepllm import _oracle_config, sqrt_alibi_flash_attn
 
+from fastvideo_jax.configs.models.dits.stepvideo import STEPVIDEO_PRESETS
 from fastvideo_jax.configs.models.encoders.bert import BERT_PRESETS
 from fastvideo_jax.configs.models.encoders.stepllm import STEPLLM_PRESETS
+from fastvideo_jax.configs.models.vaes.stepvideovae import STEPVIDEO_VAE_PRESETS
 from fastvideo_jax.configs.pipelines.base import PipelineConfig
 from fastvideo_jax.configs.pipelines.registry import get_model_defaults
 from fastvideo_jax.configs.pipelines.stepvideo import NEG_MAGIC, POS_MAGIC, StepVideoT2VConfig
 from fastvideo_jax.configs.sample import SamplingParam
+from fastvideo_jax.entrypoints.model_spec import ModelSpec
+from fastvideo_jax.entrypoints.video_generator import VideoGenerator
 from fastvideo_jax.errors import CheckpointError, UserError
-from fastvideo_jax.models.encoders.stepvideo_prompt import StepChatTokenizer, encode_stepvideo_prompts
-from fastvideo_jax.models.loader.component_loader import TextEncoderLoader, TransformerLoader
-from fastvideo_jax.pipelines.stages import DecodingStage
-from fastvideo_jax.pipelines.stages.validation import check_request
+from fastvideo_jax.models.encoders.stepvideo_prompt import encode_stepvideo_prompts
 from fastvideo_jax.pipelines.stepvideo import StepVideoPipeline, stepvideo_tables
 from fastvideo_jax.schedulers.flow_match_euler import FlowMatchEulerScheduler
-from fastvideo_jax.testing.tokenizer import build_bert_tokenizer, write_step_tokenizer
+from fastvideo_jax.testing.tiny_stepvideo import INDEX, TINY_STEPLLM, TINY_STEPVIDEO_BERT
+from fastvideo_jax.testing.tokenizer import build_bert_tokenizer, write_bert_tokenizer, write_step_tokenizer
 
-LLM = dict(STEPLLM_PRESETS["tiny"], padded_vocab_size=128)  # the tiny SentencePiece model has 120 pieces
-BERT = dict(BERT_PRESETS["tiny"], vocab_size=130, max_position_embeddings=40)  # the tiny BertTokenizer has 129
+LLM = {**STEPLLM_PRESETS["tiny"], **TINY_STEPLLM}  # the tiny SentencePiece model has 120 pieces
+BERT = {**BERT_PRESETS["tiny"], **TINY_STEPVIDEO_BERT}  # the tiny BertTokenizer has 129 tokens
+VAE = dict(STEPVIDEO_VAE_PRESETS["tiny"])
+DIT = {**STEPVIDEO_PRESETS["tiny"], "in_channels": VAE["z_channels"], "out_channels": VAE["z_channels"],
+       "caption_channels": [LLM["hidden_size"], BERT["hidden_size"]]}
 TEXT_LEN, CLIP_LEN = 24, 13
-CONFIG = StepVideoT2VConfig(text_len=TEXT_LEN, clip_len=CLIP_LEN, dit_precision="fp32",
+CONFIG = StepVideoT2VConfig(text_len=TEXT_LEN, clip_len=CLIP_LEN, dit_precision="fp32", vae_decode_precision="fp32",
                             text_encoder_precisions=("fp32", "fp32"))
 PROMPT = "a cat playing piano"
+REQUEST = dict(height=32, width=48, num_frames=17, num_inference_steps=3, guidance_scale=9.0)
 
 
-def _dit_arch():
-    from fastvideo_jax.configs.models.dits.stepvideo import STEPVIDEO_PRESETS
-
-    arch = dict(STEPVIDEO_PRESETS["tiny"])
-    return {**arch, "caption_channels": [LLM["hidden_size"], BERT["hidden_size"]]}
+def _save(directory, model, weights_name, config, rename=lambda k: k):
+    directory.mkdir(parents=True)
+    save_file({rename(k): v.contiguous() for k, v in model.state_dict().items()}, str(directory / weights_name))
+    (directory / "config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    """The PyTorch originals (noised) and ours loaded from their saved weights, all fp32."""
+    """The PyTorch originals (noised) saved as a pipeline directory in our layout, and ours loaded from it (fp32)."""
+    from tests.test_stepvideo_vae import _tiny_original
+
     root = tmp_path_factory.mktemp("stepvideo")
     llm_oracle = diffsynth_module("stepvideo_text_encoder")
     llm = llm_oracle.Step1Model(_oracle_config(**LLM)).eval()
@@ -60,46 +68,33 @@ def parts(tmp_path_factory):
             noise = torch.randn(p.shape, generator=gen)
             scale = 1.0 if "embeddings" in name else 0.08
             p.copy_(1.0 + 0.1 * noise if name.endswith("norm.weight") else scale * noise)
-    (root / "text_encoder").mkdir()
-    save_file({k: v.contiguous() for k, v in llm.state_dict().items()}, str(root / "text_encoder/model.safetensors"))
-    (root / "text_encoder/config.json").write_text(json.dumps({"architectures": ["Step1Model"], **LLM}))
+    _save(root / "text_encoder", llm, "model.safetensors", {"architectures": ["Step1Model"], **LLM})
     torch.manual_seed(1)
     bert = add_noise(transformers.BertModel(transformers.BertConfig(**BERT)).eval(), seed=2)
     bert.save_pretrained(root / "text_encoder_2")
     torch.manual_seed(3)
-    arch = _dit_arch()
-    dit = add_noise(diffsynth_module("stepvideo_dit").StepVideoModel(**arch).eval(), seed=4)
-    (root / "transformer").mkdir()
-    save_file({k: v.contiguous() for k, v in dit.state_dict().items()},
-              str(root / "transformer/diffusion_pytorch_model.safetensors"))
-    (root / "transformer/config.json").write_text(json.dumps({"_class_name": "StepVideoModel", **arch}))
+    dit = add_noise(diffsynth_module("stepvideo_dit").StepVideoModel(**DIT).eval(), seed=4)
+    _save(root / "transformer", dit, "diffusion_pytorch_model.safetensors", {"_class_name": "StepVideoModel", **DIT})
+    torch.manual_seed(5)
+    vae = add_noise(_tiny_original(), seed=6)
+    vae_config = {"_class_name": "AutoencoderKLStepvideo",
+                  **{k: list(v) if isinstance(v, tuple) else v for k, v in VAE.items()}}
+    _save(root / "vae", vae, "diffusion_pytorch_model.safetensors", vae_config,
+          rename=lambda k: k.replace("decoder.conv_out.conv.", "decoder.conv_out."))  # the release's names
     sp = write_step_tokenizer(root / "tokenizer")
-    ours = dict(tokenizer=StepChatTokenizer(sp), tokenizer_2=build_bert_tokenizer(),
-                text_encoder=TextEncoderLoader().load(root / "text_encoder", precision="fp32"),
-                text_encoder_2=TextEncoderLoader().load(root / "text_encoder_2", precision="fp32"),
-                transformer=TransformerLoader().load(root / "transformer", precision="fp32"),
-                scheduler=FlowMatchEulerScheduler(), vae=_vae_stand_in())
-    return SimpleNamespace(llm_oracle=llm_oracle, llm=llm, bert=bert, dit=dit, sp=sp, ours=ours)
-
-
-def _vae_stand_in():
-    """Geometry only (StepVideo's VAE: 16x spatial, 8x temporal, 17-frame chunks): these tests stop before
-    decoding."""
-    arch = SimpleNamespace(spatial_compression_ratio=16, temporal_compression_ratio=8, z_dim=64)
-    return SimpleNamespace(config=SimpleNamespace(arch_config=arch, precision="fp32"))
-
-
-def _latents_before_decoding(pipe, param, latents):
-    batch = pipe.initial_batch(param, latents)
-    for stage in pipe.stages:
-        if isinstance(stage, DecodingStage):
-            break
-        batch = stage(batch)
-    return np.asarray(batch.latents)
+    write_bert_tokenizer(root / "tokenizer_2")
+    (root / "scheduler").mkdir()
+    (root / "scheduler/scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1, "shift": 1.0}))
+    (root / "model_index.json").write_text(json.dumps(INDEX))
+    ours = VideoGenerator.from_pretrained(root, pipeline_config=CONFIG)
+    return SimpleNamespace(llm_oracle=llm_oracle, llm=llm, bert=bert, dit=dit, vae=vae, sp=sp, root=root, gen=ours,
+                           ours=ours.pipeline.components)
 
 
 def _reference(parts, texts, latents, steps, cfg, monkeypatch):
-    """diffsynth's StepVideo loop on the PyTorch modules (B = 1 per call, as it runs), (B, C, F, H, W) out."""
+    """diffsynth's StepVideo loop on the PyTorch modules (B = 1 per call, as it runs) and the original VAE's
+    decode: latents (B, C, F, H, W) and uint8-rounded frames (B, F, H, W, 3)."""
     monkeypatch.setattr(parts.llm_oracle, "flash_attn_func", sqrt_alibi_flash_attn)
     tok = parts.llm_oracle.Wrapped_StepChatTokenizer(str(parts.sp))(texts, max_length=TEXT_LEN)
     bert_in = build_bert_tokenizer()(texts, padding="max_length", max_length=CLIP_LEN, truncation=True,
@@ -118,23 +113,31 @@ def _reference(parts, texts, latents, steps, cfg, monkeypatch):
                                   encoder_hidden_states_2=clip[i:i + 1], encoder_attention_mask=mask[i:i + 1])
                         for i in (0, 1))
             x = sched.step(neg + cfg * (pos - neg), t, x)
-    return x.permute(0, 2, 1, 3, 4).numpy()
+        diffsynth_module("stepvideo_vae").base_group_norm.spatial = True  # as StepVideoVAE(version=2) sets it
+        video = parts.vae.decode(x, device="cpu")  # (B, F, C, H, W), about [-1, 1]
+    frames = ((video.clamp(-1, 1) + 1) * 127.5).permute(0, 1, 3, 4, 2).numpy()
+    return x.permute(0, 2, 1, 3, 4).numpy(), frames
 
 
-def test_pipeline_latents_match_reference_loop(parts, monkeypatch):
-    pipe = StepVideoPipeline(parts.ours, CONFIG)
-    param = SamplingParam(prompt=PROMPT, height=32, width=48, num_frames=17, num_inference_steps=3,
-                          guidance_scale=9.0, seed=0)
-    latents = np.random.default_rng(0).standard_normal((1, 8, 3, 2, 3)).astype(np.float32)
-    got = _latents_before_decoding(pipe, param, latents)
-    want = _reference(parts, [PROMPT + POS_MAGIC, NEG_MAGIC], latents, 3, 9.0, monkeypatch)
-    err, rel = errors(got, want)
+def test_class_name_picks_the_stepvideo_pipeline(parts):
+    assert type(parts.gen.pipeline).__name__ == "StepVideoPipeline"
+    assert parts.gen.pipeline.scheduler.shift == 13.0  # the preset's shift replaces the scheduler config's
+
+
+def test_end_to_end_matches_reference_loop(parts, monkeypatch):
+    latents = np.random.default_rng(0).standard_normal((1, VAE["z_channels"], 3, 2, 3)).astype(np.float32)
+    out = parts.gen.generate_video(PROMPT, latents=latents, progress=False, **REQUEST)
+    want, frames = _reference(parts, [PROMPT + POS_MAGIC, NEG_MAGIC], latents, 3, 9.0, monkeypatch)
+    err, rel = errors(np.asarray(out["latents"]), want)
     assert rel <= 1e-4, f"latents vs the reference loop: max-abs {err:.3g}, relative {rel:.3g}"
-    assert errors(got, latents)[1] > 0.1, "the latents did not move"
+    assert errors(np.asarray(out["latents"]), latents)[1] > 0.1, "the latents did not move"
+    mse = np.mean((out["frames"].astype(np.float64) - frames[0]) ** 2)
+    psnr = 10 * np.log10(255**2 / max(mse, 1e-12))
+    assert out["frames"].shape == (17, 32, 48, 3) and psnr >= 40, f"frames PSNR {psnr:.1f} dB"
 
 
 def test_negative_prompt_goes_before_the_magic_suffix(parts):
-    stage = StepVideoPipeline(parts.ours, CONFIG).stages[1]
+    stage = parts.gen.pipeline.stages[1]
     param = SamplingParam(prompt="x", negative_prompt="blurry ")
     assert stage.texts(param, 2, True) == ["x" + POS_MAGIC] * 2 + ["blurry " + NEG_MAGIC] * 2
     assert stage.texts(param, 1, False) == ["x" + POS_MAGIC]
@@ -167,19 +170,28 @@ def test_presets(model_id, shift, steps, cfg):
     assert config.pos_magic == POS_MAGIC and config.text_len == 320 and config.clip_len == 77
 
 
+def test_tiny_stepvideo_by_id(tmp_path, monkeypatch):
+    """``tiny-stepvideo`` (random weights written by our models into the cache): by id, through its presets."""
+    monkeypatch.setenv("FASTVIDEO_JAX_CACHE", str(tmp_path))
+    gen = VideoGenerator.from_pretrained("tiny-stepvideo")
+    assert type(gen.pipeline).__name__ == "StepVideoPipeline" and gen.defaults.num_frames == 17
+    out = gen.generate_video("a cat", progress=False, num_inference_steps=2)
+    assert out["frames"].shape == (17, 32, 32, 3) and out["frames"].dtype == np.uint8
+
+
 def test_bad_inputs(parts):
-    pipe = StepVideoPipeline(parts.ours, CONFIG)
-    dit_arch, vae_arch = parts.ours["transformer"].config.arch_config, parts.ours["vae"].config.arch_config
     with pytest.raises(UserError, match=r"num_frames must be a multiple of 17 .* got 21"):
-        check_request(SamplingParam(prompt="x", height=32, width=48, num_frames=21), dit_arch, vae_arch, CONFIG)
+        parts.gen.sampling_param(prompt="x", num_frames=21)
     with pytest.raises(UserError, match=r"height and width must be positive multiples of 16"):
-        pipe(SamplingParam(prompt="x", height=40, width=48, num_frames=17))
+        parts.gen.sampling_param(prompt="x", height=40)
+    with pytest.raises(UserError, match="prompt"):
+        parts.gen.generate_video("", progress=False, **REQUEST)
     with pytest.raises(CheckpointError, match="flow-match Euler scheduler"):
         StepVideoPipeline({**parts.ours, "scheduler": object()}, CONFIG)
+    with pytest.raises(CheckpointError, match="the VAE decodes 17-frame chunks, the config says frame_chunk=16"):
+        StepVideoPipeline(parts.ours, CONFIG.replace(frame_chunk=16))
     with pytest.raises(TypeError, match="needs a StepVideoT2VConfig"):
         StepVideoPipeline(parts.ours, PipelineConfig())
-    with pytest.raises(CheckpointError, match="needs the component"):
-        StepVideoPipeline({k: v for k, v in parts.ours.items() if k != "tokenizer_2"}, CONFIG)
     with pytest.raises(UserError, match="pos_magic must be a string"):
         StepVideoT2VConfig(pos_magic=None).validate()
     # a tokenizer whose ids the encoder's table cannot hold: refused before the encoder runs
@@ -187,3 +199,10 @@ def test_bad_inputs(parts):
     with pytest.raises(UserError, match="outside the encoder's vocabulary of 50"):
         encode_stepvideo_prompts(parts.ours["tokenizer"], narrow, parts.ours["tokenizer_2"], narrow,
                                  [PROMPT + POS_MAGIC], text_len=TEXT_LEN, clip_len=CLIP_LEN)
+    index = {k: v for k, v in INDEX.items() if k != "text_encoder_2"}
+    (parts.root / "model_index.json").write_text(json.dumps(index))
+    try:
+        with pytest.raises(CheckpointError, match=r"StepVideoPipeline needs the components \['text_encoder_2'\]"):
+            ModelSpec.open(parts.root)
+    finally:
+        (parts.root / "model_index.json").write_text(json.dumps(INDEX))

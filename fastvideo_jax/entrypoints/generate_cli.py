@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from fastvideo_jax.configs.pipelines.registry import TINY_WAN_I2V_ID, TINY_WAN_ID
+from fastvideo_jax.configs.pipelines.registry import TINY_STEPVIDEO_ID, TINY_WAN_I2V_ID, TINY_WAN_ID
 
 
 def add_generate_parser(sub) -> None:
@@ -24,7 +24,7 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--model", required=True,
                    help=f"pipeline directory, Hugging Face repo id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers), "
                    f"{TINY_WAN_ID} or "
-                   f"{TINY_WAN_I2V_ID} (its image-to-video twin, with --image)")
+                   f"{TINY_WAN_I2V_ID} (its image-to-video twin, with --image) or {TINY_STEPVIDEO_ID} (StepVideo)")
     p.add_argument("--prompt", required=True, help="what the video should show")
     p.add_argument("--image", default=None,
                    help="the first frame of an image-to-video model (e.g. Wan-AI/Wan2.1-I2V-14B-480P-Diffusers): an "

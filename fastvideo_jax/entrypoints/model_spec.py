@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fastvideo_jax.configs.pipelines.base import PipelineConfig
-from fastvideo_jax.configs.pipelines.registry import TINY_WAN_I2V_ID, TINY_WAN_ID, get_model_defaults
+from fastvideo_jax.configs.pipelines.registry import TINY_MODEL_IDS, get_model_defaults
 from fastvideo_jax.configs.sample import SamplingParam
 from fastvideo_jax.errors import CheckpointError, UserError
 from fastvideo_jax.models.loader.component_loader import read_config
@@ -41,7 +41,7 @@ class ModelSpec:
         """``model``: a pipeline directory, a Hugging Face repo id (through the hub cache) or ``"tiny-wan"``.
         ``overrides`` replace PipelineConfig fields and are checked before the model is looked up."""
         (pipeline_config or PipelineConfig()).replace(**overrides).validate()
-        if str(model) in (TINY_WAN_ID, TINY_WAN_I2V_ID):
+        if str(model) in TINY_MODEL_IDS:
             from fastvideo_jax.testing.tiny_pipeline import ensure_tiny  # written on first use
 
             path = ensure_tiny(str(model))

@@ -102,6 +102,11 @@ class StepVideoPipeline(ComposedPipeline):
             raise TypeError(f"StepVideoPipeline needs a StepVideoT2VConfig (magic suffixes, frame chunk), got "
                             f"{type(config).__name__}")
         components = dict(components)
+        vae_arch = getattr(getattr(components.get("vae"), "config", None), "arch_config", None)
+        frame_len = getattr(vae_arch, "frame_len", None)
+        if frame_len is not None and frame_len != config.frame_chunk:
+            raise CheckpointError(f"StepVideoPipeline: the VAE decodes {frame_len}-frame chunks, the config says "
+                                  f"frame_chunk={config.frame_chunk}")
         scheduler = components.get("scheduler")
         if scheduler is not None:
             if not isinstance(scheduler, FlowMatchEulerScheduler):

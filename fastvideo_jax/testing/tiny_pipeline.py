@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fastvideo_jax.configs.pipelines.registry import TINY_WAN_I2V_ID, TINY_WAN_ID
+from fastvideo_jax.configs.pipelines.registry import TINY_STEPVIDEO_ID, TINY_WAN_I2V_ID, TINY_WAN_ID
 from fastvideo_jax.utils.paths import cache_dir, give_ordinary_mode
 
 __all__ = ["TINY_IDS", "TINY_WAN_ID", "TINY_WAN_I2V_ID", "UNIPC_FLOW_CONFIG", "cache_dir", "ensure_tiny",
@@ -95,7 +95,14 @@ def write_tiny_wan_i2v_pipeline(root: str | Path, seed: int = 0) -> Path:
     return root
 
 
-TINY_IDS = {TINY_WAN_ID: write_tiny_wan_pipeline, TINY_WAN_I2V_ID: write_tiny_wan_i2v_pipeline}
+def _write_tiny_stepvideo(root: str | Path, seed: int = 0) -> Path:
+    from fastvideo_jax.testing.tiny_stepvideo import write_tiny_stepvideo_pipeline
+
+    return write_tiny_stepvideo_pipeline(root, seed)
+
+
+TINY_IDS = {TINY_WAN_ID: write_tiny_wan_pipeline, TINY_WAN_I2V_ID: write_tiny_wan_i2v_pipeline,
+            TINY_STEPVIDEO_ID: _write_tiny_stepvideo}
 
 
 def ensure_tiny_wan() -> Path:
@@ -104,7 +111,7 @@ def ensure_tiny_wan() -> Path:
 
 
 def ensure_tiny(model_id: str) -> Path:
-    """A built-in tiny pipeline's directory (``tiny-wan``, ``tiny-wan-i2v``), written once (atomically) into the
+    """A built-in tiny pipeline's directory (``tiny-wan``, ``tiny-wan-i2v``, ``tiny-stepvideo``), written once (atomically) into the
     cache on first use."""
     write = TINY_IDS[model_id]
     target = cache_dir() / f"{model_id}-{_VERSION}"

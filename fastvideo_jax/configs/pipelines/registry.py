@@ -22,10 +22,12 @@ from fastvideo_jax.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TINY_WAN_ID", "TINY_WAN_I2V_ID", "ModelDefaults", "get_model_defaults", "register_model_defaults", "registered_models"]
+__all__ = ["TINY_MODEL_IDS", "TINY_STEPVIDEO_ID", "TINY_WAN_ID", "TINY_WAN_I2V_ID", "ModelDefaults", "get_model_defaults", "register_model_defaults", "registered_models"]
 
 TINY_WAN_ID = "tiny-wan"  # the built-in random-weight demo pipeline (fastvideo_jax.testing.tiny_pipeline)
 TINY_WAN_I2V_ID = "tiny-wan-i2v"  # its image-to-video twin (WanImageToVideoPipeline, tiny CLIP vision tower)
+TINY_STEPVIDEO_ID = "tiny-stepvideo"  # StepVideoPipeline with random weights (fastvideo_jax.testing.tiny_stepvideo)
+TINY_MODEL_IDS = (TINY_WAN_ID, TINY_WAN_I2V_ID, TINY_STEPVIDEO_ID)  # written into the cache on first use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +181,13 @@ for _id in ("stepfun-ai/stepvideo-t2v", "FastVideo/stepvideo-t2v-diffusers"):
                             index=dict(_class_name="StepVideoPipeline"))
 register_model_defaults("stepfun-ai/stepvideo-t2v-turbo", StepVideoT2VTurboConfig(),
                         dataclasses.replace(_STEPVIDEO_SAMPLING, num_inference_steps=15, guidance_scale=5.0))
+
+register_model_defaults(
+    TINY_STEPVIDEO_ID,
+    StepVideoT2VConfig(dit_precision="fp32", vae_decode_precision="fp32", text_encoder_precisions=("fp32", "fp32"),
+                       text_len=32, clip_len=16),
+    SamplingParam(height=32, width=32, num_frames=17, num_inference_steps=3, guidance_scale=9.0, fps=8),
+)
 
 
 def find_model_defaults(model: str | Path, transformer_config: Mapping[str, Any] | None = None,
