@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -115,3 +117,29 @@ def error_report(got, ref) -> tuple[float, str]:
     err = float(np.abs(got - ref).max())
     rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
     return err, f"max-abs {err:.3e}, relative {rel:.3e}"
+
+
+def vsa_cube_ids(grid) -> np.ndarray:
+    """Cube id of every row-major token, from its (t, h, w) coordinates (4x4x4 cubes, row-major cube grid)."""
+    T, H, W = grid
+    t, h, w = np.meshgrid(np.arange(T), np.arange(H), np.arange(W), indexing="ij")
+    nh, nw = -(-H // 4), -(-W // 4)
+    return ((t // 4 * nh + h // 4) * nw + w // 4).reshape(-1)
+
+
+def vsa_dense_oracle(q, k, v, gate, grid, sel, count):
+    """Oracle: dense softmax under the token mask of the selection (query token i sees key token j iff j's cube is
+    among the first ``count`` cubes listed for i's cube), plus the gated attention over cube means (means of the
+    real tokens, found by coordinates)."""
+    cube_np = vsa_cube_ids(grid)  # (L,)
+    C, cube = int(cube_np.max()) + 1, jnp.asarray(cube_np)
+    chosen = jnp.any(jax.nn.one_hot(sel[..., :count], C, dtype=bool), axis=-2)  # (B, N, C, C)
+    mask = chosen[:, :, cube][:, :, :, cube]  # (B, N, L, L)
+    scale = q.shape[-1] ** -0.5
+    s = jnp.einsum("bqne,bkne->bnqk", q, k) * scale
+    fine = jnp.einsum("bnqk,bkne->bqne", jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1), v)
+    member = jax.nn.one_hot(cube, C, dtype=jnp.float32)  # (L, C)
+    mean = lambda x: jnp.einsum("blne,lc->bcne", x, member) / member.sum(0)[None, :, None, None]  # noqa: E731
+    sc = jnp.einsum("bqne,bkne->bnqk", mean(q), mean(k)) * scale
+    coarse = jnp.einsum("bnqk,bkne->bqne", jax.nn.softmax(sc, axis=-1), mean(v))[:, cube]  # per token
+    return fine + (coarse if gate is None else gate * coarse)

@@ -129,7 +129,7 @@ CASES = {
     "FastVideo/FastWan2.1-T2V-1.3B-Diffusers": dict(
         layout=dict(class_name="WanDMDPipeline", dit=_jsonable(WAN_PRESETS["wan2.1-t2v-1.3b"])),
         pipeline="WanDMDPipeline", config=FastWan21T2V480PConfig, components=(),
-        expect=dict(dmd_denoising_steps=STEPS, flow_shift=8.0, self_attention="dense"),
+        expect=dict(dmd_denoising_steps=STEPS, flow_shift=8.0, self_attention="video_sparse", vsa_sparsity=0.8),
         sampling=dict(height=448, width=832, num_frames=61, num_inference_steps=3, guidance_scale=1.0)),
     "FastVideo/FastWan2.2-TI2V-5B-Diffusers": dict(
         layout=dict(class_name="WanPipeline", dit=TI2V_DIT, vae=WAN22_VAE),

@@ -13,16 +13,9 @@ import pytest
 from fastvideo_jax.attention import AttentionBackend, resolve_backend
 from fastvideo_jax.attention.video_sparse import video_sparse_attention, vsa_selection
 from fastvideo_jax.attention.video_sparse_layout import cube_layout, topk_count, traced_topk_count
+from tests.oracles import vsa_cube_ids, vsa_dense_oracle
 
 EVEN, RAGGED = (4, 8, 8), (5, 6, 7)  # 8 whole cubes; 8 cubes with partial borders in every direction
-
-
-def _cubes_of_tokens(grid):
-    """Cube id of every row-major token, from its (t, h, w) coordinates (4x4x4 cubes, row-major cube grid)."""
-    T, H, W = grid
-    t, h, w = np.meshgrid(np.arange(T), np.arange(H), np.arange(W), indexing="ij")
-    nh, nw = -(-H // 4), -(-W // 4)
-    return ((t // 4 * nh + h // 4) * nw + w // 4).reshape(-1)
 
 
 def _inputs(grid, seed=0, B=2, N=2, E=8, gate=True):
@@ -30,25 +23,6 @@ def _inputs(grid, seed=0, B=2, N=2, E=8, gate=True):
     keys = jax.random.split(jax.random.key(seed), 4)
     q, k, v, g = (jax.random.normal(kk, (B, L, N, E), jnp.float32) for kk in keys)
     return q, k, v, (g if gate else None)
-
-
-def _dense_vsa(q, k, v, gate, grid, sel, count):
-    """Oracle: dense softmax under the token mask of the selection (query token i sees key token j iff j's cube is
-    among the first ``count`` cubes listed for i's cube), plus the gated attention over cube means (means of the
-    real tokens, found by coordinates)."""
-    cube = jnp.asarray(_cubes_of_tokens(grid))  # (L,)
-    C = int(cube.max()) + 1
-    chosen = jnp.zeros(sel.shape[:3] + (C,), bool)
-    chosen = jnp.any(jax.nn.one_hot(sel[..., :count], C, dtype=bool), axis=-2) | chosen  # (B, N, C, C)
-    mask = chosen[:, :, cube][:, :, :, cube]  # (B, N, L, L)
-    scale = q.shape[-1] ** -0.5
-    s = jnp.einsum("bqne,bkne->bnqk", q, k) * scale
-    fine = jnp.einsum("bnqk,bkne->bqne", jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1), v)
-    member = jax.nn.one_hot(cube, C, dtype=jnp.float32)  # (L, C)
-    mean = lambda x: jnp.einsum("blne,lc->bcne", x, member) / member.sum(0)[None, :, None, None]  # noqa: E731
-    sc = jnp.einsum("bqne,bkne->bnqk", mean(q), mean(k)) * scale
-    coarse = jnp.einsum("bnqk,bkne->bqne", jax.nn.softmax(sc, axis=-1), mean(v))[:, cube]  # per token
-    return fine + (coarse if gate is None else gate * coarse)
 
 
 # ---- layout and top-k -------------------------------------------------------------------------------------
@@ -59,7 +33,7 @@ def test_cube_layout_from_coordinates(grid):
     """Every cube slot holds its cube's tokens (by coordinates) as a prefix, row-major; padding reads zero; the
     round trip is the identity."""
     layout = cube_layout(grid)
-    cube = _cubes_of_tokens(grid)
+    cube = vsa_cube_ids(grid)
     np.testing.assert_array_equal(layout.sizes, np.bincount(cube))
     for c in range(layout.num_cubes):
         slot = layout.src[c * 64:(c + 1) * 64]
@@ -99,7 +73,7 @@ def test_video_sparse_is_not_a_dense_backend():
 def test_selection_is_numpy_topk_of_coarse_scores(grid):
     q, k, _, _ = _inputs(grid, seed=1)
     sel, count = vsa_selection(q, k, grid=grid, sparsity=0.6)
-    cube = _cubes_of_tokens(grid)
+    cube = vsa_cube_ids(grid)
     C = cube.max() + 1
     assert count == topk_count(0.6, C) and sel.shape == (2, 2, C, count)
     qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
@@ -115,7 +89,7 @@ def test_reference_equals_dense_under_the_selection_mask(grid, sparsity):
     q, k, v, g = _inputs(grid, seed=2)
     out = video_sparse_attention(q, k, v, g, grid=grid, sparsity=sparsity)
     sel, count = vsa_selection(q, k, grid=grid, sparsity=sparsity)
-    want = _dense_vsa(q, k, v, g, grid, sel, count)
+    want = vsa_dense_oracle(q, k, v, g, grid, sel, count)
     assert float(jnp.abs(out - want).max()) <= 1e-5
     if sparsity == 0.0:  # every cube kept: with a zero gate, exact dense attention
         s = jnp.einsum("bqne,bkne->bnqk", q, k) * q.shape[-1] ** -0.5
@@ -134,7 +108,7 @@ def test_gradients_equal_dense_formulation():
         return jnp.sum(video_sparse_attention(q, k, v, g, grid=grid, sparsity=0.7) * w)
 
     def loss_dense(q, k, v, g):
-        return jnp.sum(_dense_vsa(q, k, v, g, grid, sel, count) * w)
+        return jnp.sum(vsa_dense_oracle(q, k, v, g, grid, sel, count) * w)
 
     got = jax.grad(loss_vsa, argnums=(0, 1, 2, 3))(q, k, v, g)
     want = jax.grad(loss_dense, argnums=(0, 1, 2, 3))(q, k, v, g)

@@ -169,21 +169,6 @@ def test_extra_key(t2v, tmp_path):
         TransformerLoader().load(d)
 
 
-def test_vsa_gate_dropped_with_a_warning(t2v, t2v_fp32, tmp_path, caplog):
-    """A FastWan VSA checkpoint's per-block ``to_gate_compress`` loads (dropped, as diffusers does) with a warning
-    that the DiT runs dense attention; the other weights, and so the output, are those of the plain checkpoint."""
-    d = _copy(t2v[0], tmp_path)
-    gates = {f"blocks.{i}.to_gate_compress.{p}": np.ones((24, 24) if p == "weight" else (24,), np.float32)
-             for i in range(2) for p in ("weight", "bias")}
-    _rewrite(d, lambda t: t.update(gates))
-    with caplog.at_level("WARNING", logger="fastvideo_jax.models.loader.component_loader"):
-        model = TransformerLoader().load(d, precision="fp32")
-    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("to_gate_compress" in m and "runs dense" in m and "4 tensors dropped" in m for m in warned), warned
-    x, t, ctx = _jx(*_inputs(3, 1, 16, 2, 4, 4, 5))
-    np.testing.assert_array_equal(np.asarray(dit_call(model, x, t, ctx)), np.asarray(dit_call(t2v_fp32, x, t, ctx)))
-
-
 def test_missing_key(t2v, tmp_path):
     d = _copy(t2v[0], tmp_path)
     _rewrite(d, lambda t: t.pop("blocks.1.ffn.net.2.bias"))

@@ -49,6 +49,10 @@ def add_generate_parser(sub) -> None:
                    "file is replaced only once the new video is complete")
     p.add_argument("--flow-shift", type=float, default=None, help="override the scheduler's flow shift (> 0)")
     p.add_argument("--dit-precision", choices=["bf16", "fp32"], default=None, help="override the DiT precision")
+    p.add_argument("--self-attention", choices=["dense", "video_sparse"], default=None,
+                   help="the DiT's self-attention: dense, or video sparse attention (FastWan presets default to it)")
+    p.add_argument("--vsa-sparsity", type=float, default=None,
+                   help="video sparse attention: fraction of KV cubes each query cube skips, in [0, 1) (FastWan: 0.8)")
     p.add_argument("--vae-tiling", action="store_true",
                    help="decode in overlapping spatial tiles (less device memory for large frames; tile seams "
                    "are blended, so the result differs slightly from an untiled decode)")
@@ -77,7 +81,8 @@ def run_generate(args: argparse.Namespace) -> int:
     SamplingParam(prompt=args.prompt).replace(**sampling).validate()  # the numbers, before the model is looked up
     image = None if args.image is None else load_rgb(args.image)  # a readable RGB image, before the model
     overrides = {k: v for k, v in {"flow_shift": args.flow_shift, "dit_precision": args.dit_precision,
-                                   "vae_tiling": args.vae_tiling or None}.items() if v is not None}
+                                   "vae_tiling": args.vae_tiling or None, "self_attention": args.self_attention,
+                                   "vsa_sparsity": args.vsa_sparsity}.items() if v is not None}
     spec = ModelSpec.open(args.model, **overrides)  # configs, tokenizer folder, scheduler class; no weights yet
     spec.sampling_param(prompt=args.prompt, **sampling)  # fits the model (RoPE table), before loading weights
     image = spec.pipeline_cls.check_image(image, spec.config)  # the model takes (or needs) an image

@@ -56,7 +56,9 @@ class VideoGenerator:
         enable_persistent_cache(cache_dir() / "xla")
         config = spec.config
         parts = load_components(spec.path, list(spec.components), mesh=mesh,
-                                precisions=component_precisions(config, spec.components))
+                                precisions=component_precisions(config, spec.components),
+                                overrides={n: config.dit_overrides() for n in spec.components
+                                           if n.startswith("transformer")})
         return cls(spec.pipeline_cls(parts, config), spec.defaults, spec.path)
 
     def sampling_param(self, **overrides: Any) -> SamplingParam:

@@ -127,6 +127,9 @@ class MappedArchConfig(ArchConfig):
     # Checkpoint tensors dropped WITH a warning, as (pattern, why): weights of a feature not implemented yet, so
     # the model runs without them (the loader says which and why; they are not in an exported checkpoint).
     ignored_param_warnings: tuple[tuple[str, str], ...] = internal(())
+    # (regex, hint): when loading fails on a checkpoint tensor whose name matches (unexpected or missing), the
+    # error carries the hint (e.g. a tensor only one attention mode of the model has).
+    unexpected_param_hints: tuple[tuple[str, str], ...] = internal(())
     # Checkpoint names that are tied copies of another tensor: dropped when that tensor is present too.
     tied_param_names: tuple[str, ...] = internal(())
 

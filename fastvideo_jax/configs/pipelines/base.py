@@ -41,6 +41,11 @@ class PipelineConfig:
     expert_offload: bool = False
     # FastWan: few-step DMD sampling over these fixed timesteps (strictly decreasing, in [1, 1000]); no CFG.
     dmd_denoising_steps: tuple[int, ...] | None = None
+    # The DiTs' self-attention: "dense", or "video_sparse" (FastVideo's VIDEO_SPARSE_ATTN, what FastWan2.1 is
+    # trained with): the transformers load with attention_backend="video_sparse_attn" at ``vsa_sparsity`` (the
+    # fraction of KV cubes each query cube skips); their checkpoints carry each block's to_gate_compress.
+    self_attention: str = "dense"
+    vsa_sparsity: float = 0.0
 
     def replace(self, **overrides: Any) -> "PipelineConfig":
         """A copy with fields replaced; an unknown field is an error naming the valid ones."""
@@ -75,7 +80,19 @@ class PipelineConfig:
                                 f"where the low-noise expert takes over), got {self.boundary_ratio}")
         if self.dmd_denoising_steps is not None:
             check_dmd_steps(self.dmd_denoising_steps)
+        if self.self_attention not in ("dense", "video_sparse"):
+            raise UserError(f"self_attention must be 'dense' or 'video_sparse', got {self.self_attention!r}")
+        check_number("vsa_sparsity", self.vsa_sparsity)
+        if not 0 <= self.vsa_sparsity < 1:
+            raise UserError(f"vsa_sparsity must be in [0, 1) (the fraction of KV cubes video sparse attention "
+                            f"skips), got {self.vsa_sparsity}")
         return self
+
+    def dit_overrides(self) -> dict[str, Any]:
+        """What the transformers' configs take from this pipeline config besides their precision."""
+        if self.self_attention == "video_sparse":
+            return {"attention_backend": "video_sparse_attn", "vsa_sparsity": float(self.vsa_sparsity)}
+        return {}
 
 
 def check_dmd_steps(steps: Any, name: str = "dmd_denoising_steps", num_train_timesteps: int = 1000) -> None:

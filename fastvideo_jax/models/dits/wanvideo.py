@@ -25,6 +25,7 @@ from flax import nnx
 
 from fastvideo_jax.attention import attention, sliding_tile_attention
 from fastvideo_jax.attention.api import AttentionBackend
+from fastvideo_jax.attention.video_sparse_layout import check_sparsity
 from fastvideo_jax.configs.models.dits.wanvideo import WanVideoArchConfig, WanVideoConfig
 from fastvideo_jax.dtypes import to_dtype
 from fastvideo_jax.errors import UserError
@@ -32,6 +33,7 @@ from fastvideo_jax.models.dits import teacache
 from fastvideo_jax.models.dits.base import DENSE_BACKENDS
 from fastvideo_jax.models.dits.cachable import CachableDiT
 from fastvideo_jax.models.dits.sta import StaLayer, sta_inputs, sta_plan, sta_scan_inputs
+from fastvideo_jax.models.dits.vsa import VsaLayer, uses_vsa, video_sparse_attend, vsa_layer, vsa_sparsity_input
 from fastvideo_jax.models.dits.teacache import (
     WAN_TEACACHE_PRESETS, TeaCacheRuntime, TeaCacheState, WanTeaCacheParams, wan_teacache_preset,
 )
@@ -158,11 +160,16 @@ class _ResidualNorm(nnx.Module):
 class WanTransformerBlock(_QKNormProjections):
     """adaLN-modulated self-attention (q/k RMS norm across heads, 3D RoPE), cross-attention and FFN.
 
-    The self-attention projections live on the block itself (FastVideo's layout: ``blocks.N.to_q``)."""
+    The self-attention projections live on the block itself (FastVideo's layout: ``blocks.N.to_q``); with video
+    sparse attention (``vsa``) so does FastVideo's ``to_gate_compress`` (the coarse branch's gate, projected from
+    the same modulated input as q/k/v, no norm, no RoPE)."""
 
-    def __init__(self, cfg: WanVideoArchConfig, param_dtype, attention_backend, rngs):
+    def __init__(self, cfg: WanVideoArchConfig, param_dtype, attention_backend, rngs, vsa: bool = False):
         dim, eps = cfg.hidden_size, cfg.eps
         self._init_projections(cfg, param_dtype, rngs)
+        self.to_gate_compress = (
+            Linear(dim, dim, axes=("embed", "heads"), param_dtype=param_dtype, rngs=rngs) if vsa else None
+        )
         self.attention_backend = attention_backend
         self.attn2 = WanCrossAttention(cfg, param_dtype, rngs)
         self.self_attn_residual_norm = _ResidualNorm(dim, eps, rngs=rngs) if cfg.cross_attn_norm else None
@@ -173,11 +180,15 @@ class WanTransformerBlock(_QKNormProjections):
             rngs, nnx.initializers.normal(dim**-0.5), (1, 6, dim), F32, (None, None, "embed")
         )
 
-    def _self_attention(self, x, cos, sin, sta: StaLayer | None, kv_mask):
+    def _self_attention(self, x, cos, sin, sta: StaLayer | None, kv_mask, vsa: VsaLayer | None = None):
         # RoPE on the sequence-sharded q/k (tables sharded alike), then Ulysses: each device attends N/sp heads
         q = apply_rope(self._heads(self.norm_q(self.to_q(x))), cos, sin)
         k = apply_rope(self._heads(self.norm_k(self.to_k(x))), cos, sin)
         v = self._heads(self.to_v(x))
+        if vsa is not None:  # the gate travels with v (last axis) through the all-to-all
+            vg = jnp.concatenate([v, self._heads(self.to_gate_compress(x))], axis=-1)
+            attend = video_sparse_attend(vsa, v.shape[-1])
+            return self._merge_heads_out(ulysses_attention(q, k, vg, attend, kv_mask))
         if sta is not None:
             attend = _sliding_tile_attend(sta, padded=kv_mask is not None)
         else:
@@ -186,9 +197,10 @@ class WanTransformerBlock(_QKNormProjections):
                 return attention(q, k, v, kv_lengths=lengths, backend=self.attention_backend)
         return self._merge_heads_out(ulysses_attention(q, k, v, attend, kv_mask))
 
-    def __call__(self, x, context, image_context, temb_proj, cos, sin, sta: StaLayer | None = None, kv_mask=None):
+    def __call__(self, x, context, image_context, temb_proj, cos, sin, sta: StaLayer | None = None, kv_mask=None,
+                 vsa: VsaLayer | None = None):
         # x (B, L, D), temb_proj (B, 6, D) or per token (B, L, 6, D); sta: this layer's sliding-tile windows
-        # (None = dense); kv_mask (B, L): real tokens
+        # (None = dense); kv_mask (B, L): real tokens; vsa: video sparse attention's grid, width and sparsity
         x = constrain(x, ("batch", "length", "embed"))
         table = self.scale_shift_table[...]
         if temb_proj.ndim == 4:  # one modulation per token, each slice added on its own (no (B, L, 6, D) sum)
@@ -199,7 +211,7 @@ class WanTransformerBlock(_QKNormProjections):
             shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, i : i + 1] for i in range(6))
         dtype = x.dtype
         h = (self.norm(x.astype(F32)) * (1 + scale) + shift).astype(dtype)
-        x = (x.astype(F32) + self._self_attention(h, cos, sin, sta, kv_mask) * gate).astype(dtype)
+        x = (x.astype(F32) + self._self_attention(h, cos, sin, sta, kv_mask, vsa) * gate).astype(dtype)
         h = x if self.self_attn_residual_norm is None else self.self_attn_residual_norm.norm(x.astype(F32)).astype(dtype)
         x = x + self.attn2(h, context, image_context, self.attention_backend)
         h = (self.norm(x.astype(F32)) * (1 + c_scale) + c_shift).astype(dtype)
@@ -229,17 +241,22 @@ class WanTransformer3DModel(CachableDiT):
 
     Attention: any dense backend, or ``SLIDING_TILE_ATTN`` (the same as ``self_attention_backend='sliding_tile'``:
     sliding-tile self-attention, dense cross-attention).
-    ``SAGE_ATTN``: 8-bit SageAttention for every attention call (inference only: gradients raise)."""
+    ``SAGE_ATTN``: 8-bit SageAttention for every attention call (inference only: gradients raise).
+    ``VIDEO_SPARSE_ATTN`` (FastWan): video sparse self-attention at ``vsa_sparsity`` with each block's
+    ``to_gate_compress``; cross-attention dense."""
 
     config_class = WanVideoConfig
-    _supported_attention_backends = DENSE_BACKENDS | {AttentionBackend.SLIDING_TILE_ATTN, AttentionBackend.SAGE_ATTN}
-    extra_inputs = frozenset({"sta_layer_ids", "sta_palette"})
+    _supported_attention_backends = DENSE_BACKENDS | {AttentionBackend.SLIDING_TILE_ATTN, AttentionBackend.SAGE_ATTN,
+                                                      AttentionBackend.VIDEO_SPARSE_ATTN}
+    extra_inputs = frozenset({"sta_layer_ids", "sta_palette", "vsa_sparsity"})
 
     def __init__(self, config: WanVideoConfig, *, rngs: nnx.Rngs):
         super().__init__(config)
         cfg = config.arch_config
         dtype = to_dtype(config.precision)
-        dense_backend = None if self.attention_backend is AttentionBackend.SLIDING_TILE_ATTN else self.attention_backend
+        vsa = uses_vsa(config)
+        sparse = (AttentionBackend.SLIDING_TILE_ATTN, AttentionBackend.VIDEO_SPARSE_ATTN)
+        dense_backend = None if self.attention_backend in sparse else self.attention_backend
         dim = cfg.hidden_size
         self.patch_embedding = _PatchEmbedding(cfg, dtype, rngs)
         self.condition_embedder = WanConditionEmbedder(cfg, dtype, rngs)
@@ -247,10 +264,12 @@ class WanTransformer3DModel(CachableDiT):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs):
-            return WanTransformerBlock(cfg, dtype, dense_backend, rngs)
+            return WanTransformerBlock(cfg, dtype, dense_backend, rngs, vsa=vsa)
 
         self.blocks = make_blocks(rngs)
         self.sta_plan = sta_plan(config)
+        if vsa:
+            _check_vsa_config(config, self.sta_plan)
         self.norm_out = LayerNorm(dim, cfg.eps, affine=False, rngs=rngs)
         out = cfg.out_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
         self.proj_out = Linear(dim, out, axes=("embed", None), param_dtype=dtype, rngs=rngs)
@@ -265,12 +284,13 @@ class WanTransformer3DModel(CachableDiT):
         timestep: jax.Array,  # (B,) or, per token (Wan2.2 TI2V's expand_timesteps), (B, L) with L = F*H*W/patch
         encoder_hidden_states_image: jax.Array | None = None,  # (B, Li, image_dim)
         guidance: jax.Array | None = None,  # Wan has no guidance embedding: must stay None
-        **kwargs,  # sta_layer_ids (num_layers,) int32, sta_palette: static per-head window sets
+        **kwargs,  # sta_layer_ids (num_layers,) int32, sta_palette: static per-head window sets; vsa_sparsity
     ) -> jax.Array:  # (B, C_out, F, H, W)
         """The forward under one cached jit (a second eager call with the same shapes does not compile).
 
         A sliding-tile model can take its per-layer windows at run time: ``sta_palette`` (static, e.g. from
-        ``MaskStrategy.palette_schedule``) and ``sta_layer_ids`` (data: new ids do not recompile)."""
+        ``MaskStrategy.palette_schedule``) and ``sta_layer_ids`` (data: new ids do not recompile). A video sparse
+        model takes ``vsa_sparsity`` (data, at least the config's; default the config's)."""
         self.check_extra_inputs(kwargs)
         if guidance is not None:
             raise TypeError("WanTransformer3DModel has no guidance embedding: guidance must be None "
@@ -278,9 +298,10 @@ class WanTransformer3DModel(CachableDiT):
         self._check_inputs(hidden_states, encoder_hidden_states_image)
         self._check_timestep(hidden_states, timestep)
         palette, ids = self._sta_inputs(kwargs.get("sta_layer_ids"), kwargs.get("sta_palette"))
+        sparsity = vsa_sparsity_input(self.config, kwargs.get("vsa_sparsity"), type(self).__name__)
         with mesh_scope(params_mesh(nnx.state(self))):  # loaded on a mesh: split the work on it too
             return compiled_call(_forward, self, hidden_states, timestep, encoder_hidden_states,
-                                 encoder_hidden_states_image, ids, sta_palette=palette)
+                                 encoder_hidden_states_image, ids, sparsity, sta_palette=palette)
 
     def _sta_inputs(self, ids, palette):
         return sta_inputs(self.sta_plan, ids, palette, self.config.arch_config.num_attention_heads)
@@ -309,10 +330,10 @@ class WanTransformer3DModel(CachableDiT):
                              f"expected (), ({B},) or per token ({B}, {L})")
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
-                sta_layer_ids=None, *, sta_palette=None):
+                sta_layer_ids=None, vsa_sparsity=None, *, sta_palette=None):
         """The traced forward (``__call__`` runs it under jit with the configured matmul precision)."""
         emb = self.embed(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image, sta_layer_ids,
-                         sta_palette=sta_palette)
+                         vsa_sparsity, sta_palette=sta_palette)
         return self.head(self.run_blocks(emb, emb.x), emb)
 
     # ---- TeaCache (CachableDiT) ---------------------------------------------------------------------------
@@ -329,16 +350,17 @@ class WanTransformer3DModel(CachableDiT):
             raise UserError("TeaCache needs one timestep per sample; per-token timesteps (Wan2.2 TI2V) have no "
                             "TeaCache coefficients in FastVideo: use teacache_thresh=0")
         palette, ids = self._sta_inputs(kwargs.get("sta_layer_ids"), kwargs.get("sta_palette"))
+        sparsity = vsa_sparsity_input(self.config, kwargs.get("vsa_sparsity"), type(self).__name__)
         with mesh_scope(params_mesh(nnx.state(self))):
             return compiled_call(_cached_forward, self, cache, runtime, hidden_states, timestep, encoder_hidden_states,
-                                 encoder_hidden_states_image, ids, sta_palette=palette, cfg=cfg)
+                                 encoder_hidden_states_image, ids, sparsity, sta_palette=palette, cfg=cfg)
 
     def cached_forward(self, cache: TeaCacheState, runtime: TeaCacheRuntime, hidden_states, timestep,
-                       encoder_hidden_states, encoder_hidden_states_image=None, sta_layer_ids=None, *, cfg: bool,
-                       sta_palette=None):
+                       encoder_hidden_states, encoder_hidden_states_image=None, sta_layer_ids=None,
+                       vsa_sparsity=None, *, cfg: bool, sta_palette=None):
         """``forward`` under TeaCache (traced): (output, updated cache)."""
         emb = self.embed(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image, sta_layer_ids,
-                         sta_palette=sta_palette)
+                         vsa_sparsity, sta_palette=sta_palette)
         x, cache = self.cached_blocks(cache, runtime, self.teacache_modulated_input(emb, runtime.use_ret_steps),
                                       emb.x, lambda model, x: model.run_blocks(emb, x), cfg=cfg)
         return self.head(x, emb), cache
@@ -365,7 +387,7 @@ class WanTransformer3DModel(CachableDiT):
 
     # ---- the forward's pieces: embed -> blocks -> head ----------------------------------------------------
     def embed(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
-              sta_layer_ids=None, *, sta_palette=None) -> "WanEmbedded":
+              sta_layer_ids=None, vsa_sparsity=None, *, sta_palette=None) -> "WanEmbedded":
         """Patch, text and time embeddings, RoPE tables and the padding mask: everything the blocks take."""
         cfg = self.config.arch_config
         B, C, F, H, W = hidden_states.shape
@@ -402,12 +424,16 @@ class WanTransformer3DModel(CachableDiT):
         if sta_palette is not None:
             like = jax.ShapeDtypeStruct((B, L, cfg.num_attention_heads, cfg.attention_head_dim), x.dtype)
             sta = sta_scan_inputs(self.sta_plan, sta_palette, sta_layer_ids, grid, like)
-        return WanEmbedded(x, temb, temb_proj, context, image_context, cos, sin, kv_mask, sta, grid, L)
+        vsa = None
+        if uses_vsa(self.config):
+            sparsity = self.config.vsa_sparsity if vsa_sparsity is None else vsa_sparsity
+            vsa = vsa_layer(self.config, grid, jnp.asarray(sparsity, F32))
+        return WanEmbedded(x, temb, temb_proj, context, image_context, cos, sin, kv_mask, sta, grid, L, vsa)
 
     def run_blocks(self, emb: "WanEmbedded", x: jax.Array) -> jax.Array:
         """The transformer blocks on tokens ``x`` (B, Lp, D)."""
         return _run_blocks(x, self.blocks, emb.context, emb.image_context, emb.temb_proj, emb.cos, emb.sin, emb.sta,
-                           emb.kv_mask)
+                           emb.kv_mask, emb.vsa)
 
     def head(self, x: jax.Array, emb: "WanEmbedded") -> jax.Array:
         """Output norm (modulated by the time embedding), projection and unpatchify: (B, C_out, F, H, W)."""
@@ -440,6 +466,7 @@ class WanEmbedded(NamedTuple):
     sta: tuple | None
     grid: tuple[int, int, int]
     length: int  # L, real tokens
+    vsa: VsaLayer | None = None  # video sparse attention: grid, top-k width, traced sparsity
 
 
 def per_token_timesteps(t: jax.Array, latent_shape: tuple[int, ...], patch_size: tuple[int, int, int] = (1, 2, 2),
@@ -465,15 +492,20 @@ def _cached_forward(model: WanTransformer3DModel, *args, **static):
     return model.cached_forward(*args, **static)
 
 
-def _run_blocks(x, blocks, context, image_context, temb_proj, cos, sin, sta, kv_mask):
+def _run_blocks(x, blocks, context, image_context, temb_proj, cos, sin, sta, kv_mask, vsa=None):
     """All stacked blocks under ONE ``nnx.scan`` (compile time flat in depth); with sliding-tile attention each
-    layer's window-set index is scanned data next to its parameters."""
+    layer's window-set index is scanned data next to its parameters; with video sparse attention every layer
+    takes the same grid, width (static, closed over) and sparsity (broadcast data)."""
     if sta is None:
-        @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None, None, None, None), out_axes=nnx.Carry)
-        def run_dense(x, block, context, image_context, temb_proj, cos, sin, kv_mask):
-            return block(x, context, image_context, temb_proj, cos, sin, None, kv_mask)
+        statics = None if vsa is None else (vsa.grid, vsa.width)
+        sparsity = None if vsa is None else vsa.sparsity
 
-        return run_dense(x, blocks, context, image_context, temb_proj, cos, sin, kv_mask)
+        @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None, None, None, None, None), out_axes=nnx.Carry)
+        def run_dense(x, block, context, image_context, temb_proj, cos, sin, kv_mask, sparsity):
+            layer = None if statics is None else VsaLayer(*statics, sparsity)
+            return block(x, context, image_context, temb_proj, cos, sin, None, kv_mask, layer)
+
+        return run_dense(x, blocks, context, image_context, temb_proj, cos, sin, kv_mask, sparsity)
     grid, tile, palette, ids = sta
 
     @nnx.scan(in_axes=(nnx.Carry, 0, 0, None, None, None, None, None, None), out_axes=nnx.Carry)
@@ -482,6 +514,17 @@ def _run_blocks(x, blocks, context, image_context, temb_proj, cos, sin, sta, kv_
         return block(x, context, image_context, temb_proj, cos, sin, sta_layer, kv_mask)
 
     return run(x, blocks, ids, context, image_context, temb_proj, cos, sin, kv_mask)
+
+
+def _check_vsa_config(config: WanVideoConfig, plan) -> None:
+    """Video sparse attention excludes sliding-tile windows and needs a sparsity in [0, 1) (before any weight)."""
+    if plan is not None:
+        raise UserError("WanTransformer3DModel: attention_backend='video_sparse_attn' and sliding-tile "
+                        "self-attention exclude each other; pick one")
+    try:
+        check_sparsity(config.vsa_sparsity)
+    except ValueError as e:
+        raise UserError(f"WanTransformer3DModel: {e}") from None
 
 
 class _PatchEmbedding(nnx.Module):

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from converters import LeafSpec, NameMapper, build_plan, export_params
+from converters import ConversionError, LeafSpec, NameMapper, build_plan, export_params
 from fastvideo_jax.configs.models.base import ModelConfig
 from fastvideo_jax.models.loader import orbax_io
 from fastvideo_jax.models.loader.placement import place_leaf
@@ -162,15 +162,21 @@ def check_finite(arrays: Mapping[tuple, jax.Array], component: str) -> None:
 def _from_safetensors(component_dir: Path, model_config: ModelConfig, abstract: nnx.State, shardings) -> dict:
     arch = model_config.arch_config
     checkpoint = SafetensorsCheckpoint.from_dir(component_dir)
-    plan = build_plan(
-        {k: info.shape for k, info in checkpoint.items()},
-        leaf_specs(abstract),
-        NameMapper(arch.param_names_mapping),
-        scanned_prefixes=arch.scanned_prefixes,
-        ignored_patterns=arch.ignored_param_patterns + tuple(p for p, _ in arch.ignored_param_warnings),
-        source_name=str(component_dir),
-        tied_names=arch.tied_param_names,
-    )
+    try:
+        plan = build_plan(
+            {k: info.shape for k, info in checkpoint.items()},
+            leaf_specs(abstract),
+            NameMapper(arch.param_names_mapping),
+            scanned_prefixes=arch.scanned_prefixes,
+            ignored_patterns=arch.ignored_param_patterns + tuple(p for p, _ in arch.ignored_param_warnings),
+            source_name=str(component_dir),
+            tied_names=arch.tied_param_names,
+        )
+    except ConversionError as e:
+        hints = [hint for pattern, hint in arch.unexpected_param_hints if re.search(pattern, str(e))]
+        if not hints:
+            raise
+        raise ConversionError("\n".join([str(e), *hints])) from None
     for leaf in plan.leaves.values():  # before reading any data
         for sources in leaf.rows.values():
             for source in sources:

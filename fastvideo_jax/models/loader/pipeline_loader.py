@@ -156,9 +156,11 @@ def load_components(
     *,
     mesh: Mesh | None = None,
     precisions: dict[str, str] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Load the named (default: all loadable) components of a pipeline directory. Configs, tokenizers and
-    schedulers are checked and loaded first, so their errors come before any weight is read."""
+    schedulers are checked and loaded first, so their errors come before any weight is read. ``overrides``: per
+    component, further config fields (e.g. a transformer's attention_backend)."""
     root = Path(root)
     index = read_model_index(root)
     names = names or [n for n, (lib, cls) in index.items() if lib is not None and component_kind(n) != "other"]
@@ -170,6 +172,7 @@ def load_components(
         kind = component_kind(name)
         if kind == "model":
             kwargs = {"precision": precisions[name]} if name in precisions else {}
+            kwargs.update((overrides or {}).get(name, {}))
             out[name] = MODEL_LOADERS[name]().load(directory, mesh=mesh, **kwargs)
         elif kind == "tokenizer":
             out[name] = TokenizerLoader().load(directory)

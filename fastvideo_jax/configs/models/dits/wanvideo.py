@@ -104,12 +104,12 @@ class WanVideoArchConfig(DiTArchConfig):
         ("to_q", "to_k", "to_v", "to_out", "add_k_proj", "add_v_proj", "ffn.fc_in", "ffn.fc_out"))
     # Checkpoint tensors that diffusers drops on load; we consume and drop them too, by name.
     ignored_param_patterns: tuple[str, ...] = internal((r".*\.norm_added_q\..*",))
-    # FastWan's VSA checkpoints carry a learned compress gate per block; diffusers drops it on load and so do
-    # we, loudly, until video sparse attention is implemented (the DiT then runs dense self-attention).
-    ignored_param_warnings: tuple[tuple[str, str], ...] = internal((
-        (r"^blocks\.\d+\.to_gate_compress\..*",
-         "video sparse attention's compress gate (to_gate_compress) is not used: VSA is not implemented, "
-         "self-attention runs dense"),
+    # A checkpoint/model mismatch about these tensors gets this hint in the loader's error.
+    unexpected_param_hints: tuple[tuple[str, str], ...] = internal((
+        (r"to_gate_compress",
+         "to_gate_compress is video sparse attention's per-block gate: FastWan (VSA-trained) checkpoints carry it "
+         "and load with attention_backend='video_sparse_attn' (the FastWan presets set it); other Wan checkpoints "
+         "have none and load with dense attention"),
     ))
 
     hidden_size: int = derived(0)
@@ -131,10 +131,16 @@ class WanVideoArchConfig(DiTArchConfig):
 @dataclasses.dataclass(frozen=True)
 class WanVideoConfig(SlidingTileDiTConfig):
     """Wan DiT knobs; sliding-tile self-attention fields: see ``SlidingTileDiTConfig`` (cross-attention stays
-    dense; per-step windows: ``WanPipeline(..., mask_strategy=...)``)."""
+    dense; per-step windows: ``WanPipeline(..., mask_strategy=...)``).
+
+    Video sparse attention (``attention_backend="video_sparse_attn"`` or ``"video_sparse"``, FastWan): every
+    block has FastVideo's ``to_gate_compress`` projection and runs ``video_sparse_attention`` in self-attention
+    (cross-attention stays dense) at ``vsa_sparsity``. That value also fixes the compiled top-k width: a call may
+    pass a higher ``vsa_sparsity`` (data: no recompile), never a lower one."""
 
     arch_config: WanVideoArchConfig = dataclasses.field(default_factory=WanVideoArchConfig)
     prefix: str = "Wan"
+    vsa_sparsity: float = 0.0
 
 
 # Presets as data: config.json contents. ``tiny`` builds in milliseconds (tests, CLI smoke runs, notebooks).
