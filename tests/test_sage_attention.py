@@ -1,4 +1,5 @@
-"""SageAttention (``SAGE_ATTN``): Sage's quantisation rule, the jnp reference, dispatch, masking, the Wan DiT.
+"""SageAttention (``SAGE_ATTN``): Sage's quantisation rule, the jnp reference, dispatch, masking (kernels:
+``test_sage_kernels.py``; the Wan and HunyuanVideo DiTs on it: ``test_sage_dits.py``).
 
 Accuracy metric (the SageAttention papers' per-layer metrics against full-precision attention): cosine similarity
 ``sum(o r) / (|o| |r|)`` and relative L1 ``sum|o - r| / sum|r|`` over the whole output. Bounds used here: cos sim
@@ -180,21 +181,3 @@ def test_gradients_are_refused_clearly():
     q, k, v = realistic_qkv(8, Lq=16, Lk=16)
     with pytest.raises(SageGradientError, match="sage_attn is forward only"):
         jax.grad(lambda q: attention(q, k, v, backend="sage_attn").sum())(q)
-
-
-def test_wan_dit_with_sage_is_close_to_dense(tmp_path):
-    """The tiny Wan DiT (fp32, self- and cross-attention on SAGE_ATTN) against the same weights on exact attention:
-    cosine similarity >= 0.9999 and relative L1 <= 0.005 of the predicted noise (the papers' metrics)."""
-    from fastvideo_jax.models.loader.component_loader import TransformerLoader
-    from fastvideo_jax.testing import write_random_dit
-    from tests.oracles import dit_call
-
-    d = write_random_dit(tmp_path / "transformer", seed=3)
-    rng = np.random.default_rng(0)
-    inputs = (jnp.asarray(rng.standard_normal((1, 16, 3, 6, 10)), jnp.float32), jnp.asarray([700.0]),
-              jnp.asarray(rng.standard_normal((1, 7, 32)), jnp.float32))
-    dense = dit_call(TransformerLoader().load(d, precision="fp32"), *inputs)
-    ours = dit_call(TransformerLoader().load(d, precision="fp32", attention_backend="SAGE_ATTN"), *inputs)
-    cos, l1 = accuracy(ours, dense)
-    # measured 0.9999997 / 6.8e-4: the residual stream dilutes the per-layer attention error
-    assert cos >= 0.9999 and 0 < l1 <= 0.005, (cos, l1)  # l1 > 0: it did run the 8-bit path
