@@ -513,3 +513,21 @@ def test_splash_config_scope_change_retraces_a_jitted_caller(monkeypatch):
             out = f(q, k, v)
     assert used == [128, 256]
     assert_close(out, reference_attention(q, k, v), jnp.float32, "splash")
+
+
+@pytest.mark.parametrize("bwd_block", [64, 32], ids=["one_sub_block", "two_sub_blocks"])
+def test_sta_triton_gradient_lowers_for_cuda(monkeypatch, bwd_block):
+    """The block-sparse kernels' backward (dQ, dK/dV walking sub-blocks of table rows) lowers through Pallas
+    Triton for real, not only in interpret mode (jnp's // and % on the loop index once failed to lower)."""
+    monkeypatch.setattr(pallas_gpu, "platform", lambda: "gpu")
+    monkeypatch.setattr(sliding_tile, "platform", lambda: "gpu")
+    x = jnp.zeros((1, 4 * 8 * 8, 2, 128), jnp.bfloat16)
+    config = TritonConfig(block_q=64, block_k=64, block_q_bwd=bwd_block, block_k_bwd=bwd_block)
+
+    def loss(q, k, v):
+        out = sliding_tile_attention(q, k, v, grid=(4, 8, 8), tile=(2, 4, 4), window=(1, 1, 1),
+                                     backend=AttentionBackend.PALLAS_GPU_TRITON, triton_config=config)
+        return out.astype(jnp.float32).sum()
+
+    text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3

@@ -190,3 +190,21 @@ def test_unavailable_kernel_falls_back_with_warning(caplog):
     with caplog.at_level("WARNING", logger="fastvideo_jax.attention"):
         assert tbs.resolve_topk_backend(other, q, 16, interpret=False) is TopkBackend.REFERENCE
     assert "falling back" in caplog.text
+
+
+@pytest.mark.parametrize("impl,target,kernel", [(TopkBackend.PALLAS_GPU, "cuda", "__gpu$xla.gpu.triton"),
+                                                (TopkBackend.PALLAS_TPU, "tpu", "tpu_custom_call")],
+                         ids=["triton", "mosaic_tpu"])
+def test_kernels_lower_for_their_hardware(monkeypatch, impl, target, kernel):
+    """Forward + backward lower through the real (non-interpret) Pallas pipeline: fwd, dQ and dK/dV kernels."""
+    monkeypatch.setattr(tbs, "platform", lambda: {"cuda": "gpu", "tpu": "tpu"}[target])
+    x = jnp.zeros((1, 512, 2, 128), jnp.bfloat16)
+    idx, counts = jnp.zeros((1, 2, 8, 3), jnp.int32), jnp.full((8,), 60, jnp.int32)
+
+    def loss(q, k, v, idx, counts):
+        out = topk_block_sparse_attention(q, k, v, idx, block_size=64, kv_valid_blocks=counts, backend=impl)
+        return out.astype(jnp.float32).sum()
+
+    text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(x, x, x, idx, counts).lower(
+        lowering_platforms=(target,)).as_text()
+    assert text.count(kernel) == 3

@@ -92,6 +92,15 @@ def _fwd_kernel(table_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, st
     lse_ref[...] = m + jnp.log2(l_safe)
 
 
+def _sub_block(table_ref, j, sub: int):
+    """Backward sub-block ``j`` of a table row listing forward blocks. ``lax.div`` / ``lax.rem`` (j >= 0), not
+    ``//`` / ``%``: jnp's floor-division wrappers do not lower through Pallas Triton (jax 0.10: rem of i32 and i1)."""
+    if sub == 1:
+        return table_ref[j + 1]
+    s = jnp.int32(sub)
+    return table_ref[lax.div(j, s) + 1] * s + lax.rem(j, s)
+
+
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _KernelStatic):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
@@ -107,7 +116,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delta
     sub = st.block_k // bk  # table ids are in forward kv blocks; the backward walks sub-blocks of them
 
     def body(j, dq):
-        kb = table_ref[j // sub + 1] * sub + j % sub
+        kb = _sub_block(table_ref, j, sub)
         sl = pl.ds(kb * bk, bk)
         k = plgpu.load(k_ref.at[sl, :])
         v = plgpu.load(v_ref.at[sl, :])
@@ -139,7 +148,7 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, delt
 
     def body(j, carry):
         dk, dv = carry
-        qb = table_ref[j // sub + 1] * sub + j % sub
+        qb = _sub_block(table_ref, j, sub)
         sl = pl.ds(qb * bq, bq)
         q = plgpu.load(q_ref.at[sl, :])
         do = plgpu.load(do_ref.at[sl, :])
