@@ -4,8 +4,11 @@ On CPU both run in Pallas interpret mode (on a GPU the Triton kernel runs for re
 * The integer part bit for bit: each kernel's int8 x int8 -> int32 product (``int_scores``, called inside a
   test-only pallas_call with the kernel's block layout) equals numpy's int64 product, at the largest magnitudes
   (|S| = E * 127^2); the quantised tensors are the reference's own (``sage_quantize``, one definition).
-* Outputs: kernel vs ``sage_reference`` run with the kernel's tiling, within 4 eps (of the output dtype) of
-  max|ref|: the same int32 logits and dequantisation, only fp rounding of exp2 / sums may differ.
+* Outputs: kernel vs ``sage_reference`` run with the kernel's tiling. Interpret mode runs the same XLA arithmetic:
+  within 4 eps (of the output dtype) of max|ref| (observed <= 1 eps). On the device exp2 is the hardware's
+  approximation, and a last-bit difference in P can flip its fp16 rounding (2^-11 relative, up to 2^-4 for fp8
+  e4m3): there the bound is 2^-10 of max|ref| (fp16 PV) and, for fp8, cos >= 0.9999 / relative L1 <= 0.01
+  between kernel and reference (each is ~0.036 from exact attention).
 * Lowering (no accelerator needed): the Triton module has an ``i8 x i8 -> i32`` ``tt.dot``; the Mosaic module an
   ``i8`` ``tpu.matmul``. Captured through JAX-internal lowering functions; skipped if a JAX version moved them.
 """
@@ -27,6 +30,10 @@ KERNELS = {  # impl: (kernel fn, tiles used here, PV dtype, real hardware)
     "triton": (sage_gpu.sage_triton, (128, 64), jnp.float16, "gpu"),
     "mosaic_tpu": (sage_tpu.sage_mosaic_tpu, (128, 128), jnp.bfloat16, "tpu"),
 }
+
+
+def _on_device(impl: str) -> bool:
+    return PLATFORM == KERNELS[impl][3]
 
 
 def _config(impl: str) -> SageConfig:
@@ -72,7 +79,8 @@ def test_kernel_equals_reference(impl, dtype, E, masked):
     want = sage_reference(q, k, v, mask, 0.15, pv_dtype=pv, block_q=bq, block_k=bk)
     assert ours.dtype == dtype and ours.shape == q.shape
     err = float(jnp.abs(ours.astype(jnp.float32) - want.astype(jnp.float32)).max() / jnp.abs(want).max())
-    assert err <= 4 * float(jnp.finfo(dtype).eps), err
+    tol = 4 * float(jnp.finfo(dtype).eps)
+    assert err <= (max(tol, 2 ** -10) if _on_device(impl) else tol), err
 
 
 def test_triton_fp8_pv_equals_reference():
@@ -82,8 +90,12 @@ def test_triton_fp8_pv_equals_reference():
     config = SageConfig(impl="triton", interpret=PLATFORM != "gpu", pv_dtype="float8_e4m3fn", block_q=128, block_k=64)
     ours = sage_gpu.sage_triton(q, k, v, mask, config=config, pv_dtype=f8)
     want = sage_reference(q, k, v, mask, pv_dtype=f8, block_q=128, block_k=64)
-    err = float(jnp.abs(ours - want).max() / jnp.abs(want).max())
-    assert err <= 4 * float(jnp.finfo(jnp.float32).eps), err
+    if _on_device("triton"):
+        cos, l1 = accuracy(ours, want)
+        assert cos >= 0.9999 and l1 <= 0.01, (cos, l1)
+    else:
+        err = float(jnp.abs(ours - want).max() / jnp.abs(want).max())
+        assert err <= 4 * float(jnp.finfo(jnp.float32).eps), err
 
 
 @pytest.mark.parametrize("impl", list(KERNELS))
