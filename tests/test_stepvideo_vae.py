@@ -128,6 +128,35 @@ def test_encode_matches_original(torch_vae, vae, frames):
     np.testing.assert_array_equal(np.asarray(vae.encode(x)), np.asarray(mean))
 
 
+def test_tiled_decode_matches_diffsynth(torch_vae, ckpt_dir):
+    """DiffSynth's tiled decode: 5x5 latents in tiles of 3 every 2 (a 2x2 grid of 3x3 tiles, blended by linear
+    masks over 16 px both ways), one chunk. (On several chunks diffsynth's ``decode(tiled=True)`` applies its
+    boundary ``mix`` to the channel axis, a no-op; ours blends the boundaries as the untiled decode does.) Tiling
+    must change the video, or this proves nothing about it."""
+    tiles = dict(tile_sample_min_height=48, tile_sample_min_width=48, tile_sample_stride_height=32,
+                 tile_sample_stride_width=32)
+    vae = VAELoader().load(ckpt_dir, precision="fp32", load_encoder=False, use_tiling=True, **tiles)
+    z = np.random.default_rng(5).standard_normal((1, Z, 3, 5, 5)).astype(np.float32)
+    _oracle()
+    with torch.no_grad():
+        hs = torch.from_numpy(z).permute(0, 2, 1, 3, 4)
+        ref = torch_vae.tiled_decode(hs, "cpu", tile_size=(3, 3), tile_stride=(2, 2)).numpy()  # (B, C, F, H, W)
+        plain = torch_vae.decode(hs, device="cpu").permute(0, 2, 1, 3, 4).numpy()
+    rel, msg = _err(vae.decode(z), ref)  # tiled by the config's use_tiling
+    assert rel < TOL, f"tiled decode: {msg}"
+    assert _err(ref, plain)[0] > 100 * TOL, "diffsynth's tiling did not change the video"
+
+
+def test_second_decode_does_not_compile(vae, count_compiles):
+    """Eager use: every chunk is one cached compiled call, so decoding the same shape again compiles nothing."""
+    z = np.random.default_rng(4).standard_normal((2, Z, 3, *LATENT_HW)).astype(np.float32)
+    first = np.asarray(vae.decode(z))
+    with count_compiles() as n:
+        again = np.asarray(vae.decode(z))
+    assert n[0] == 0, f"{n[0]} compilations on the second same-shape decode"
+    np.testing.assert_array_equal(again, first)
+
+
 def test_mix_is_the_originals():
     """The chunk-boundary blend, alone, against the original's ``mix`` (both frames from the unblended values)
     on 3 boundaries and a ragged tail; it must change the boundary frames."""
@@ -166,8 +195,10 @@ def test_bad_input_is_refused_before_work(vae):
         vae.encode(np.zeros((1, 4, 1, 32, 32), np.float32))
     with pytest.raises(UserError, match="expected latents \\(B, 4, T, h, w\\)"):
         vae.decode(np.zeros((1, 8, 1, 2, 2), np.float32))
-    with pytest.raises(UserError, match="spatial tiling is not implemented"):
-        vae.decode(np.zeros((1, Z, 1, 2, 2), np.float32), tiled=True)
+    with pytest.raises(UserError, match="spatial tiling is not implemented for encoding"):
+        vae.encode(np.zeros((1, 3, 1, 32, 32), np.float32), tiled=True)
+    with pytest.raises(ValueError, match="tile_sample_min_height=48 and tile_sample_stride_height=48"):
+        vae.config.update_model_config(tile_sample_min_height=48, tile_sample_stride_height=48)
     with pytest.raises(ValueError, match="only StepVideo's vae_v2"):
         StepVideoVAEArchConfig().update_model_arch({"version": 1})
     with pytest.raises(ValueError, match="not multiples of the 32 norm groups"):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["blend", "tile_and_blend", "temporal_tile_and_blend"]
+__all__ = ["blend", "masked_tile_average", "temporal_tile_and_blend", "tile_and_blend", "tile_starts"]
 
 
 def blend(a: jax.Array, b: jax.Array, extent: int, axis: int) -> jax.Array:
@@ -81,3 +81,50 @@ def temporal_tile_and_blend(
         row.append(out)
     kept = [t[:, :, : keep + (1 if n == 0 else 0)] for n, t in enumerate(row)]
     return jnp.concatenate(kept, axis=2)[:, :, :size]
+
+
+def _ramp_mask(length: int, first: bool, last: bool, border: int) -> np.ndarray:
+    """diffsynth's ``build_1d_mask``: ones, ramping up over the first ``border`` entries unless the tile is
+    ``first`` and down over the last ``border`` unless it is ``last`` (the down ramp written last). A tile that
+    is neither first nor last is at least ``border`` long (``tile_starts`` skips any shorter one)."""
+    mask = np.ones((length,), np.float32)
+    ramp = (np.arange(border, dtype=np.float32) + 1) / border
+    if not first:
+        mask[:border] = ramp
+    if not last:
+        mask[length - border:] = ramp[::-1]
+    return mask
+
+
+def tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Tile origins every ``stride`` along ``size``, skipping those after a tile that already reached the end."""
+    return [i for i in range(0, size, stride) if not (i - stride >= 0 and i - stride + tile >= size)]
+
+
+def masked_tile_average(
+    fn: Callable[[jax.Array], jax.Array],
+    x: jax.Array,  # (B, C, F, h, w)
+    tile: tuple[int, int],
+    stride: tuple[int, int],
+    scale: int,
+) -> jax.Array:  # (B, C', F', h scale, w scale)
+    """DiffSynth's tiled decode (its StepVideo VAE): ``fn`` on overlapping ``tile`` latent tiles every ``stride``,
+    each weighted by a mask that ramps linearly over the overlap (``(tile - stride) scale`` pixels) on every side
+    that is not the frame's edge, summed, and divided by the summed masks."""
+    H, W = x.shape[3:]
+    border = ((tile[0] - stride[0]) * scale, (tile[1] - stride[1]) * scale)
+    values = weight = None
+    for i in tile_starts(H, tile[0], stride[0]):
+        for j in tile_starts(W, tile[1], stride[1]):
+            out = fn(x[..., i : i + tile[0], j : j + tile[1]])
+            if values is None:
+                values = jnp.zeros((*out.shape[:3], H * scale, W * scale), out.dtype)
+                weight = jnp.zeros((H * scale, W * scale), out.dtype)
+            rows, cols = out.shape[3:]
+            mask = np.minimum(_ramp_mask(rows, i == 0, i + tile[0] >= H, border[0])[:, None],
+                              _ramp_mask(cols, j == 0, j + tile[1] >= W, border[1])[None, :])
+            mask = jnp.asarray(mask, out.dtype)
+            at = (slice(i * scale, i * scale + rows), slice(j * scale, j * scale + cols))
+            values = values.at[..., at[0], at[1]].add(out * mask)
+            weight = weight.at[at].add(mask)
+    return values / weight

@@ -90,15 +90,27 @@ class StepVideoVAEArchConfig(VAEArchConfig):
 class StepVideoVAEConfig(VAEConfig):
     """Our knobs. ``smooth_scale`` is the original's blend of the two frames at each 17-frame chunk boundary
     (each keeps 0.6 of itself and takes 0.4 of its neighbour). ``attention_block`` bounds the mid-block's causal
-    attention to (block, L) scores per step."""
+    attention to (block, L) scores per step. ``use_tiling`` (off by default, as in FastVideo and diffsynth)
+    decodes each chunk in DiffSynth's spatial tiles: ``tile_sample_min_*`` pixels every ``tile_sample_stride_*``
+    (its defaults, 34 and 16 latents), blended by linear masks; encoding is never tiled."""
 
     arch_config: StepVideoVAEArchConfig = dataclasses.field(default_factory=StepVideoVAEArchConfig)
     prefix: str = "StepVideo"
     smooth_scale: float = 0.6
     attention_block: int = 1024
+    tile_sample_min_height: int = 544
+    tile_sample_min_width: int = 544
+    tile_sample_stride_height: int = 256
+    tile_sample_stride_width: int = 256
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        r = self.arch_config.spatial_compression_ratio
+        for name in ("height", "width"):
+            size, stride = getattr(self, f"tile_sample_min_{name}"), getattr(self, f"tile_sample_stride_{name}")
+            if not 0 < stride < size or size % r or stride % r:
+                raise ValueError(f"StepVideoVAEConfig: tile_sample_min_{name}={size} and tile_sample_stride_{name}="
+                                 f"{stride} must be positive multiples of {r} with the stride below the tile")
         if not 0.0 <= self.smooth_scale <= 1.0:
             raise ValueError(f"StepVideoVAEConfig: smooth_scale={self.smooth_scale} must be in [0, 1]")
         if self.attention_block < 1:
