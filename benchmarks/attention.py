@@ -10,6 +10,11 @@ Top-k block-sparse rows (VSA's fine stage, ``topk_block_sparse_attention``, 64-t
 kernel TFLOP/s (the selected blocks' FLOPs) and the speed-up over the best dense backend; on CPU the interpret-mode
 kernels are also checked against the jnp reference (max abs difference printed).
 
+Video sparse attention rows (``video_sparse_attention``, the whole op: 4x4x4 cube layout, coarse attention, top-k
+selection, fine stage per implementation, gated sum) at sparsity 0.5-0.9 (``--backends video_sparse_attn``):
+dense-equivalent and kernel TFLOP/s (fine blocks + coarse), speed-up over the best dense backend; on CPU each
+interpret-mode fine kernel is checked against the jnp reference.
+
 Dense TFLOP/s = 4 * B * N * Lq * Lk * E / time (forward; x2.5 with --backward). STA rows report the time, the
 dense-equivalent TFLOP/s (the dense FLOPs at the unpadded length divided by the STA time, i.e. "how fast it
 looks") and the kernel TFLOP/s (FLOPs of the blocks it actually visits, padding included), plus the speed-up over
@@ -246,6 +251,58 @@ def run_topk(preset: Preset, backward: bool, only: set[str] | None) -> list[dict
     return rows
 
 
+VSA_SPARSITIES = (0.5, 0.7, 0.8, 0.9)
+
+
+def run_vsa(preset: Preset, backward: bool, only: set[str] | None) -> list[dict]:
+    """Video sparse attention rows (``video_sparse_attention``: cube layout, coarse stage, top-k selection, fine
+    stage, gated sum) per fine-stage implementation and sparsity; on CPU each interpret-mode kernel is checked
+    against the jnp reference on the same inputs (max abs difference printed)."""
+    if only and AttentionBackend.VIDEO_SPARSE_ATTN.value not in only:
+        return []
+    from fastvideo_jax.attention import topk_block_sparse as tbs
+    from fastvideo_jax.attention.video_sparse import video_sparse_attention
+    from fastvideo_jax.attention.video_sparse_layout import CUBE_TOKENS, cube_layout, topk_count
+
+    dtype = jnp.dtype(preset.dtype)
+    B, L, N, E = preset.batch, preset.seq, preset.heads, preset.head_dim
+    layout = cube_layout(preset.grid)
+    C, Lp = layout.num_cubes, layout.padded_len
+    q, k, v, g = (jax.random.normal(s, (B, L, N, E), jnp.float32).astype(dtype)
+                  for s in jax.random.split(jax.random.key(2), 4))
+    mult = 2.5 if backward else 1.0
+    dense_flops = 4.0 * B * N * L * L * E * mult
+    rows = []
+    for sparsity in (0.5,) if preset.cpu else VSA_SPARSITIES:
+        topk = topk_count(sparsity, C)
+        ref = None
+        for backend in tbs.TopkBackend:
+            row = {"case": f"vsa s={sparsity}", "backend": f"vsa[{backend.value}]"}
+            reason = tbs._check(backend, q, CUBE_TOKENS, preset.cpu, topk)
+            if reason is None and backend is tbs.TopkBackend.REFERENCE and not preset.cpu:
+                reason = "the jnp reference is a correctness twin, not timed on accelerators"
+            if reason is not None:
+                rows.append({**row, "skip": reason})
+                continue
+
+            def call(q, k, v, g, b=backend, s=sparsity):
+                return video_sparse_attention(q, k, v, g, grid=preset.grid, sparsity=s, backend=b,
+                                              interpret=preset.cpu or None)
+
+            fn = (jax.jit(call) if not backward else jax.jit(
+                jax.grad(lambda q, k, v, g: jnp.sum(call(q, k, v, g).astype(jnp.float32)), (0, 1, 2, 3))))
+            t = _time(fn, (q, k, v, g), preset.iters, preset.warmup)
+            if preset.cpu:
+                out = jax.jit(call)(q, k, v, g)
+                ref = out if backend is tbs.TopkBackend.REFERENCE else ref
+                err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+                print(f"   vsa check s={sparsity} {backend.value}: max |out - reference| = {err:.2e}")
+            kernel_flops = 4.0 * B * N * (Lp * topk * CUBE_TOKENS + C * C) * E * mult  # fine + coarse
+            rows.append({**row, "ms": t * 1e3, "tflops": dense_flops / t / 1e12,
+                         "kernel_tflops": kernel_flops / t / 1e12, "density": topk / C, "padded": Lp})
+    return rows
+
+
 def report(preset: Preset, rows: list[dict], backward: bool) -> None:
     dense = [r for r in rows if r["case"] == "dense" and "ms" in r]
     best = min(dense, key=lambda r: r["ms"]) if dense else None
@@ -358,6 +415,7 @@ def main(argv=None) -> None:
             preset = Preset(**{**preset.__dict__, "iters": args.iters})
         rows = run(preset, args.backward, only)
         rows += run_topk(preset, args.backward, only)
+        rows += run_vsa(preset, args.backward, only)
         rows += run_sage(preset, args.backward, only)
         report(preset, rows, args.backward)
         report_sage(preset, rows)

@@ -1,7 +1,8 @@
 """Video sparse attention (VSA): the cube layout from token coordinates, top-k from sparsity as FastVideo computes
 it, the selection vs a NumPy top-k of the coarse scores, the jnp reference vs a dense softmax under the token mask
-of the same selection (fp32 <= 1e-5), its gradients vs jax.grad of that dense formulation, ragged grids, and a
-run-time (traced) sparsity that does not recompile."""
+of the same selection (fp32 <= 1e-5), its gradients vs jax.grad of that dense formulation, ragged grids, a
+run-time (traced) sparsity that does not recompile, the fine stage on the Pallas kernels (interpret mode), and
+FastVideo's own PyTorch VSA on the same inputs (tests/vsa_oracle.py)."""
 
 from __future__ import annotations
 
@@ -140,3 +141,43 @@ def test_bad_inputs_are_named():
         video_sparse_attention(q, k, v, g[:, :8], grid=EVEN, sparsity=0.5)
     with pytest.raises(ValueError, match="sparsity"):
         video_sparse_attention(q, k, v, g, grid=EVEN, sparsity=-0.1)
+
+
+@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
+def test_kernels_in_interpret_mode_equal_dense_under_the_selection_mask(backend):
+    """The fine stage on the top-k block-sparse Pallas kernels (interpret mode), forward and gradients, against the
+    same dense oracle (ragged grid: padded keys masked through the cube sizes)."""
+    grid = RAGGED
+    q, k, v, g = _inputs(grid, seed=5, B=1)
+    sel, count = vsa_selection(q, k, grid=grid, sparsity=0.6)
+    w = jax.random.normal(jax.random.key(8), q.shape)
+
+    def loss(fn):
+        return lambda q, k, v, g: jnp.sum(fn(q, k, v, g) * w)
+
+    def kernel(q, k, v, g):
+        return video_sparse_attention(q, k, v, g, grid=grid, sparsity=0.6, backend=backend, interpret=True)
+
+    def dense(q, k, v, g):
+        return vsa_dense_oracle(q, k, v, g, grid, sel, count)
+
+    assert float(jnp.abs(kernel(q, k, v, g) - dense(q, k, v, g)).max()) <= 1e-5
+    got = jax.grad(loss(kernel), argnums=(0, 1, 2, 3))(q, k, v, g)
+    want = jax.grad(loss(dense), argnums=(0, 1, 2, 3))(q, k, v, g)
+    for name, a, b in zip("qkvg", got, want):
+        assert float(jnp.abs(a - b).max()) <= 1e-5 * max(1.0, float(jnp.abs(b).max())), name
+
+
+@pytest.mark.parametrize("grid,sparsity", [(EVEN, 0.5), (RAGGED, 0.6), ((6, 4, 9), 0.8)])
+def test_equals_fastvideo_vsa(grid, sparsity):
+    """FastVideo's own VSA (vsa 0.0.4's PyTorch video_sparse_attn on FastVideo 0.1.7's tiling; its GPU-only fine
+    kernel replaced by dense PyTorch under the same block mask) on the same fp32 inputs, the same top-k."""
+    import torch
+
+    from tests.vsa_oracle import fastvideo_video_sparse_attention
+
+    q, k, v, g = _inputs(grid, seed=6)
+    topk = topk_count(sparsity, cube_layout(grid).num_cubes)
+    want = fastvideo_video_sparse_attention(*(torch.from_numpy(np.array(x)) for x in (q, k, v, g)), grid, topk)
+    got = video_sparse_attention(q, k, v, g, grid=grid, sparsity=sparsity)
+    assert float(np.abs(np.asarray(got) - want.numpy()).max()) <= 1e-5
