@@ -150,3 +150,18 @@ def test_fastwan_pipeline_loads_its_dit_with_video_sparse_attention(tmp_path):
     out = gen.generate_video("a kite", progress=False, height=32, width=48, num_frames=5, num_inference_steps=3,
                              guidance_scale=1.0, seed=1)
     assert out["frames"].shape == (5, 32, 48, 3)
+
+
+def test_sequence_parallel_equals_one_device():
+    """Ulysses: the gate goes through the all-to-all with v, and the sequence padding (75 tokens over sp = 2 and 4)
+    is cut off before the op; every mesh gives the one-device output."""
+    from fastvideo_jax.parallel.mesh import MeshConfig, make_mesh
+    from tests.test_parallel_dit import _inputs as mesh_inputs
+    from tests.test_parallel_dit import _model, _rel, _run_on
+
+    model = _model(attention_backend="video_sparse_attn", vsa_sparsity=0.5)
+    assert model.blocks.to_gate_compress is not None
+    inputs = mesh_inputs(2, 5, 10, 6)  # grid (5, 5, 3): 75 tokens in 4 ragged cubes
+    ref = _run_on(model, None, inputs)
+    for config in (MeshConfig(data=2, sequence=2), MeshConfig(tensor=2, sequence=4)):
+        assert _rel(_run_on(model, make_mesh(config), inputs), ref) <= 1e-5, config
