@@ -165,3 +165,18 @@ def test_sequence_parallel_equals_one_device():
     ref = _run_on(model, None, inputs)
     for config in (MeshConfig(data=2, sequence=2), MeshConfig(tensor=2, sequence=4)):
         assert _rel(_run_on(model, make_mesh(config), inputs), ref) <= 1e-5, config
+
+
+def test_teacache_path_runs_video_sparse_attention(ckpts, inputs):
+    """The TeaCache forward (its own jit) takes the same VSA path: a computed step equals the plain call, and
+    it takes a run-time sparsity too."""
+    model = _vsa(ckpts[1], 0.5)
+    x, t, ctx = inputs
+    runtime = model.teacache_params().runtime(0.0, 3)  # threshold 0: every step computes
+    cache = model.init_teacache_state(x.shape, jnp.float32, cfg=False, use_ret_steps=runtime.use_ret_steps)
+    for sparsity in (None, 0.75):
+        extra = {} if sparsity is None else {"vsa_sparsity": sparsity}
+        out, _ = model.cached_call(cache, runtime, cfg=False, hidden_states=x, encoder_hidden_states=ctx,
+                                   timestep=t, **extra)
+        plain = dit_call(model, x, t, ctx, **extra)
+        assert float(jnp.abs(out - plain).max()) <= 1e-5 * max(1.0, float(jnp.abs(plain).max()))
