@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fastvideo_jax.attention import TritonConfig, triton_config_scope
 from fastvideo_jax.attention import topk_block_sparse as tbs
 from fastvideo_jax.attention import topk_block_sparse_tpu as tpu
 from fastvideo_jax.attention.topk_block_sparse import (
@@ -98,14 +99,20 @@ def test_tpu_kernel_splits_to_the_smem_budget(monkeypatch, budget, expected):
     _check_against_dense(TopkBackend.PALLAS_TPU, ragged=True)
 
 
-def _check_against_dense(impl, ragged):
-    B, N, D, bs, nb, topk = 2, 2, 32, 16, 5, 3
+def test_gpu_kernel_backward_in_sub_blocks():
+    """Backward blocks smaller than the top-k block: dQ and dK/dV walk two sub-blocks per listed block."""
+    with triton_config_scope(TritonConfig(block_q_bwd=16, block_k_bwd=16, interpret=PLATFORM != "gpu")):
+        _check_against_dense(TopkBackend.PALLAS_GPU, ragged=True, bs=32)
+
+
+def _check_against_dense(impl, ragged, bs=16):
+    B, N, D, nb, topk = 2, 2, 32, 5, 3
     L = nb * bs
     q, k, v, ct = _inputs(B, L, N, D, seed=int(ragged))
     idx = _random_indices(B, N, nb, topk, seed=1)
     counts = None
     if ragged:  # partial blocks anywhere (cube-major ragged grid), one empty block, one partial last block
-        counts = np.array([[16, 9, 16, 0, 5], [3, 16, 1, 16, 12]], np.int32)
+        counts = np.array([[16, 9, 16, 0, 5], [3, 16, 1, 16, 12]], np.int32) * (bs // 16)
         idx[0, 1, 2, :] = 3  # a query block whose only block has no valid key: output 0, no gradient
     mask = dense_token_mask(idx, L, bs, counts)
     assert resolve(impl, q, bs) is impl
