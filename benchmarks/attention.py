@@ -242,7 +242,9 @@ def run_topk(preset: Preset, backward: bool, only: set[str] | None) -> list[dict
             t = _time(fn, (q, k, v, idx), preset.iters, preset.warmup)
             if preset.cpu:  # interpret check: every kernel against the jnp reference on the same indices
                 out = jax.jit(call)(q, k, v, idx)
-                ref = out if backend is tbs.TopkBackend.REFERENCE else ref
+                if ref is None:
+                    ref = jax.jit(lambda q, k, v, i: tbs.topk_block_sparse_reference(q, k, v, i, block_size=bs))(
+                        q, k, v, idx)
                 err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
                 print(f"   topk check s={sparsity} {backend.value}: max |out - reference| = {err:.2e}")
             kernel_flops = 4.0 * B * N * L * topk * bs * E * mult
