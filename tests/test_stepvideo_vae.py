@@ -11,6 +11,7 @@ blocked, padded path is the one compared.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import jax
@@ -145,6 +146,20 @@ def test_tiled_decode_matches_diffsynth(torch_vae, ckpt_dir):
     rel, msg = _err(vae.decode(z), ref)  # tiled by the config's use_tiling
     assert rel < TOL, f"tiled decode: {msg}"
     assert _err(ref, plain)[0] > 100 * TOL, "diffsynth's tiling did not change the video"
+
+
+def test_bf16_decode_as_accurate_as_the_originals_bf16(torch_vae, ckpt_dir):
+    """bf16 has 8 mantissa bits; the justified bound is the original's own bf16 error against fp32 (ours keeps
+    the GroupNorm statistics and the attention softmax in fp32)."""
+    z = np.random.default_rng(3).standard_normal((2, Z, 3, *LATENT_HW)).astype(np.float32)
+    ref = _ref_decode(torch_vae, z)
+    with torch.no_grad():
+        ref16 = copy.deepcopy(torch_vae).to(torch.bfloat16).decode(
+            torch.from_numpy(z).permute(0, 2, 1, 3, 4), device="cpu").float().permute(0, 2, 1, 3, 4).numpy()
+    ours = VAELoader().load(ckpt_dir, precision="bf16", load_encoder=False)
+    got = np.asarray(ours.decode(z).astype(np.float32))
+    ours_err, torch_err = np.abs(got - ref).mean(), np.abs(ref16 - ref).mean()
+    assert ours_err <= 1.5 * torch_err, f"bf16 mean-abs error {ours_err:.3e}, the original's bf16 {torch_err:.3e}"
 
 
 def test_second_decode_does_not_compile(vae, count_compiles):
