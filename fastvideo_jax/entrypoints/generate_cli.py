@@ -56,6 +56,11 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--vae-tiling", action="store_true",
                    help="decode in overlapping spatial tiles (less device memory for large frames; tile seams "
                    "are blended, so the result differs slightly from an untiled decode)")
+    p.add_argument("--lora", default=None,
+                   help="a LoRA for the DiT: a Diffusers/PEFT .safetensors (e.g. saved by WanPipeline.save_lora_weights "
+                   "or our trainer) or an original-format Wan LoRA, or a folder holding "
+                   "pytorch_lora_weights.safetensors; merged into the weights; checked before weights load")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (default 1.0)")
     p.add_argument("--mesh", default=None,
                    help="split the work over devices, e.g. data=2,sequence=4 (axes data, fsdp, tensor, sequence; "
                         "CFG runs on data, video tokens on sequence). Default with several devices: CFG on data, "
@@ -68,12 +73,15 @@ def run_generate(args: argparse.Namespace) -> int:
     from fastvideo_jax.configs.sample import SamplingParam
     from fastvideo_jax.entrypoints.model_spec import ModelSpec
     from fastvideo_jax.entrypoints.video_generator import VideoGenerator
+    from fastvideo_jax.errors import UserError
     from fastvideo_jax.models.encoders.image_processor import load_rgb
     from fastvideo_jax.parallel.distributed import initialize_from_env
     from fastvideo_jax.utils.video import check_output_path
 
     initialize_from_env()  # multi-host when FASTVIDEO_JAX_COORDINATOR/... or FASTVIDEO_JAX_DISTRIBUTED=auto is set
     check_output_path(args.output)  # a bad path must not throw away a generation
+    if args.lora is None and args.lora_scale != 1.0:
+        raise UserError("--lora-scale needs --lora PATH")
     sampling = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                     num_frames=args.num_frames, num_inference_steps=args.num_inference_steps,
                     guidance_scale=args.guidance_scale, seed=args.seed, fps=args.fps,
@@ -86,7 +94,7 @@ def run_generate(args: argparse.Namespace) -> int:
     spec = ModelSpec.open(args.model, **overrides)  # configs, tokenizer folder, scheduler class; no weights yet
     spec.sampling_param(prompt=args.prompt, **sampling)  # fits the model (RoPE table), before loading weights
     image = spec.pipeline_cls.check_image(image, spec.config)  # the model takes (or needs) an image
-    generator = VideoGenerator.from_spec(spec, mesh=args.mesh)
+    generator = VideoGenerator.from_spec(spec, mesh=args.mesh, lora=args.lora, lora_scale=args.lora_scale)
     out = generator.generate_video(args.prompt, image=image, output_path=args.output, progress=not args.no_progress,
                                    **sampling)
     frames = out["frames"]

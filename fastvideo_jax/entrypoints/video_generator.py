@@ -17,11 +17,13 @@ from jax.sharding import Mesh
 from fastvideo_jax.configs.pipelines.base import PipelineConfig
 from fastvideo_jax.configs.sample import SamplingParam
 from fastvideo_jax.entrypoints.model_spec import ModelSpec, check_request
+from fastvideo_jax.models.loader.lora_io import check_lora_for_component
 from fastvideo_jax.models.loader.pipeline_loader import load_components
 from fastvideo_jax.parallel.distributed import initialize_from_env, is_primary
 from fastvideo_jax.parallel.mesh import MeshConfig
 from fastvideo_jax.parallel.spec import resolve_mesh
 from fastvideo_jax.pipelines.base import ComposedPipeline
+from fastvideo_jax.pipelines.lora import check_lora_scale
 from fastvideo_jax.utils.compile_cache import enable_persistent_cache
 from fastvideo_jax.utils.paths import cache_dir
 from fastvideo_jax.utils.video import check_output_path, numbered_paths, write_videos
@@ -35,7 +37,8 @@ class VideoGenerator:
 
     @classmethod
     def from_pretrained(cls, model: str | Path, *, mesh: Mesh | MeshConfig | str | None = None,
-                        pipeline_config: PipelineConfig | None = None, **overrides: Any) -> "VideoGenerator":
+                        pipeline_config: PipelineConfig | None = None, lora: str | Path | None = None,
+                        lora_scale: float = 1.0, lora_merge: bool = True, **overrides: Any) -> "VideoGenerator":
         """Load a pipeline from a local directory, a Hugging Face repo id (via the hub cache) or ``"tiny-wan"``
         (random weights, for smoke tests). ``mesh``: a Mesh, a MeshConfig or a spec such as "data=2,sequence=4",
         checked against the devices and the DiT's heads before any weight is read; None on several devices picks
@@ -44,22 +47,47 @@ class VideoGenerator:
         model's id or, for a directory, from its DiT config. Configs, tokenizer and scheduler are checked
         before any weight is read. Turns on JAX's persistent compilation cache
         (``FASTVIDEO_JAX_COMPILATION_CACHE``: a directory, or 0 for off). Joins a multi-host run first when
-        ``FASTVIDEO_JAX_COORDINATOR``/... or ``FASTVIDEO_JAX_DISTRIBUTED=auto`` ask for it (parallel.distributed)."""
+        ``FASTVIDEO_JAX_COORDINATOR``/... or ``FASTVIDEO_JAX_DISTRIBUTED=auto`` ask for it (parallel.distributed).
+        ``lora``: a Diffusers/PEFT (or original Wan) LoRA file or folder for the DiT, at ``lora_scale``, merged
+        into the weights unless ``lora_merge=False`` (kept separate: ``set_lora`` then switches adapters of the
+        same ranks on the compiled steps); checked against the DiT before any weight is read."""
         initialize_from_env()
-        return cls.from_spec(ModelSpec.open(model, pipeline_config=pipeline_config, **overrides), mesh=mesh)
+        return cls.from_spec(ModelSpec.open(model, pipeline_config=pipeline_config, **overrides), mesh=mesh,
+                             lora=lora, lora_scale=lora_scale, lora_merge=lora_merge)
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec, *, mesh: Mesh | MeshConfig | str | None = None) -> "VideoGenerator":
+    def from_spec(cls, spec: ModelSpec, *, mesh: Mesh | MeshConfig | str | None = None,
+                  lora: str | Path | None = None, lora_scale: float = 1.0,
+                  lora_merge: bool = True) -> "VideoGenerator":
         """Load the weights of a model already opened (and requests already checked) with ``ModelSpec.open``."""
         initialize_from_env()  # a no-op when already done (or not asked for)
         mesh = resolve_mesh(mesh, num_heads=spec.dit_arch.num_attention_heads)  # before any weight is read
-        enable_persistent_cache(cache_dir() / "xla")
         config = spec.config
+        if lora is not None:  # the file fits the DiT: before any weight is read
+            check_lora_scale(lora_scale)
+            check_lora_for_component(lora, spec.path / "transformer", **config.dit_overrides())
+        enable_persistent_cache(cache_dir() / "xla")
         parts = load_components(spec.path, list(spec.components), mesh=mesh,
                                 precisions=component_precisions(config, spec.components),
                                 overrides={n: config.dit_overrides() for n in spec.components
                                            if n.startswith("transformer")})
-        return cls(spec.pipeline_cls(parts, config), spec.defaults, spec.path)
+        generator = cls(spec.pipeline_cls(parts, config), spec.defaults, spec.path)
+        generator.lora_merge = lora_merge
+        if lora is not None:
+            generator.set_lora(lora, lora_scale)
+        return generator
+
+    lora_merge: bool = True  # how set_lora attaches a LoRA unless told (from_pretrained's lora_merge)
+
+    def set_lora(self, path: str | Path | None, scale: float = 1.0, *, merge: bool | None = None) -> None:
+        """Switch the DiT's LoRA without reloading the model: the file ``path`` at ``scale``, or None for none.
+        ``merge``: into the weights (default: as ``from_pretrained``'s ``lora_merge``). A file that does not fit
+        the DiT is refused (``CheckpointError`` naming its tensors) and the current LoRA stays."""
+        self.pipeline.set_lora(path, scale, merge=self.lora_merge if merge is None else merge)
+
+    def set_lora_scale(self, scale: float) -> None:
+        """The attached LoRA at another scale (its file is not read again)."""
+        self.pipeline.set_lora_scale(scale)
 
     def sampling_param(self, **overrides: Any) -> SamplingParam:
         """This model's defaults with ``overrides`` (None values keep the default), checked against the model

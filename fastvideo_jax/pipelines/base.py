@@ -18,6 +18,7 @@ from fastvideo_jax.configs.sample import SamplingParam
 from fastvideo_jax.errors import CheckpointError, UserError
 from fastvideo_jax.models.encoders.image_processor import load_rgb
 from fastvideo_jax.pipelines.batch import ForwardBatch
+from fastvideo_jax.pipelines.lora import LoRASlot, rescale_lora, switch_lora
 from fastvideo_jax.pipelines.stages.base import PipelineStage
 
 __all__ = ["ComposedPipeline"]
@@ -89,6 +90,31 @@ class ComposedPipeline:
         if name in self._required_components or name in self._optional_components:
             return self.components.get(name)
         raise AttributeError(f"{type(self).__name__} has no attribute or component {name!r}")
+
+    # ---- LoRA on the DiT (pipelines/lora.py) ---------------------------------------------------------------
+    @property
+    def lora(self) -> LoRASlot:
+        """The LoRA attached to ``transformer`` (``path`` None: none)."""
+        return self.__dict__.get("_lora") or LoRASlot()
+
+    def set_lora(self, path, scale: float = 1.0, *, merge: bool = True) -> None:
+        """Attach the LoRA file ``path`` to ``transformer`` at ``scale`` (None: drop the current one), replacing
+        any other without reloading the model: ``merge`` folds it into the weights (fastest steps), else it is
+        kept separate (another adapter of the same ranks then runs on the compiled steps). The file is checked
+        against the DiT before anything changes."""
+        self._lora = switch_lora(self.transformer, self.lora, path, scale, merge=merge)
+        self._refresh_stages()
+
+    def set_lora_scale(self, scale: float) -> None:
+        """The attached LoRA at another scale (its file is not read again)."""
+        self._lora = rescale_lora(self.transformer, self.lora, scale)
+        self._refresh_stages()
+
+    def _refresh_stages(self) -> None:
+        for s in self.stages:
+            refresh = getattr(s, "refresh", None)
+            if refresh is not None:
+                refresh()
 
     def stage(self, kind: type[S]) -> S:
         """This pipeline's first stage of type ``kind``."""

@@ -40,7 +40,7 @@ from fastvideo_jax.models.layers.lora import (
 from fastvideo_jax.models.loader.safetensors_io import SafetensorsFile, require_float, save_safetensors
 from fastvideo_jax.utils.nnx_vars import var_value
 
-__all__ = ["LORA_WEIGHT_NAME", "load_lora", "lora_file", "read_lora", "save_lora"]
+__all__ = ["LORA_WEIGHT_NAME", "check_lora_for_component", "load_lora", "lora_file", "read_lora", "save_lora"]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name in a LoRA folder
 _METADATA_KEY = "lora_adapter_metadata"
@@ -218,6 +218,23 @@ def _gather(file: Path, st: SafetensorsFile, slots: dict, layers: dict, config: 
             scale[at] = 1.0 if alpha is None else alpha / (math.sqrt(r) if rslora else r)
         out[path] = LoRAWeights(A, B, scale)
     return out
+
+
+def check_lora_for_component(path: str | os.PathLike, component_dir: str | os.PathLike, **overrides) -> None:
+    """``read_lora`` against the DiT of ``component_dir`` (with the config ``overrides`` the loader will apply)
+    built abstractly (no weight is read, nothing is allocated), so a LoRA that does not fit is refused before a
+    model loads."""
+    from fastvideo_jax.models.loader.component_loader import read_config
+    from fastvideo_jax.models.registry import resolve_model_cls
+
+    raw = read_config(component_dir)
+    model_cls, _ = resolve_model_cls(raw, str(Path(component_dir) / "config.json"))
+    config = model_cls.config_class().update_model_arch(raw)
+    if overrides:
+        config = config.update_model_config(**overrides)
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
+    read_lora(path, abstract)
 
 
 def load_lora(model: nnx.Module, path: str | os.PathLike, *, strength: float = 1.0, merge: bool = True,

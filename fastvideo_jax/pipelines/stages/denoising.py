@@ -148,17 +148,22 @@ class DenoisingStage(PipelineStage):
         self.progress = progress
         self.dtype = to_dtype(transformer.config.precision)
         self.experts = (transformer,) if transformer_2 is None else (transformer, transformer_2)
+        self._steps: dict[tuple, Any] = {}
+        self.refresh()
+        self.mesh, self._replicated = _mesh_and_replicated(self._state)
+        self.last_teacache: dict | None = None  # what TeaCache skipped in the last denoise (None: it was off)
+
+    def refresh(self) -> None:
+        """Re-read the experts' graphs and parameters after they changed in place (a LoRA attached, merged or
+        removed). Compiled steps are keyed by graph: a graph seen before (the same adapters' ranks) reuses them."""
         split = [nnx.split(m) for m in self.experts]
         self._graphs = [g for g, _ in split]
         self._states = [st for _, st in split]
         self._graph, self._state = self._graphs[0], self._states[0]
-        self.mesh, self._replicated = _mesh_and_replicated(self._state)
-        self._steps: dict[tuple, Any] = {}
-        self.last_teacache: dict | None = None  # what TeaCache skipped in the last denoise (None: it was off)
 
     def _step_fn(self, use_cfg: bool, palette: tuple | None, expert: int = 0, cached: bool = False):
         # one executable per (expert, cfg, palette, TeaCache); the window ids, guidance and threshold are data
-        key = (expert, use_cfg, palette, cached)
+        key = (self._graphs[expert], expert, use_cfg, palette, cached)
         if key not in self._steps:
             static = {} if palette is None else {"sta_palette": palette}
             if self.expand_timesteps:
