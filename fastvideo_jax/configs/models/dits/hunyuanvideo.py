@@ -54,6 +54,12 @@ class HunyuanVideoArchConfig(DiTArchConfig):
     param_names_mapping: NameMapping = internal(HUNYUAN_PARAM_NAMES_MAPPING)
     reverse_param_names_mapping: NameMapping = internal(HUNYUAN_REVERSE_PARAM_NAMES_MAPPING)
     scanned_prefixes: tuple[str, ...] = internal(("transformer_blocks", "single_transformer_blocks", REFINER_BLOCKS))
+    # LoRA targets: the blocks' attention (video and text streams) and MLP projections, in our module names; the
+    # embedders (FastVideo excludes img_in / txt_in / time_in / vector_in) get none.
+    lora_target_modules: tuple[str, ...] = internal((
+        "to_q", "to_k", "to_v", "to_out", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.fc_in",
+        "ff.fc_out", "ff_context.fc_in", "ff_context.fc_out", "proj_mlp", "single_transformer_blocks.proj_out"))
+    exclude_lora_layers: tuple[str, ...] = internal(("context_embedder", "time_text_embed", "x_embedder"))
 
     hidden_size: int = derived(0)
     num_channels_latents: int = derived(0)
