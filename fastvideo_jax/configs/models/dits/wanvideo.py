@@ -99,9 +99,11 @@ class WanVideoArchConfig(DiTArchConfig):
     lora_param_names_mapping: NameMapping = internal(WAN_LORA_PARAM_NAMES_MAPPING)
     scanned_prefixes: tuple[str, ...] = internal(("blocks",))
     exclude_lora_layers: tuple[str, ...] = internal(("embedder",))
-    # Attention (self and cross; the I2V image keys/values) and FFN projections, in our module names.
+    # Attention (self and cross; the I2V image keys/values; VSA's gate, as FastVideo) and FFN projections, in our
+    # module names.
     lora_target_modules: tuple[str, ...] = internal(
-        ("to_q", "to_k", "to_v", "to_out", "add_k_proj", "add_v_proj", "ffn.fc_in", "ffn.fc_out"))
+        ("to_q", "to_k", "to_v", "to_out", "add_k_proj", "add_v_proj", "to_gate_compress", "ffn.fc_in",
+         "ffn.fc_out"))
     # Checkpoint tensors that diffusers drops on load; we consume and drop them too, by name.
     ignored_param_patterns: tuple[str, ...] = internal((r".*\.norm_added_q\..*",))
     # A checkpoint/model mismatch about these tensors gets this hint in the loader's error.
