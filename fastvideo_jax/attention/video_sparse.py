@@ -17,7 +17,8 @@ the caller's order. Nothing of size (L, L) is built: the reference gathers each 
 
 ``sparsity`` is a Python float (top-k static: its own compiled shape) or a traced scalar; a traced one needs
 ``max_topk`` (static: the index list width; default every cube) and picks the count at run time, so a new
-sparsity does not recompile (the reference then computes ``max_topk`` cubes per query cube and masks the rest).
+sparsity does not recompile (entries past the count go to the fine stage as -1, "no block": the kernels skip
+them, the jnp reference gathers ``max_topk`` cubes and masks them).
 The selection is not differentiated (integer indices); gradients flow through both branches' softmaxes.
 """
 
@@ -146,11 +147,8 @@ def video_sparse_attention(
     width, count = vsa_topk_plan(grid, sparsity, max_topk)
     qt, kt, vt = (layout.to_cubes(x) for x in (q, k, v))
     coarse, scores = vsa_coarse(qt, kt, vt, layout.sizes, scale)  # (B, C, N, E)
-    fine = _fine(qt, kt, vt, _select(scores, width), count, layout.sizes, backend, interpret)
-    B, Lp, N, E = qt.shape
-    coarse = jnp.broadcast_to(coarse[:, :, None], (B, layout.num_cubes, CUBE_TOKENS, N, E)).reshape(B, Lp, N, E)
-    coarse = coarse.astype(F32)
+    fine = layout.from_cubes(_fine(qt, kt, vt, _select(scores, width), count, layout.sizes, backend, interpret))
+    coarse = jnp.take(coarse, jnp.asarray(layout.inv // CUBE_TOKENS), axis=1).astype(F32)  # each token's cube
     if gate is not None:
-        coarse = coarse * layout.to_cubes(gate).astype(F32)
-    out = (fine.astype(F32) + coarse).astype(q.dtype)
-    return layout.from_cubes(out)
+        coarse = coarse * gate.astype(F32)
+    return (fine.astype(F32) + coarse).astype(q.dtype)
