@@ -180,3 +180,19 @@ def test_teacache_path_runs_video_sparse_attention(ckpts, inputs):
                                    timestep=t, **extra)
         plain = dit_call(model, x, t, ctx, **extra)
         assert float(jnp.abs(out - plain).max()) <= 1e-5 * max(1.0, float(jnp.abs(plain).max()))
+
+
+def test_cli_flags(tmp_path, monkeypatch, capsys):
+    """``--vsa-sparsity`` is checked before any model is looked up; ``--self-attention video_sparse`` reaches the
+    transformer (the tiny random Wan has no gates: one line naming to_gate_compress, exit 2)."""
+    from fastvideo_jax.entrypoints.cli import main
+
+    monkeypatch.setenv("FASTVIDEO_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTVIDEO_JAX_DEBUG", raising=False)
+    base = ["generate", "--model", "tiny-wan", "--prompt", "a robot", "--height", "32", "--width", "32",
+            "--num-frames", "5", "--num-inference-steps", "2", "--output", str(tmp_path / "o.mp4"), "--no-progress"]
+    assert main([*base[:2], "/nonexistent", *base[3:], "--vsa-sparsity", "1.5"]) == 2
+    assert capsys.readouterr().err.startswith("error: vsa_sparsity must be in [0, 1)")
+    assert main([*base, "--self-attention", "video_sparse", "--vsa-sparsity", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "to_gate_compress" in err and err.count("\n") == 1
