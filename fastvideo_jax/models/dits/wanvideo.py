@@ -41,6 +41,7 @@ from fastvideo_jax.models.layers.activations import gelu_exact, gelu_tanh
 from fastvideo_jax.models.layers.compiled import compiled_call
 from fastvideo_jax.models.layers.embeddings import apply_rope, rope_3d_tables, timestep_embedding
 from fastvideo_jax.models.layers.linear import Linear, MLP, PatchEmbed3D, make_param
+from fastvideo_jax.models.layers.remat import remat_block
 from fastvideo_jax.models.layers.norms import LayerNorm, RMSNorm
 from fastvideo_jax.parallel.activations import constrain, mesh_scope, params_mesh
 from fastvideo_jax.parallel.sequence import local_attention, pad_length, padding_mask, ulysses_attention
@@ -433,7 +434,7 @@ class WanTransformer3DModel(CachableDiT):
     def run_blocks(self, emb: "WanEmbedded", x: jax.Array) -> jax.Array:
         """The transformer blocks on tokens ``x`` (B, Lp, D)."""
         return _run_blocks(x, self.blocks, emb.context, emb.image_context, emb.temb_proj, emb.cos, emb.sin, emb.sta,
-                           emb.kv_mask, emb.vsa)
+                           emb.kv_mask, emb.vsa, remat=self.config.remat)
 
     def head(self, x: jax.Array, emb: "WanEmbedded") -> jax.Array:
         """Output norm (modulated by the time embedding), projection and unpatchify: (B, C_out, F, H, W)."""
@@ -492,27 +493,30 @@ def _cached_forward(model: WanTransformer3DModel, *args, **static):
     return model.cached_forward(*args, **static)
 
 
-def _run_blocks(x, blocks, context, image_context, temb_proj, cos, sin, sta, kv_mask, vsa=None):
+def _run_blocks(x, blocks, context, image_context, temb_proj, cos, sin, sta, kv_mask, vsa=None, remat: str = "none"):
     """All stacked blocks under ONE ``nnx.scan`` (compile time flat in depth); with sliding-tile attention each
     layer's window-set index is scanned data next to its parameters; with video sparse attention every layer
-    takes the same grid, width (static, closed over) and sparsity (broadcast data)."""
+    takes the same grid, width (static, closed over) and sparsity (broadcast data). ``remat``: the policy each
+    block's body is rematerialised under when differentiated (``models/layers/remat.py``)."""
     if sta is None:
         statics = None if vsa is None else (vsa.grid, vsa.width)
         sparsity = None if vsa is None else vsa.sparsity
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None, None, None, None, None), out_axes=nnx.Carry)
-        def run_dense(x, block, context, image_context, temb_proj, cos, sin, kv_mask, sparsity):
+        def dense_body(x, block, context, image_context, temb_proj, cos, sin, kv_mask, sparsity):
             layer = None if statics is None else VsaLayer(*statics, sparsity)
             return block(x, context, image_context, temb_proj, cos, sin, None, kv_mask, layer)
 
+        run_dense = nnx.scan(remat_block(dense_body, remat),
+                             in_axes=(nnx.Carry, 0, None, None, None, None, None, None, None), out_axes=nnx.Carry)
         return run_dense(x, blocks, context, image_context, temb_proj, cos, sin, kv_mask, sparsity)
     grid, tile, palette, ids = sta
 
-    @nnx.scan(in_axes=(nnx.Carry, 0, 0, None, None, None, None, None, None), out_axes=nnx.Carry)
-    def run(x, block, index, context, image_context, temb_proj, cos, sin, kv_mask):
+    def body(x, block, index, context, image_context, temb_proj, cos, sin, kv_mask):
         sta_layer = StaLayer(grid, tile, palette, index)
         return block(x, context, image_context, temb_proj, cos, sin, sta_layer, kv_mask)
 
+    run = nnx.scan(remat_block(body, remat), in_axes=(nnx.Carry, 0, 0, None, None, None, None, None, None),
+                   out_axes=nnx.Carry)
     return run(x, blocks, ids, context, image_context, temb_proj, cos, sin, kv_mask)
 
 

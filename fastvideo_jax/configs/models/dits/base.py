@@ -7,7 +7,10 @@ from typing import Any
 
 from fastvideo_jax.configs.models.base import MappedArchConfig, ModelConfig, NameMapping, derived, internal
 
-__all__ = ["DiTArchConfig", "DiTConfig", "NameMapping", "SlidingTileDiTConfig"]
+__all__ = ["DiTArchConfig", "DiTConfig", "NameMapping", "REMAT_POLICY_NAMES", "SlidingTileDiTConfig"]
+
+# Rematerialisation policies of a DiT's scanned blocks (``models/layers/remat.py`` maps them to JAX policies).
+REMAT_POLICY_NAMES = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)

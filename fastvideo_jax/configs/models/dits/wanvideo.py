@@ -6,7 +6,7 @@ import dataclasses
 from types import MappingProxyType
 
 from fastvideo_jax.configs.models.base import derived, internal
-from fastvideo_jax.configs.models.dits.base import DiTArchConfig, NameMapping, SlidingTileDiTConfig
+from fastvideo_jax.configs.models.dits.base import REMAT_POLICY_NAMES, DiTArchConfig, NameMapping, SlidingTileDiTConfig
 
 _B = r"^blocks\.(\d+)\."
 
@@ -143,6 +143,14 @@ class WanVideoConfig(SlidingTileDiTConfig):
     arch_config: WanVideoArchConfig = dataclasses.field(default_factory=WanVideoArchConfig)
     prefix: str = "Wan"
     vsa_sparsity: float = 0.0
+    # Rematerialisation of the scanned blocks when the forward is differentiated (training): "none", "full" or
+    # "dots" (``models/layers/remat.py``). Inference never differentiates, so it has no effect there.
+    remat: str = "none"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.remat not in REMAT_POLICY_NAMES:
+            raise ValueError(f"{type(self).__name__}: remat={self.remat!r} is not one of {', '.join(REMAT_POLICY_NAMES)}")
 
 
 # Presets as data: config.json contents. ``tiny`` builds in milliseconds (tests, CLI smoke runs, notebooks).
