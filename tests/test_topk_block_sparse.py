@@ -173,6 +173,10 @@ def test_tables():
     qt = transposed_q_table(ids, count, 4)
     np.testing.assert_array_equal(qt[0, 0, :, 0], [1, 1, 0, 1])  # kv block 0 <- q 1; 1 <- q 0; 3 <- q 0
     np.testing.assert_array_equal(qt[0, 0, [0, 1, 3], 1], [1, 0, 0])
+    pkv, pq = tpu.pair_lists(ids[0], count[0], 4)  # TPU dK/dV steps: kv-sorted pairs, an empty step per kv block
+    np.testing.assert_array_equal(pkv, [[0, 0, 1, 1, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]])
+    np.testing.assert_array_equal(pq % 2, [[0, 1, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]])  # computes
+    np.testing.assert_array_equal(pq // 2, [[1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])  # q block fetched
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda b: b.value)

@@ -149,7 +149,7 @@ def _dkv_kernel(pkv_ref, pq_ref, vc_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
-    @pl.when(pq_ref[idx] >= 0)
+    @pl.when(lax.bitwise_and(pq_ref[idx], 1) == 1)
     def _step():
         ok = _key_ok(vc_ref, g, kb, st)
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
@@ -218,15 +218,26 @@ def _dq_call(q, k, v, do, lse, delta, ids, cnt, vc, st: _Static):
 
 def pair_lists(ids, cnt, nk: int):
     """(pkv, pq) (G, nq * topk + nk) int32: (kv block, q block) pairs sorted by kv block, then q block; each kv
-    block starts with an empty pair (q = -1); unlisted slots trail as (nk - 1, -1)."""
+    block starts with an empty pair; unlisted slots trail as empty pairs of kv block nk - 1.
+
+    ``pq = 2 * q + real``: ``real`` says whether the step computes; an empty step's ``q`` is the next real step's
+    (else the previous one's), so it fetches the query block a neighbouring step needs anyway (no extra DMA)."""
     G, nq, T = ids.shape
     listed = jnp.arange(T) < cnt[..., None]
     real = jnp.where(listed, ids * (nq + 1) + jnp.arange(nq)[:, None] + 1, nk * (nq + 1)).reshape(G, nq * T)
     empty = jnp.broadcast_to(jnp.arange(nk) * (nq + 1), (G, nk))
     keys = jnp.sort(jnp.concatenate([empty, real], axis=-1), axis=-1)
     pkv = jnp.minimum(keys // (nq + 1), nk - 1)
-    pq = jnp.where(keys >= nk * (nq + 1), -1, keys % (nq + 1) - 1)
-    return pkv.astype(jnp.int32), pq.astype(jnp.int32)
+    computes = (keys < nk * (nq + 1)) & (keys % (nq + 1) > 0)
+    q = keys % (nq + 1) - 1
+    S = keys.shape[-1]
+    pos = jnp.arange(S)
+    nxt = lax.cummin(jnp.where(computes, pos, S), axis=1, reverse=True)
+    prv = lax.cummax(jnp.where(computes, pos, -1), axis=1)
+    src = jnp.where(nxt < S, nxt, jnp.maximum(prv, 0))
+    fetch = jnp.where(computes, q, jnp.take_along_axis(q, src, axis=1))
+    fetch = jnp.where((nxt < S) | (prv >= 0), fetch, 0)  # a head that lists nothing fetches block 0
+    return pkv.astype(jnp.int32), (2 * fetch + computes).astype(jnp.int32)
 
 
 def _dkv_call(q, k, v, do, lse, delta, ids, cnt, vc, st: _Static, out_dtype=None):
@@ -237,7 +248,7 @@ def _dkv_call(q, k, v, do, lse, delta, ids, cnt, vc, st: _Static, out_dtype=None
     pkv, pq = pair_lists(ids, cnt, st.nk)
     S = pkv.shape[1]
     blk, row = (None, st.bs, D), (None, st.bs, 1)
-    qmap = lambda g, s, pkv, pq, vc: (g, jnp.maximum(pq[g * S + s], 0), 0)  # noqa: E731
+    qmap = lambda g, s, pkv, pq, vc: (g, lax.shift_right_logical(pq[g * S + s], 1), 0)  # noqa: E731
     kmap = lambda g, s, pkv, pq, vc: (g, pkv[g * S + s], 0)  # noqa: E731
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3, grid=(G, S),
