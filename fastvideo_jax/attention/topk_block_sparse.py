@@ -26,7 +26,7 @@ Implementations (``backend``): ``"reference"`` (jnp: per query block a gather of
 block-sparse flash kernel, ``block_sparse_gpu``, with per-(batch, head) tables built inside jit; forward, dQ and
 dK/dV kernels), ``"pallas_tpu"`` (Pallas Mosaic TPU kernels with the indices as scalar prefetch:
 ``topk_block_sparse_tpu``). ``None`` picks the platform's kernel (GPU, TPU) or the reference. A requested kernel
-that cannot run the call (platform, dtype, block size) falls back to the reference with a logged warning.
+that cannot run the call (platform, dtype, head dim, block size, TPU SMEM budget) falls back to the reference with a logged warning.
 ``interpret=True`` runs the Pallas kernels in interpret mode (CPU tests); None = the platform's real kernels
 (``pallas_gpu`` also honours ``triton_config_scope(TritonConfig(interpret=True))``).
 

@@ -10,7 +10,7 @@ a selection that is traced data inside jit has no splash form. These kernels tak
 * dK/dV: grid (heads, S) over a list of (kv block, q block) pairs sorted by kv block, S = nq * topk + nk: every
   selected pair once, plus one empty pair per kv block (so blocks nobody selected are visited and written as
   zeros). Consecutive steps of one kv block accumulate in scratch; the output block is written back when the
-  kv block changes. No width bound and no wasted steps.
+  kv block changes. No width bound; the only idle steps are those of duplicate / -1 entries, trailing.
 
 Layout: (B, L, N, D) is transposed to (B * N, L, D) heads. Every ``pallas_call``'s tables must fit
 ``SMEM_TABLE_WORDS`` int32 words of SMEM (the dK/dV pair list, 2 x (nq * topk + nk) words per head, dominates):
