@@ -196,3 +196,23 @@ def test_cli_flags(tmp_path, monkeypatch, capsys):
     assert main([*base, "--self-attention", "video_sparse", "--vsa-sparsity", "0.5"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "to_gate_compress" in err and err.count("\n") == 1
+
+
+def test_convert_carries_the_gates(tmp_path, inputs):
+    """``fastvideo-jax convert`` of a FastWan-layout pipeline loads its DiT in the VSA mode the gates imply: the
+    orbax copy loads as a VSA DiT with the same output, and converting it back to Diffusers gives the gates back."""
+    from fastvideo_jax.entrypoints.convert_cli import convert
+    from fastvideo_jax.testing.tiny_pipeline import write_tiny_wan_pipeline
+
+    root = write_tiny_wan_pipeline(tmp_path / "wan")
+    plain = tmp_path / "plain"
+    (root / "transformer").rename(plain)
+    gates = _with_gates(plain, root / "transformer", 0.5)
+    convert(root, tmp_path / "orbax", progress=False)
+    convert(tmp_path / "orbax", tmp_path / "back", to="diffusers", progress=False)
+    want = dit_call(_vsa(root / "transformer", 0.5), *inputs)
+    got = dit_call(_vsa(tmp_path / "orbax" / "transformer", 0.5), *inputs)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    back = SafetensorsCheckpoint.from_dir(tmp_path / "back" / "transformer")
+    for key, value in gates.items():
+        np.testing.assert_array_equal(np.asarray(back.array(key)), value)

@@ -58,7 +58,7 @@ def _write_model(name: str, src: Path, dst: Path, to: str, precision: str) -> No
 
     # Conversion is host work: load onto the CPU so a model larger than one accelerator's memory converts.
     host = make_mesh(devices=jax.devices("cpu")[:1])
-    model = MODEL_LOADERS[name]().load(src, precision=precision, mesh=host)
+    model = MODEL_LOADERS[name]().load(src, precision=precision, mesh=host, **_implied_config(src))
     dst.mkdir(parents=True)
     shutil.copy2(src / "config.json", dst / "config.json")
     if to == "orbax":
@@ -69,6 +69,29 @@ def _write_model(name: str, src: Path, dst: Path, to: str, precision: str) -> No
         weights = ("model.safetensors" if name.startswith(("text_encoder", "image_encoder"))  # Transformers
                    else "diffusion_pytorch_model.safetensors")
         save_safetensors(dst / weights, export_component(model), metadata={"format": "pt"})
+
+
+def _implied_config(src: Path) -> dict:
+    """Config fields the component's own tensors imply (``checkpoint_implied_config``: e.g. FastWan's VSA gates
+    need the video sparse attention mode), so that every tensor is carried across."""
+    import re
+
+    from fastvideo_jax.models.loader import orbax_io
+    from fastvideo_jax.models.loader.component_loader import read_config
+    from fastvideo_jax.models.loader.safetensors_io import SafetensorsCheckpoint
+    from fastvideo_jax.models.registry import resolve_model_cls
+
+    raw = read_config(src)
+    cls, _ = resolve_model_cls(raw, str(src / "config.json"))
+    rules = cls.config_class().update_model_arch(raw).arch_config.checkpoint_implied_config
+    if not rules:
+        return {}
+    names = orbax_io.stored_names(src) if orbax_io.is_converted(src) else set(SafetensorsCheckpoint.from_dir(src))
+    out: dict = {}
+    for pattern, fields in rules:
+        if any(re.search(pattern, n) for n in names):
+            out.update(dict(fields))
+    return out
 
 
 def _source_precision(src: Path) -> str:

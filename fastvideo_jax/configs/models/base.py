@@ -127,6 +127,10 @@ class MappedArchConfig(ArchConfig):
     # Checkpoint tensors dropped WITH a warning, as (pattern, why): weights of a feature not implemented yet, so
     # the model runs without them (the loader says which and why; they are not in an exported checkpoint).
     ignored_param_warnings: tuple[tuple[str, str], ...] = internal(())
+    # (regex, ((field, value), ...)): a checkpoint holding a tensor whose name matches needs the model built with
+    # these config fields to take it (e.g. an attention mode with its own weights); read by the converter, which
+    # must carry every tensor across.
+    checkpoint_implied_config: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = internal(())
     # (regex, hint): when loading fails on a checkpoint tensor whose name matches (unexpected or missing), the
     # error carries the hint (e.g. a tensor only one attention mode of the model has).
     unexpected_param_hints: tuple[tuple[str, str], ...] = internal(())

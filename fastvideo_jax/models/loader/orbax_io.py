@@ -42,7 +42,7 @@ RESTORE_GROUP_BYTES = 512 * 2**20
 _NOISY_LOGGERS = ("absl", "asyncio", "concurrent.futures")
 _HOLDING = threading.Lock()  # one holder of sys.stderr and those loggers at a time
 
-__all__ = ["MARKER", "is_converted", "read_marker", "save_params", "restore_params"]
+__all__ = ["MARKER", "is_converted", "read_marker", "save_params", "restore_params", "stored_names"]
 
 
 def is_converted(component_dir: str | Path) -> bool:
@@ -58,6 +58,16 @@ def read_marker(component_dir: str | Path) -> dict:
     if marker.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {marker.get('format')!r} is not {FORMAT!r}")
     return marker
+
+
+def stored_names(component_dir: str | Path) -> set[str]:
+    """The parameter names a converted component holds (from the checkpoint's metadata; no array is read)."""
+    params_dir = Path(component_dir).absolute() / PARAMS_DIR
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        stored = ckptr.metadata(params_dir)
+    stored = getattr(stored, "item_metadata", stored)
+    stored = getattr(stored, "tree", stored)
+    return set(stored.keys()) if isinstance(stored, Mapping) else set()
 
 
 def _key(path: tuple) -> str:

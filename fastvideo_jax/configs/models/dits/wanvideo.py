@@ -106,6 +106,9 @@ class WanVideoArchConfig(DiTArchConfig):
          "ffn.fc_out"))
     # Checkpoint tensors that diffusers drops on load; we consume and drop them too, by name.
     ignored_param_patterns: tuple[str, ...] = internal((r".*\.norm_added_q\..*",))
+    # FastWan's per-block gates exist only in the video sparse attention mode.
+    checkpoint_implied_config: tuple = internal(
+        ((r"(^|\.)to_gate_compress\.", (("attention_backend", "video_sparse_attn"),)),))
     # A checkpoint/model mismatch about these tensors gets this hint in the loader's error.
     unexpected_param_hints: tuple[tuple[str, str], ...] = internal((
         (r"to_gate_compress",
