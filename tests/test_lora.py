@@ -23,6 +23,8 @@ from fastvideo_jax.models.loader.safetensors_io import SafetensorsFile, save_saf
 from tests.oracles import dit_call, errors, tiny_wan_dit, torch_out
 
 peft = pytest.importorskip("peft")
+# peft flags 1-D lora_B biases in a state dict as possibly unsharded FSDP tensors; they are lora_bias vectors here
+pytestmark = pytest.mark.filterwarnings("ignore:.*LoRA tensor\\(s\\) have invalid shape")
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2", "proj_out", "time_proj"]
 
@@ -64,14 +66,14 @@ def _ours_out(model, inputs):
 
 @pytest.fixture(scope="module")
 def diffusers_lora(dit_dir, tmp_path_factory):
-    """A LoRA made with peft on diffusers' model (noised A and B; alpha 6 on rank 4, one layer of rank 2, FFN
-    out-projections at alpha 3; also the non-scanned proj_out and time_proj), saved by diffusers. Returns
+    """A LoRA made with peft on diffusers' model (noised A, B and lora_B biases; alpha 6 on rank 4, one layer of
+    rank 2, FFN out-projections at alpha 3; also the non-scanned proj_out and time_proj), saved by diffusers. Returns
     (folder, peft state dict, the LoRA'd diffusers model)."""
     from diffusers import WanPipeline
 
     model = _torch_dit(dit_dir)
     config = peft.LoraConfig(r=4, lora_alpha=6, target_modules=TARGETS, rank_pattern={"blocks.1.attn1.to_q": 2},
-                             alpha_pattern={"ffn.net.2": 3})
+                             alpha_pattern={"ffn.net.2": 3}, lora_bias=True)
     model.add_adapter(config)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -92,8 +94,9 @@ def _noise_adapters(model, seed=7):
             seed += 1
 
 
-def test_saved_lora_loads_in_diffusers(dit_dir, ours, inputs, tmp_path):
-    """Our file, read by diffusers' WanPipeline.load_lora_weights, gives diffusers' DiT our LoRA'd output."""
+def test_saved_lora_loads_in_diffusers(dit_dir, ours, inputs, diffusers_lora, tmp_path):
+    """Our file, read by diffusers' WanPipeline.load_lora_weights, gives diffusers' DiT our LoRA'd output (also
+    after a diffusers LoRA with lora_B biases went through us: read, then saved)."""
     base = _ours_out(ours, inputs)
     paths = inject_lora(ours, rank=4, alpha=8, rngs=nnx.Rngs(3))  # scale 2: alpha must travel in the file
     assert "blocks.to_q" in paths and "blocks.ffn.fc_out" in paths and "blocks.attn2.to_k" in paths
@@ -109,6 +112,15 @@ def test_saved_lora_loads_in_diffusers(dit_dir, ours, inputs, tmp_path):
     err, rel = errors(out, ref)
     assert rel <= 1e-4, f"ours vs diffusers with our LoRA: max-abs {err:.3e}, relative {rel:.3e}"
     assert errors(base, ref)[1] > 1e-2  # the LoRA changes the output: the check is not vacuous
+
+    folder, _, model = diffusers_lora  # diffusers' LoRA (biases, mixed ranks, alpha patterns) through us
+    remove_lora(ours)
+    load_lora(ours, folder, merge=False)
+    save_lora(ours, tmp_path / "again")
+    pipe = _wan_pipeline(dit_dir)
+    pipe.load_lora_weights(tmp_path / "again")
+    err, rel = errors(torch_out(pipe.transformer, *inputs), torch_out(model, *inputs))
+    assert rel <= 1e-5, f"diffusers' LoRA read and saved by us, in diffusers: max-abs {err:.3e}, relative {rel:.3e}"
 
 
 def test_diffusers_lora_loads_in_ours(ours, inputs, diffusers_lora):
@@ -136,7 +148,8 @@ def _to_original(state: dict, alpha: float) -> dict:
         for ours, theirs in table:
             module = module.replace(ours, theirs)
         down = kind.startswith("A")
-        out[f"diffusion_model.{module}.lora_{'down' if down else 'up'}.weight"] = value.numpy()
+        part = "diff_b" if kind == "B.bias" else f"lora_{'down' if down else 'up'}.weight"
+        out[f"diffusion_model.{module}.{part}"] = value.numpy()
         if down and module.startswith("blocks."):  # diffusers' converter reads alphas on blocks only
             out[f"diffusion_model.{module}.alpha"] = np.asarray(alpha, np.float32)
     return out
@@ -209,49 +222,47 @@ def test_other_architecture_refused_with_names(ours, tmp_path):
     save_safetensors(tmp_path / "wan14b.safetensors", bigger)
     with pytest.raises(CheckpointError, match=r"shapes do not fit.*\[4, 5120\]"):
         load_lora(ours, tmp_path / "wan14b.safetensors")
-    save_safetensors(tmp_path / "bias.safetensors", {"transformer.blocks.0.attn1.to_q.lora_B.bias": r[0]})
-    with pytest.raises(CheckpointError, match="not supported.*lora_B.bias"):
-        load_lora(ours, tmp_path / "bias.safetensors")
+    save_safetensors(tmp_path / "diff.safetensors", {"diffusion_model.blocks.0.self_attn.q.diff": r})
+    with pytest.raises(CheckpointError, match=r"not supported.*self_attn\.q\.diff \(full weight delta"):
+        load_lora(ours, tmp_path / "diff.safetensors")
     assert not adapted_layers(ours)
     for p, m in linear_layers(ours).items():
         np.testing.assert_array_equal(np.asarray(m.kernel[...]), kernels[p])
 
 
-def test_grad_over_lora_filter_touches_only_adapters(ours, inputs):
+def test_training_over_lora_filter_touches_only_adapters(ours, inputs):
+    """Gradients over LORA_FILTER are adapters only; AdamW steps on them lower the loss and leave every base
+    weight bit for bit."""
+    import optax
+
     inject_lora(ours, rank=2, rngs=nnx.Rngs(0))
+    assert not nnx.to_flat_state(nnx.state(ours, nnx.All(nnx.Param, LORA_FILTER)))  # no adapter is an nnx.Param
     x, t, ctx = (jnp.asarray(a.numpy()[:1]) for a in inputs)
     x = x[:, :, :1, :4, :4]
 
     def loss(model):
         return jnp.mean(model.forward(x, t, ctx) ** 2)
 
-    grads = nnx.grad(loss, argnums=nnx.DiffState(0, LORA_FILTER))(ours)
-    leaves = nnx.to_flat_state(grads)
-    assert leaves and all(isinstance(v, LoRAParam) for _, v in leaves)
-    names = {".".join(map(str, p)) for p, _ in leaves}
-    assert "blocks.to_q.lora.lora_B" in names and "blocks.ffn.fc_in.lora.lora_A" in names
-    # B starts at zero, so its gradient is what moves first: nonzero
-    assert float(jnp.abs(grads["blocks"]["to_q"]["lora"]["lora_B"][...]).max()) > 0
-    assert not nnx.to_flat_state(nnx.state(ours, nnx.All(nnx.Param, LORA_FILTER)))  # no adapter is an nnx.Param
-
-    # a few AdamW steps over the filter: the loss falls, the adapters move, every base weight stays bit for bit
-    import optax
-
     base = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
     opt = nnx.Optimizer(ours, optax.adamw(1e-2), wrt=LORA_FILTER)
 
     @nnx.jit
     def step(model, opt):
-        value, g = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, LORA_FILTER))(model)
-        opt.update(model, g)
-        return value
+        value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, LORA_FILTER))(model)
+        opt.update(model, grads)
+        return value, grads
 
-    losses = [float(step(ours, opt)) for _ in range(4)]
+    value, grads = step(ours, opt)
+    leaves = nnx.to_flat_state(grads)
+    assert leaves and all(isinstance(v, LoRAParam) for _, v in leaves)
+    names = {".".join(map(str, p)) for p, _ in leaves}
+    assert "blocks.to_q.lora.lora_B" in names and "blocks.ffn.fc_in.lora.lora_A" in names
+    assert float(jnp.abs(grads["blocks"]["to_q"]["lora"]["lora_B"][...]).max()) > 0  # B starts at 0: it moves first
+    losses = [float(value)] + [float(step(ours, opt)[0]) for _ in range(3)]
     assert losses[-1] < losses[0], losses
     for p, v in nnx.to_flat_state(nnx.state(ours, nnx.Param)):
         np.testing.assert_array_equal(np.asarray(v[...]), base[p], err_msg=str(p))
     assert float(jnp.abs(ours.blocks.to_q.lora.lora_B[...]).max()) > 0
-
 
 
 def test_adapters_sharded_like_their_kernels_and_mesh_equals_one_device(dit_dir, inputs, diffusers_lora):

@@ -1,6 +1,7 @@
 """Low-rank adapters (LoRA) on a model's ``Linear`` layers, in Flax NNX.
 
-An adapter adds ``scale * strength * (x @ A) @ B`` to a ``Linear``'s output: ``A`` (in, r) and ``B`` (r, out) are
+An adapter adds ``strength * (scale * (x @ A) @ B + bias)`` to a ``Linear``'s output (``bias``: optional, PEFT's
+``lora_B.bias`` times its scale or an original LoRA's ``diff_b``): ``A`` (in, r) and ``B`` (r, out) are
 ``LoRAParam`` variables (trainable; NOT ``nnx.Param``, so loaders, exporters and a full-weight optimizer never
 see them: train only adapters with ``wrt=LORA_FILTER``), ``scale`` (alpha / rank, the adapter's own) and
 ``strength`` (the user's multiplier) are ``LoRAScale`` variables (state, so a new strength does not recompile).
@@ -57,18 +58,21 @@ LORA_FILTER = LoRAParam
 @dataclasses.dataclass(frozen=True)
 class LoRAWeights:
     """One layer's adapter on the host: A (…, in, r), B (…, r, out), scale (…) = alpha / rank per stacked layer
-    (0 where a layer of a stack has none)."""
+    (0 where a layer of a stack has none), optional bias (…, out) added as it is (not times ``scale``)."""
 
     A: np.ndarray
     B: np.ndarray
     scale: np.ndarray
+    bias: np.ndarray | None = None
 
 
 class LoRAAdapter(nnx.Module):
-    def __init__(self, A: jax.Array, B: jax.Array, scale: jax.Array, strength: jax.Array, *, kernel_axes):
+    def __init__(self, A: jax.Array, B: jax.Array, scale: jax.Array, strength: jax.Array, *, kernel_axes,
+                 bias: jax.Array | None = None):
         lead = tuple(kernel_axes[:-2])
         with nnx.use_eager_sharding(False):  # already placed like the kernel (_place)
             self._init_vars(A, B, scale, strength, lead, kernel_axes)
+            self.lora_bias = None if bias is None else LoRAParam(bias, out_sharding=(*lead, kernel_axes[-1]))
         self.merged = False  # static: a merged adapter adds nothing in the forward
 
     def _init_vars(self, A, B, scale, strength, lead, kernel_axes):
@@ -84,8 +88,10 @@ class LoRAAdapter(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # (..., in) -> (..., out), fp32
         a, b = self.lora_A[...], self.lora_B[...]
         h = jnp.dot(x.astype(a.dtype), a, preferred_element_type=F32)
-        y = jnp.dot(h.astype(b.dtype), b, preferred_element_type=F32)
-        return y * (self.scale[...] * self.strength[...]).astype(F32)
+        y = jnp.dot(h.astype(b.dtype), b, preferred_element_type=F32) * self.scale[...].astype(F32)
+        if self.lora_bias is not None:
+            y = y + self.lora_bias[...].astype(F32)
+        return y * self.strength[...].astype(F32)
 
 
 # ---- finding layers ---------------------------------------------------------------------------------------
@@ -129,7 +135,7 @@ def _place(kernel: jax.Array, value: np.ndarray | jax.Array, dims: Sequence[int 
     return jax.device_put(value, next(iter(sharding.device_set)))
 
 
-def _make_adapter(linear: Linear, A, B, scale, strength: float) -> LoRAAdapter:
+def _make_adapter(linear: Linear, A, B, scale, strength: float, bias=None) -> LoRAAdapter:
     kernel = var_value(linear.kernel)
     lead = kernel.ndim - 2
     stack = tuple(range(lead))
@@ -138,7 +144,7 @@ def _make_adapter(linear: Linear, A, B, scale, strength: float) -> LoRAAdapter:
         _place(kernel, A, (*stack, lead, None)), _place(kernel, B, (*stack, None, lead + 1)),
         _place(kernel, np.asarray(scale, np.float32), stack),
         _place(kernel, np.full(kernel.shape[:lead], strength, np.float32), stack),
-        kernel_axes=tuple(axes),
+        kernel_axes=tuple(axes), bias=None if bias is None else _place(kernel, bias, (*stack, lead + 1)),
     )
 
 
@@ -180,7 +186,8 @@ def attach_lora(model: nnx.Module, weights: Mapping[str, LoRAWeights], *, streng
         kernel = var_value(linear.kernel)
         *lead, n_in, n_out = kernel.shape
         r = w.A.shape[-1]
-        if w.A.shape != (*lead, n_in, r) or w.B.shape != (*lead, r, n_out) or w.scale.shape != tuple(lead):
+        if (w.A.shape != (*lead, n_in, r) or w.B.shape != (*lead, r, n_out) or w.scale.shape != tuple(lead)
+                or (w.bias is not None and w.bias.shape != (*lead, n_out))):
             problems.append(f"{path}: adapter A {w.A.shape}, B {w.B.shape}, scale {w.scale.shape} do not fit the "
                             f"kernel {tuple(kernel.shape)}")
         elif linear.lora is not None:
@@ -190,7 +197,8 @@ def attach_lora(model: nnx.Module, weights: Mapping[str, LoRAWeights], *, streng
     for path, w in weights.items():
         linear = layers[path]
         dt = dtype or var_value(linear.kernel).dtype
-        linear.lora = nnx.data(_make_adapter(linear, w.A.astype(dt), w.B.astype(dt), w.scale, strength))
+        bias = None if w.bias is None else w.bias.astype(dt)
+        linear.lora = nnx.data(_make_adapter(linear, w.A.astype(dt), w.B.astype(dt), w.scale, strength, bias))
 
 
 def lora_weights(model: nnx.Module) -> dict[str, LoRAWeights]:
@@ -198,7 +206,9 @@ def lora_weights(model: nnx.Module) -> dict[str, LoRAWeights]:
     out = {}
     for path, linear in adapted_layers(model).items():
         a = linear.lora
-        out[path] = LoRAWeights(*(np.asarray(jax.device_get(v[...])) for v in (a.lora_A, a.lora_B, a.scale)))
+        host = [None if v is None else np.asarray(jax.device_get(v[...]))
+                for v in (a.lora_A, a.lora_B, a.scale, a.lora_bias)]
+        out[path] = LoRAWeights(*host)
     return out
 
 
@@ -238,6 +248,11 @@ def _merged(kernel, a, b, s):  # kernel (..., in, out) + s (...) * a (..., in, r
     return (kernel.astype(F32) + delta * s[..., None, None]).astype(kernel.dtype)
 
 
+@jax.jit
+def _merged_bias(bias, lora_bias, strength):  # bias (..., out) + strength (...) * lora_bias (..., out)
+    return (bias.astype(F32) + lora_bias.astype(F32) * strength[..., None]).astype(bias.dtype)
+
+
 @dataclasses.dataclass
 class _HostKernel:
     shape: tuple[int, ...]
@@ -261,23 +276,31 @@ class _HostKernel:
 
 @dataclasses.dataclass
 class MergedKernels:
-    """The original kernels of the layers ``merge_lora`` changed (per-device host copies): ``unmerge_lora``
-    restores them exactly."""
+    """The original kernels (and biases, for adapters with one) of the layers ``merge_lora`` changed, as
+    per-device host copies: ``unmerge_lora`` restores them exactly."""
 
     kernels: dict[str, _HostKernel] = dataclasses.field(default_factory=dict)
+    biases: dict[str, _HostKernel] = dataclasses.field(default_factory=dict)
 
 
 def merge_lora(model: nnx.Module) -> MergedKernels:
     """Fold every unmerged adapter (times its strength) into its kernel; the forward then skips adapters."""
+    layers = {p: m for p, m in adapted_layers(model).items() if not m.lora.merged}
+    no_bias = [p for p, m in layers.items() if m.lora.lora_bias is not None and m.bias is None]
+    if no_bias:
+        raise ValueError(f"LoRA adapters with a bias cannot merge into layers without one: {no_bias}; keep them "
+                         "separate (merge=False)")
     saved = MergedKernels()
-    for path, linear in adapted_layers(model).items():
+    for path, linear in layers.items():
         a = linear.lora
-        if a.merged:
-            continue
         kernel = var_value(linear.kernel)
         saved.kernels[path] = _HostKernel.of(kernel)
         new = _merged(kernel, a.lora_A[...], a.lora_B[...], a.scale[...] * a.strength[...])
         _set(linear.kernel, jax.device_put(new, kernel.sharding))
+        if a.lora_bias is not None:
+            bias = var_value(linear.bias)
+            saved.biases[path] = _HostKernel.of(bias)
+            _set(linear.bias, jax.device_put(_merged_bias(bias, a.lora_bias[...], a.strength[...]), bias.sharding))
         a.merged = True
     return saved
 
@@ -293,5 +316,8 @@ def unmerge_lora(model: nnx.Module, saved: MergedKernels) -> None:
         if linear is None or not linear.lora.merged:
             continue
         _set(linear.kernel, host.restore())
+        if path in saved.biases:
+            _set(linear.bias, saved.biases[path].restore())
         linear.lora.merged = False
     saved.kernels.clear()
+    saved.biases.clear()

@@ -9,12 +9,13 @@ ours) to a ``Linear`` (a scanned stack's layer: ``blocks.<i>.``). Scale per modu
 file's ``.alpha``, else the ``lora_alpha`` (and ``alpha_pattern``; ``alpha / sqrt(rank)`` under ``use_rslora``)
 of the PEFT config diffusers stores in the safetensors metadata (``lora_adapter_metadata``), else 1 (diffusers'
 convention: alpha = rank). Everything is checked before anything is returned: names that map to no layer
-(another architecture's LoRA), shapes that do not fit, A without B, parts we do not support (bias deltas
-``lora_B.bias``/``diff_b``, full ``diff`` weights, DoRA) are one ``CheckpointError`` listing the names.
+(another architecture's LoRA), shapes that do not fit, A without B, parts we do not support (full ``diff``
+weights, DoRA) are one ``CheckpointError`` listing the names. Biases: PEFT's ``lora_B.bias`` (``lora_bias=True``)
+is scaled like the low-rank product; an original LoRA's ``diff_b`` is added as it is (diffusers reads both so).
 
 Write (``save_lora``): the attached adapters under diffusers' names, ``transformer.`` prefix, PyTorch layout,
-with each module's ``alpha / rank`` folded into ``lora_B`` (so any reader gets the same result whether or not it
-reads alpha metadata) and, when all ranks agree, PEFT metadata ``r = lora_alpha = rank`` (scale 1) as diffusers
+with each module's ``alpha / rank`` folded into ``lora_B`` (and ``lora_B.bias`` written as it is added: so any
+reader gets the same result whether or not it reads alpha metadata) and, when all ranks agree, PEFT metadata ``r = lora_alpha = rank`` (scale 1) as diffusers
 writes it: ``WanPipeline.load_lora_weights(dir)`` reads it. Written to a temporary file and renamed (all or
 nothing).
 """
@@ -46,9 +47,8 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file
 _METADATA_KEY = "lora_adapter_metadata"
 _PREFIXES = ("transformer.", "diffusion_model.", "base_model.model.")
 _KINDS = ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_down.weight", "A"), (".lora_up.weight", "B"),
-          (".alpha", "alpha"))
-_UNSUPPORTED = {".lora_B.bias": "LoRA bias (lora_B.bias)", ".diff_b": "bias delta (diff_b)",
-                ".diff": "full weight delta (diff)", ".dora_scale": "DoRA (dora_scale)",
+          (".alpha", "alpha"), (".lora_B.bias", "bias"), (".diff_b", "diff_b"))
+_UNSUPPORTED = {".diff": "full weight delta (diff)", ".dora_scale": "DoRA (dora_scale)",
                 ".lora_magnitude_vector": "DoRA (lora_magnitude_vector)"}
 _SHOWN = 20
 
@@ -186,6 +186,11 @@ def _check_shapes(file: Path, st: SafetensorsFile, slots: dict, layers: dict) ->
                        f"[r, {n_in}] / [{n_out}, r])")
         if "alpha" in slot.keys and math.prod(st.tensors[slot.keys["alpha"]].shape) != 1:
             bad.append(f"{slot.keys['alpha']} (alpha must be one number)")
+        for kind in ("bias", "diff_b"):
+            if kind in slot.keys and st.tensors[slot.keys[kind]].shape != (n_out,):
+                bad.append(f"{slot.keys[kind]} {list(st.tensors[slot.keys[kind]].shape)} (expects [{n_out}])")
+        if "bias" in slot.keys and "diff_b" in slot.keys:
+            bad.append(f"{slot.keys['diff_b']} (the layer also has {slot.keys['bias']})")
         for key in slot.keys.values():
             require_float(st.tensors[key], key)
     if bad:
@@ -205,6 +210,8 @@ def _gather(file: Path, st: SafetensorsFile, slots: dict, layers: dict, config: 
         A = np.zeros((*lead, n_in, rank), np.float32)
         B = np.zeros((*lead, rank, n_out), np.float32)
         scale = np.zeros(lead, np.float32)
+        biased = any("bias" in s.keys or "diff_b" in s.keys for s in group)
+        bias = np.zeros((*lead, n_out), np.float32) if biased else None
         for s in group:
             a, b = st.get(s.keys["A"]).astype(np.float32), st.get(s.keys["B"]).astype(np.float32)
             r = a.shape[0]
@@ -216,7 +223,11 @@ def _gather(file: Path, st: SafetensorsFile, slots: dict, layers: dict, config: 
             A[(*at, slice(None), slice(0, r))] = a.T
             B[(*at, slice(0, r))] = b.T
             scale[at] = 1.0 if alpha is None else alpha / (math.sqrt(r) if rslora else r)
-        out[path] = LoRAWeights(A, B, scale)
+            if "bias" in s.keys:  # PEFT: lora_B's bias is scaled with its weight
+                bias[at] = st.get(s.keys["bias"]).astype(np.float32) * scale[at]
+            elif "diff_b" in s.keys:  # a raw bias delta
+                bias[at] = st.get(s.keys["diff_b"]).astype(np.float32)
+        out[path] = LoRAWeights(A, B, scale, bias)
     return out
 
 
@@ -285,13 +296,16 @@ def save_lora(model: nnx.Module, path: str | os.PathLike, *, dtype=np.float32) -
             b = np.asarray(w.B[at], np.float32) * np.float32(w.scale[at])
             tensors[f"transformer.{module}.lora_A.weight"] = np.ascontiguousarray(a.T).astype(dtype)
             tensors[f"transformer.{module}.lora_B.weight"] = np.ascontiguousarray(b.T).astype(dtype)
+            if w.bias is not None:  # scale 1 in the file: the bias goes as it is added
+                tensors[f"transformer.{module}.lora_B.bias"] = np.asarray(w.bias[at], np.float32).astype(dtype)
             ranks.add(a.shape[-1])
             modules.append(module)
     metadata = {"format": "pt"}
     if len(ranks) == 1:
         (r,) = ranks
         config = {"r": r, "lora_alpha": r, "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none",
-                  "use_dora": False, "use_rslora": False}
+                  "use_dora": False, "use_rslora": False,
+                  "lora_bias": any(k.endswith(".lora_B.bias") for k in tensors)}
         metadata[_METADATA_KEY] = json.dumps({f"transformer.{k}": v for k, v in config.items()}, indent=2,
                                              sort_keys=True)
     return _write(Path(path), tensors, metadata)
