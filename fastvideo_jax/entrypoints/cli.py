@@ -1,4 +1,5 @@
-"""The ``fastvideo-jax`` command: ``convert`` (weights), ``generate`` (video), ``preprocess`` (training data).
+"""The ``fastvideo-jax`` command: ``convert`` (weights), ``generate`` (video), ``preprocess`` (training data),
+``train`` (finetune a DiT).
 
 Known errors (``fastvideo_jax.errors.UserError``: bad input, checkpoint or path; a missing file) print one
 line ``error: ...`` and exit 2; ``--debug`` or ``FASTVIDEO_JAX_DEBUG=1`` shows the traceback instead.
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fastvideo_jax.entrypoints.preprocess_cli import add_preprocess_parser
 
     add_preprocess_parser(sub)
+    from fastvideo_jax.entrypoints.train_cli import add_train_parser
+
+    add_train_parser(sub)
     return p
 
 

@@ -67,10 +67,14 @@ class ParamSplit:
         return jax.jit(lambda d: {k: jnp.array(v, F32, copy=True) for k, v in d.items()},
                        out_shardings=shardings)(initial)
 
-    def merge(self, params: Mapping[str, jax.Array]) -> nnx.Module:
-        """The module with ``params`` (fp32 masters) cast to their compute dtypes, the frozen part as loaded."""
-        flat = [(path, var.replace(params[param_key(path)].astype(self.compute_dtypes[param_key(path)])))
-                for path, var in self._templates]
+    def merge(self, params: Mapping[str, jax.Array], cast: bool = True) -> nnx.Module:
+        """The module with ``params`` (fp32 masters) cast to their compute dtypes (``cast=False``: as given), the
+        frozen part as loaded."""
+        def value(path):
+            a = params[param_key(path)]
+            return a.astype(self.compute_dtypes[param_key(path)]) if cast else a
+
+        flat = [(path, var.replace(value(path))) for path, var in self._templates]
         return nnx.merge(self.graphdef, nnx.from_flat_state(flat), self.frozen)
 
     def input_dtype(self) -> jnp.dtype:
