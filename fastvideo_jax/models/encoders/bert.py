@@ -27,11 +27,14 @@ from fastvideo_jax.models.encoders.base import BaseEncoderOutput, TextEncoder, c
 from fastvideo_jax.models.encoders.clip import ACTIVATIONS, MASKED_BACKENDS, _dtype, _hidden_tuple
 from fastvideo_jax.models.encoders.t5 import Embedding, split
 from fastvideo_jax.models.layers.compiled import compiled_call
+from fastvideo_jax.parallel.activations import constrain
+from fastvideo_jax.parallel.rules import TEXT_ENCODER_ACTIVATION_RULES, TEXT_ENCODER_RULES
 from fastvideo_jax.models.layers.linear import Linear
 from fastvideo_jax.models.layers.norms import LayerNorm
 
 F32 = jnp.float32
 HIDDEN = ("batch", "length", "embed")  # (B, L, D) between layers
+_LOOKUP_RULES = {"batch": TEXT_ENCODER_ACTIVATION_RULES["batch"], "embed": TEXT_ENCODER_RULES["embed"]}
 _MASKED = float(jnp.finfo(F32).min)
 
 
@@ -50,7 +53,11 @@ class BertEmbeddings(nnx.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:  # (B, L) -> (B, L, D)
         positions = self.position_embeddings.embedding[...][: ids.shape[1]]
         token_type = self.token_type_embeddings.embedding[...][0]
-        return self.LayerNorm(self.word_embeddings(ids) + token_type[None, None] + positions[None])
+        # Lookup output split as the table's model dim, then over prompts: all-to-alls, not a full gather of the
+        # (B, L, D) output on a mesh (as stepllm.py / t5.py).
+        words = constrain(self.word_embeddings(ids), (None, None, "embed"), TEXT_ENCODER_RULES)
+        words = constrain(words, ("batch", None, "embed"), _LOOKUP_RULES)
+        return self.LayerNorm(words + token_type[None, None] + positions[None])
 
 
 class BertSelfAttention(nnx.Module):
