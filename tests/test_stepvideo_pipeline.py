@@ -206,3 +206,36 @@ def test_bad_inputs(parts):
             ModelSpec.open(parts.root)
     finally:
         (parts.root / "model_index.json").write_text(json.dumps(INDEX))
+
+
+def test_release_layout_loads(parts, tmp_path):
+    """The release's / FastVideo's layout: model_index.json lists transformer, scheduler and vae only; the text
+    encoders and tokenizers sit in step_llm/ and hunyuan_clip/{clip_text_encoder,tokenizer}/. Same latents as
+    our layout; the release's BERT as a PyTorch pickle only is a clear error before any weight is read."""
+    import shutil
+
+    root = tmp_path / "release"
+    for name in ("transformer", "vae", "scheduler"):
+        shutil.copytree(parts.root / name, root / name)
+    shutil.copytree(parts.root / "text_encoder", root / "step_llm")
+    shutil.copy(parts.sp, root / "step_llm" / parts.sp.name)
+    shutil.copytree(parts.root / "text_encoder_2", root / "hunyuan_clip" / "clip_text_encoder")
+    shutil.copytree(parts.root / "tokenizer_2", root / "hunyuan_clip" / "tokenizer")
+    (root / "model_index.json").write_text(json.dumps(
+        {k: v for k, v in INDEX.items() if k in ("_class_name", "transformer", "vae", "scheduler")}))
+    spec = ModelSpec.open(root, pipeline_config=CONFIG)
+    assert dict(spec.folders) == {"text_encoder": "step_llm", "tokenizer": "step_llm",
+                                  "text_encoder_2": "hunyuan_clip/clip_text_encoder",
+                                  "tokenizer_2": "hunyuan_clip/tokenizer"}
+    gen = VideoGenerator.from_spec(spec)
+    latents = np.random.default_rng(1).standard_normal((1, VAE["z_channels"], 3, 2, 3)).astype(np.float32)
+    request = dict(REQUEST, num_inference_steps=2)
+    got = gen.generate_video(PROMPT, latents=latents, progress=False, **request)["latents"]
+    want = parts.gen.generate_video(PROMPT, latents=latents, progress=False, **request)["latents"]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    bert_dir = root / "hunyuan_clip" / "clip_text_encoder"
+    torch.save(parts.bert.state_dict(), bert_dir / "pytorch_model.bin")
+    for f in bert_dir.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors files \(only PyTorch pickles: pytorch_model\.bin"):
+        ModelSpec.open(root, pipeline_config=CONFIG)  # checked with the configs, before any weight is read

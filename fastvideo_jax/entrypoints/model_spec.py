@@ -35,6 +35,7 @@ class ModelSpec:
     vae_arch: Any
     pipeline_cls: type = None  # resolved from model_index.json's _class_name by the pipeline registry
     components: tuple[str, ...] = ()  # the components the pipeline loads
+    folders: tuple[tuple[str, str], ...] = ()  # (component, folder) for components model_index.json does not list
 
     @classmethod
     def open(cls, model: str | Path, *, pipeline_config: PipelineConfig | None = None, **overrides: Any) -> "ModelSpec":
@@ -51,18 +52,20 @@ class ModelSpec:
         raw_index = read_config(path, "model_index.json")
         pipeline_name = raw_index.get("_class_name")
         pipeline_cls = resolve_pipeline_cls(pipeline_name, str(path / "model_index.json"))
-        missing = [n for n in pipeline_cls._required_components if n not in index or index[n][0] is None]
+        folders = pipeline_cls.component_folders(path, index)  # components kept outside the index's listing
+        available = {**index, **{name: ("folder", folder) for name, folder in folders.items()}}
+        missing = [n for n in pipeline_cls._required_components if n not in available or available[n][0] is None]
         if missing:
             raise CheckpointError(f"{path}/model_index.json: {pipeline_name} needs the components {missing}")
-        names = pipeline_cls.components_to_load(index)
-        configs = check_components(path, names)
+        names = pipeline_cls.components_to_load(available)
+        configs = check_components(path, names, folders)
         defaults_config, sampling = get_model_defaults(model, configs.get("transformer"), raw_index,
                                                        fallback=_family_defaults(pipeline_cls), family=pipeline_name)
         config = (pipeline_config or _with_index_fields(defaults_config, raw_index, path)).replace(**overrides)
         config = config.validate()
         pipeline_cls.check_config(config, names)
         return cls(path, config, sampling, _arch(configs["transformer"]), _arch(configs["vae"]), pipeline_cls,
-                   tuple(names))
+                   tuple(names), tuple(sorted(folders.items())))
 
     def sampling_param(self, **overrides: Any) -> SamplingParam:
         """This model's defaults with ``overrides`` (None keeps a default), checked against the model."""

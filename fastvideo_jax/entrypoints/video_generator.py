@@ -70,7 +70,8 @@ class VideoGenerator:
         parts = load_components(spec.path, list(spec.components), mesh=mesh,
                                 precisions=component_precisions(config, spec.components),
                                 overrides={n: config.dit_overrides() for n in spec.components
-                                           if n.startswith("transformer")})
+                                           if n.startswith("transformer")},
+                                folders=dict(spec.folders))
         generator = cls(spec.pipeline_cls(parts, config), spec.defaults, spec.path)
         generator.lora_merge = lora_merge
         if lora is not None:

@@ -11,6 +11,7 @@ given (a path, a ``PIL.Image`` or a uint8 (H, W, 3) array) into the batch's uint
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from fastvideo_jax.configs.pipelines.base import PipelineConfig
@@ -49,6 +50,12 @@ class ComposedPipeline:
         of None is an absent component): every required one and the optional ones present."""
         return [*cls._required_components,
                 *(c for c in cls._optional_components if available.get(c) not in (None, (None, None)))]
+
+    @classmethod
+    def component_folders(cls, root: Path, index: Mapping[str, Any]) -> dict[str, str]:
+        """Components this layout keeps in folders ``model_index.json`` (``index``) does not list: name -> folder
+        under ``root`` (StepVideo's ``step_llm/``, ...). Default: none, every component is in the index."""
+        return {}
 
     @classmethod
     def default_config(cls) -> tuple[PipelineConfig, SamplingParam]:

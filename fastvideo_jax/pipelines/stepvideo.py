@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -115,6 +116,16 @@ class StepVideoPipeline(ComposedPipeline):
             if config.flow_shift is not None:
                 components["scheduler"] = dataclasses.replace(scheduler, shift=float(config.flow_shift))
         super().__init__(components, config)
+
+    @classmethod
+    def component_folders(cls, root: Path, index: Mapping[str, Any]) -> dict[str, str]:
+        """The release's / FastVideo's layout: the text encoders and their tokenizers in ``step_llm/`` and
+        ``hunyuan_clip/{clip_text_encoder,tokenizer}/``, outside ``model_index.json`` (used when it does not list
+        them and those folders exist)."""
+        candidates = {"text_encoder": "step_llm", "tokenizer": "step_llm",
+                      "text_encoder_2": "hunyuan_clip/clip_text_encoder", "tokenizer_2": "hunyuan_clip/tokenizer"}
+        return {name: folder for name, folder in candidates.items()
+                if name not in index and (Path(root) / folder).is_dir()}
 
     @classmethod
     def default_config(cls) -> tuple[StepVideoT2VConfig, SamplingParam]:

@@ -9,6 +9,7 @@ image processor from its ``preprocessor_config.json``; schedulers through the re
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ from fastvideo_jax.models.loader.component_loader import (
     VAELoader,
     read_config,
 )
-from fastvideo_jax.models.loader.safetensors_io import CheckpointError
+from fastvideo_jax.models.loader import orbax_io
+from fastvideo_jax.models.loader.safetensors_io import CheckpointError, find_safetensors
 from fastvideo_jax.models.registry import ModelRegistry, class_names, class_names_from_config, resolve_model_cls
 
 __all__ = [
@@ -111,17 +113,20 @@ def read_model_index(root: str | Path) -> dict[str, tuple[str | None, str | None
     return out
 
 
-def check_components(root: str | Path, names: list[str]) -> dict[str, dict[str, Any]]:
+def check_components(root: str | Path, names: list[str], folders: Mapping[str, str] | None = None
+                     ) -> dict[str, dict[str, Any]]:
     """Everything about the named components that can fail without reading weights, checked up front: each
-    is in ``model_index.json``, has its folder, and its config names a registered class of the right kind.
-    Returns each model or scheduler component's config (tokenizers: an empty dict)."""
+    is in ``model_index.json`` (or in ``folders``: component -> its folder under ``root``, for a layout whose index
+    does not list it, such as StepVideo's ``step_llm/``), has its folder, and its config names a registered class
+    of the right kind. Returns each model or scheduler component's config (tokenizers: an empty dict)."""
     root = Path(root)
     index = read_model_index(root)
+    folders = dict(folders or {})
     configs: dict[str, dict[str, Any]] = {}
     for name in names:
-        if name not in index:
+        if name not in index and name not in folders:
             raise CheckpointError(f"{root}/model_index.json: has no component {name!r} (has {sorted(index)})")
-        directory = root / name
+        directory = root / folders.get(name, name)
         if not directory.is_dir():
             raise CheckpointError(f"{directory}: component folder missing (model_index.json lists {name!r})")
         kind = component_kind(name)
@@ -135,6 +140,8 @@ def check_components(root: str | Path, names: list[str]) -> dict[str, dict[str, 
                 raise CheckpointError(f"{directory / 'config.json'}: class {names_in} is not a {name} class "
                                       f"(expected one of {sorted(expected)})")
             ModelRegistry.resolve_model_cls(names_in)
+            if not orbax_io.is_converted(directory):  # weight files present (a listing, nothing read)
+                find_safetensors(directory)
             configs[name] = config
         elif kind == "scheduler":
             config = read_config(directory, "scheduler_config.json")
@@ -157,18 +164,21 @@ def load_components(
     mesh: Mesh | None = None,
     precisions: dict[str, str] | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
+    folders: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Load the named (default: all loadable) components of a pipeline directory. Configs, tokenizers and
     schedulers are checked and loaded first, so their errors come before any weight is read. ``overrides``: per
-    component, further config fields (e.g. a transformer's attention_backend)."""
+    component, further config fields (e.g. a transformer's attention_backend). ``folders``: component -> folder
+    under ``root`` for components ``model_index.json`` does not list (see check_components)."""
     root = Path(root)
     index = read_model_index(root)
     names = names or [n for n, (lib, cls) in index.items() if lib is not None and component_kind(n) != "other"]
-    check_components(root, names)
+    folders = dict(folders or {})
+    check_components(root, names, folders)
     precisions = precisions or {}
     out: dict[str, Any] = {}
     for name in sorted(names, key=lambda n: component_kind(n) == "model"):  # light components first
-        directory = root / name
+        directory = root / folders.get(name, name)
         kind = component_kind(name)
         if kind == "model":
             kwargs = {"precision": precisions[name]} if name in precisions else {}

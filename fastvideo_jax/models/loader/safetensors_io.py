@@ -210,7 +210,10 @@ def find_safetensors(directory: str | os.PathLike) -> list[Path]:
         return [d / n for n in names]
     files = sorted(d.glob("*.safetensors"))
     if not files:
-        raise CheckpointError(f"{d}: no *.safetensors files")
+        pickled = sorted(p.name for p in d.glob("*.bin"))
+        hint = (f" (only PyTorch pickles: {', '.join(pickled)}; convert them to safetensors, e.g. "
+                "safetensors.torch.save_file(torch.load(path), 'model.safetensors'))") if pickled else ""
+        raise CheckpointError(f"{d}: no *.safetensors files{hint}")
     return files
 
 
