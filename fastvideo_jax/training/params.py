@@ -75,7 +75,10 @@ class ParamSplit:
             return a.astype(self.compute_dtypes[param_key(path)]) if cast else a
 
         flat = [(path, var.replace(value(path))) for path, var in self._templates]
-        return nnx.merge(self.graphdef, nnx.from_flat_state(flat), self.frozen)
+        # fresh Variable objects for the frozen part (same arrays): inside a trace, nnx.scan refuses Variables
+        # made outside it (a LoRA run's frozen base weights)
+        frozen = jax.tree.map(lambda a: a, self.frozen)
+        return nnx.merge(self.graphdef, nnx.from_flat_state(flat), frozen)
 
     def input_dtype(self) -> jnp.dtype:
         """The dtype the DiT's inputs are given in: its configured precision (bf16 or fp32)."""
