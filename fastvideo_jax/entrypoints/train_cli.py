@@ -53,7 +53,11 @@ def add_train_parser(sub) -> None:
     p.add_argument("--validation-prompt", action="append", default=[], help="a validation prompt (repeatable)")
     p.add_argument("--validation-steps", type=int, default=None, help="denoising steps of validation videos")
     p.add_argument("--validation-size", default=None, help="HxWxF of validation videos, e.g. 480x832x33")
-    p.add_argument("--no-export", action="store_true", help="do not export the trained DiT at the end")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train only LoRA adapters of this rank on the DiT's attention and FFN projections (base "
+                   "frozen); exports <output-dir>/lora/pytorch_lora_weights.safetensors (generate --lora reads it)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (scale alpha / rank; default rank)")
+    p.add_argument("--no-export", action="store_true", help="do not export the trained DiT (or LoRA) at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run_train)
 
@@ -87,7 +91,8 @@ def config_from_args(args: argparse.Namespace):
                        objective=objective, optim=optim, checkpoint_every=args.checkpoint_every,
                        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
                        validate_every=args.validate_every, validation_prompts=tuple(args.validation_prompt),
-                       validation_overrides=overrides, export=not args.no_export, progress=not args.no_progress)
+                       validation_overrides=overrides, export=not args.no_export, progress=not args.no_progress,
+                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
 
 
 def run_train(args: argparse.Namespace, on_step=None) -> int:
@@ -101,5 +106,6 @@ def run_train(args: argparse.Namespace, on_step=None) -> int:
     last = result["metrics"]
     loss = f", loss {last['loss']:.4f}" if last else ""
     print(f"trained to step {result['step']}{loss}; output in {result['output_dir']}"
-          + (f"; DiT exported to {result['transformer']}" if "transformer" in result else ""))
+          + (f"; DiT exported to {result['transformer']}" if "transformer" in result else "")
+          + (f"; LoRA written to {result['lora']}" if "lora" in result else ""))
     return 0

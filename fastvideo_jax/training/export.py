@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["export_dit"]
+__all__ = ["export_dit", "export_lora"]
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -41,3 +41,16 @@ def export_dit(trainer: Any, state: Any, source_dir: str | Path, destination: st
     else:
         tmp.rename(destination)
     return destination
+
+
+def export_lora(trainer: Any, state: Any, destination: str | Path) -> Path:
+    """Write the LoRA adapters of ``state`` (fp32 masters) as a diffusers LoRA folder
+    (``pytorch_lora_weights.safetensors``, which ``WanPipeline.load_lora_weights`` and ``--lora`` read)."""
+    from fastvideo_jax.models.loader.lora_io import LORA_WEIGHT_NAME, save_lora
+    from fastvideo_jax.parallel.distributed import is_primary
+
+    destination = Path(destination)
+    model = trainer.split.merge(state.params, cast=False)
+    if not is_primary():
+        return destination / LORA_WEIGHT_NAME
+    return save_lora(model, destination)

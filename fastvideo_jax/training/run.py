@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import logging
 import time
 from collections.abc import Callable
@@ -58,6 +59,8 @@ class TrainConfig:
     validation_overrides: dict = dataclasses.field(default_factory=dict)  # SamplingParam fields
     export: bool = True
     progress: bool = True
+    lora_rank: int = 0  # > 0: train only LoRA adapters of this rank (models/layers/lora.py); the base stays frozen
+    lora_alpha: float | None = None  # LoRA scale alpha / rank (default alpha = rank)
 
     def check(self) -> None:
         for name in ("max_steps", "batch_size", "accum", "checkpoint_every", "keep_checkpoints", "log_every"):
@@ -68,6 +71,11 @@ class TrainConfig:
             raise UserError(f"precision {self.precision!r}: choose bf16 or fp32")
         if self.remat not in ("none", "full", "dots"):
             raise UserError(f"remat {self.remat!r}: choose none, full or dots")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise UserError(f"lora_rank must be a non-negative integer (0: full finetune), got {self.lora_rank!r}")
+        if self.lora_alpha is not None and (not self.lora_rank or not math.isfinite(self.lora_alpha)
+                                            or self.lora_alpha <= 0):
+            raise UserError(f"lora_alpha must be a finite number > 0 and needs lora_rank > 0, got {self.lora_alpha!r}")
         if self.validate_every < 0 or (self.validate_every and not self.validation_prompts):
             raise UserError("validate_every > 0 needs at least one validation prompt (--validation-prompt)")
 
@@ -115,8 +123,9 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = 
     if config.attention_backend:
         overrides["attention_backend"] = config.attention_backend
     model = TransformerLoader().load(spec.path / "transformer", mesh=mesh, **overrides)
+    trainable = _maybe_lora(model, config)
     # LatentDataset gives the latents the DiT sees (normalised with the VAE's latents_mean/std)
-    trainer = Trainer(model, config.objective, optim, mesh=mesh, accum=config.accum)
+    trainer = Trainer(model, config.objective, optim, mesh=mesh, accum=config.accum, trainable=trainable)
     del model
     expected = {"fingerprint": model_fingerprint(trainer.split.config, trainer.abstract_state().params),
                 "data": data_meta}
@@ -133,11 +142,29 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = 
     finally:
         checkpointer.close()
     result = {"step": int(state.step), "metrics": last, "output_dir": str(out)}
-    if config.export:
+    if config.export and config.lora_rank:
+        from fastvideo_jax.training.export import export_lora
+
+        result["lora"] = str(export_lora(trainer, state, out / "lora"))
+    elif config.export:
         from fastvideo_jax.training.export import export_dit
 
         result["transformer"] = str(export_dit(trainer, state, spec.path / "transformer", out / "transformer"))
     return result
+
+
+def _maybe_lora(model, config: TrainConfig):
+    """The trainable filter: every parameter, or (``lora_rank`` > 0) fresh LoRA adapters on the DiT's
+    ``lora_target_modules``, initialised from the run's seed."""
+    from flax import nnx
+
+    if not config.lora_rank:
+        return nnx.Param
+    from fastvideo_jax.models.layers.lora import LORA_FILTER, inject_lora
+
+    layers = inject_lora(model, config.lora_rank, config.lora_alpha, rngs=nnx.Rngs(config.seed))
+    log.info("LoRA rank %d on %d layers (%s, ...)", config.lora_rank, len(layers), ", ".join(layers[:3]))
+    return LORA_FILTER
 
 
 class _Loop:
