@@ -170,6 +170,39 @@ def test_original_format_lora_matches_diffusers(dit_dir, ours, inputs, diffusers
     assert rel <= 1e-4, f"original-format LoRA: max-abs {err:.3e}, relative {rel:.3e}"
 
 
+def _to_musubi(state: dict, alpha: float) -> dict:
+    """diffusers/peft names -> musubi-tuner's (``lora_unet_blocks_0_self_attn_q.lora_down.weight``, ``.alpha``);
+    blocks only, no biases (what diffusers' musubi converter takes)."""
+    table = (("attn1.to_out.0", "self_attn_o"), ("attn2.to_out.0", "cross_attn_o"), ("attn1.to_", "self_attn_"),
+             ("attn2.to_", "cross_attn_"), ("ffn.net.0.proj", "ffn_0"), ("ffn.net.2", "ffn_2"))
+    out = {}
+    for key, value in state.items():
+        module, _, kind = key.rpartition(".lora_")
+        if not module.startswith("blocks.") or kind == "B.bias":
+            continue
+        for ours, theirs in table:
+            module = module.replace(ours, theirs)
+        module = "lora_unet_" + module.replace(".", "_")
+        down = kind.startswith("A")
+        out[f"{module}.lora_{'down' if down else 'up'}.weight"] = value.numpy()
+        if down:
+            out[f"{module}.alpha"] = np.asarray(alpha, np.float32)
+    return out
+
+
+def test_musubi_lora_matches_diffusers(dit_dir, ours, inputs, diffusers_lora, tmp_path):
+    """A kohya/musubi-tuner Wan LoRA: ours (lora_param_names_mapping rows) equals diffusers' conversion."""
+    _, state, _ = diffusers_lora
+    save_safetensors(tmp_path / "musubi.safetensors", _to_musubi(state, alpha=3.0))
+    load_lora(ours, tmp_path / "musubi.safetensors", merge=False)
+    assert ours.blocks.attn2.to_out.lora is not None and ours.proj_out.lora is None
+    out = _ours_out(ours, inputs)
+    pipe = _wan_pipeline(dit_dir)
+    pipe.load_lora_weights(tmp_path, weight_name="musubi.safetensors")
+    err, rel = errors(out, torch_out(pipe.transformer, *inputs))
+    assert rel <= 1e-4, f"musubi LoRA: max-abs {err:.3e}, relative {rel:.3e}"
+
+
 def test_merge_equals_separate_and_unmerge_restores_exact_weights(ours, inputs, diffusers_lora):
     folder, _, _ = diffusers_lora
     kernels = {p: np.asarray(m.kernel[...]) for p, m in linear_layers(ours).items()}

@@ -3,7 +3,8 @@
 Read (``read_lora``): keys ``transformer.<module>.lora_A.weight`` (r, in) / ``.lora_B.weight`` (out, r) as
 diffusers' ``save_lora_weights`` writes them (also without the ``transformer.`` prefix, or under PEFT's
 ``base_model.model.``), or the original layout ``diffusion_model.<module>.lora_down.weight`` / ``.lora_up.weight``
-(or ``lora_A``/``lora_B``) with an optional ``.alpha`` per module. A name goes through the DiT's
+(or ``lora_A``/``lora_B``) with an optional ``.alpha`` per module, or kohya/musubi-tuner's ``lora_unet_...``
+names (mapped by rows of the same table). A name goes through the DiT's
 ``lora_param_names_mapping`` (original -> Diffusers names) and then its ``param_names_mapping`` (Diffusers ->
 ours) to a ``Linear`` (a scanned stack's layer: ``blocks.<i>.``). Scale per module: ``alpha / rank`` with the
 file's ``.alpha``, else the ``lora_alpha`` (and ``alpha_pattern``; ``alpha / sqrt(rank)`` under ``use_rslora``)

@@ -50,7 +50,8 @@ WAN_REVERSE_PARAM_NAMES_MAPPING: NameMapping = (
     (_B + r"self_attn_residual_norm\.norm\.(.*)$", r"blocks.\1.norm2.\2"),
 )
 
-# Original Wan (non-Diffusers) LoRA names -> Diffusers names; applied before WAN_PARAM_NAMES_MAPPING.
+# Original Wan (non-Diffusers) and kohya/musubi LoRA names -> Diffusers names; applied before
+# WAN_PARAM_NAMES_MAPPING.
 WAN_LORA_PARAM_NAMES_MAPPING: NameMapping = (
     (_B + r"self_attn\.(q|k|v)\.(.*)$", r"blocks.\1.attn1.to_\2.\3"),
     (_B + r"self_attn\.o\.(.*)$", r"blocks.\1.attn1.to_out.0.\2"),
@@ -69,6 +70,15 @@ WAN_LORA_PARAM_NAMES_MAPPING: NameMapping = (
     (r"^img_emb\.proj\.1\.(.*)$", r"condition_embedder.image_embedder.ff.net.0.proj.\1"),
     (r"^img_emb\.proj\.3\.(.*)$", r"condition_embedder.image_embedder.ff.net.2.\1"),
     (r"^head\.head\.(.*)$", r"proj_out.\1"),
+    # kohya / musubi-tuner names (dots flattened to underscores under ``lora_unet_``), as diffusers converts them
+    (r"^lora_unet_blocks_(\d+)_self_attn_(q|k|v)\.(.*)$", r"blocks.\1.attn1.to_\2.\3"),
+    (r"^lora_unet_blocks_(\d+)_self_attn_o\.(.*)$", r"blocks.\1.attn1.to_out.0.\2"),
+    (r"^lora_unet_blocks_(\d+)_cross_attn_(q|k|v)\.(.*)$", r"blocks.\1.attn2.to_\2.\3"),
+    (r"^lora_unet_blocks_(\d+)_cross_attn_o\.(.*)$", r"blocks.\1.attn2.to_out.0.\2"),
+    (r"^lora_unet_blocks_(\d+)_cross_attn_k_img\.(.*)$", r"blocks.\1.attn2.add_k_proj.\2"),
+    (r"^lora_unet_blocks_(\d+)_cross_attn_v_img\.(.*)$", r"blocks.\1.attn2.add_v_proj.\2"),
+    (r"^lora_unet_blocks_(\d+)_ffn_0\.(.*)$", r"blocks.\1.ffn.net.0.proj.\2"),
+    (r"^lora_unet_blocks_(\d+)_ffn_2\.(.*)$", r"blocks.\1.ffn.net.2.\2"),
 )
 
 
