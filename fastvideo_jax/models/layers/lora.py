@@ -125,14 +125,17 @@ def adapted_layers(model: nnx.Module) -> dict[str, Linear]:
 
 
 # ---- placing adapter arrays like their kernel -------------------------------------------------------------
-def _place(kernel: jax.Array, value: np.ndarray | jax.Array, dims: Sequence[int | None]) -> jax.Array:
-    """``value`` on the kernel's devices; dimension i sharded as kernel dimension ``dims[i]`` (None: replicated)."""
+def _sharding_like(kernel: jax.Array, dims: Sequence[int | None]) -> jax.sharding.Sharding:
+    """On the kernel's devices, dimension i sharded as kernel dimension ``dims[i]`` (None: replicated)."""
     sharding = kernel.sharding
     if isinstance(sharding, NamedSharding):
         spec = tuple(sharding.spec) + (None,) * (kernel.ndim - len(sharding.spec))
-        return jax.device_put(value, NamedSharding(sharding.mesh, PartitionSpec(*(None if d is None else spec[d]
-                                                                                     for d in dims))))
-    return jax.device_put(value, next(iter(sharding.device_set)))
+        return NamedSharding(sharding.mesh, PartitionSpec(*(None if d is None else spec[d] for d in dims)))
+    return jax.sharding.SingleDeviceSharding(next(iter(sharding.device_set)))
+
+
+def _place(kernel: jax.Array, value: np.ndarray | jax.Array, dims: Sequence[int | None]) -> jax.Array:
+    return jax.device_put(value, _sharding_like(kernel, dims))
 
 
 def _make_adapter(linear: Linear, A, B, scale, strength: float, bias=None) -> LoRAAdapter:
@@ -165,11 +168,18 @@ def inject_lora(model: nnx.Module, rank: int, alpha: float | None = None, *, rng
         kernel = var_value(linear.kernel)
         *lead, n_in, n_out = kernel.shape
         dtype = param_dtype or kernel.dtype
-        bound = 1.0 / math.sqrt(n_in)
-        A = jax.random.uniform(rngs.params(), (*lead, n_in, rank), F32, -bound, bound).astype(dtype)
-        B = jnp.zeros((*lead, rank, n_out), dtype)
+        stack = tuple(range(len(lead)))
+        A = _uniform(rngs.params(), (*lead, n_in, rank), dtype, 1.0 / math.sqrt(n_in),
+                     _sharding_like(kernel, (*stack, len(lead), None)))  # built in place on its shards
+        B = jax.jit(lambda: jnp.zeros((*lead, rank, n_out), dtype),
+                    out_shardings=_sharding_like(kernel, (*stack, None, len(lead) + 1)))()
         linear.lora = nnx.data(_make_adapter(linear, A, B, np.full(lead, scale, np.float32), 1.0))
     return list(layers)
+
+
+def _uniform(key, shape, dtype, bound, sharding):
+    return jax.jit(lambda k: jax.random.uniform(k, shape, F32, -bound, bound).astype(dtype),
+                   out_shardings=sharding)(key)
 
 
 def attach_lora(model: nnx.Module, weights: Mapping[str, LoRAWeights], *, strength: float = 1.0,
