@@ -132,3 +132,34 @@ def test_resume_from_another_models_checkpoint_is_refused(setup, tmp_path, capsy
     assert "another model" in err and "num_layers" in err and str(out / "checkpoints" / "1") in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_resume_with_another_batch_size_is_refused(setup, tmp_path, capsys):
+    """Same model, but the checkpoint's data position was counted in batches of 4: refused (naming batch_size)."""
+    from fastvideo_jax.models.loader.component_loader import TransformerLoader
+    from fastvideo_jax.training.checkpoint import TrainCheckpointer, model_fingerprint
+    from fastvideo_jax.training.objective import FlowMatchObjective
+    from fastvideo_jax.training.optim import OptimConfig
+    from fastvideo_jax.training.trainer import Trainer
+
+    trainer = Trainer(TransformerLoader().load(setup / "model" / "transformer", precision="fp32"),
+                      FlowMatchObjective(), OptimConfig())
+    fingerprint = model_fingerprint(trainer.split.config, trainer.abstract_state().params)
+    out = tmp_path / "out"
+    ckpt = TrainCheckpointer(out / "checkpoints", every=1, keep=1, async_save=False)
+    ckpt.save(2, {"x": __import__("numpy").zeros(2)}, {"fingerprint": fingerprint, "data": {
+        "dataset_size": 4, "batch_size": 4, "accum": 1, "seed": 0, "next_step": 2}})
+    ckpt.close()
+    assert main(_args(setup, out)) == 2
+    err = capsys.readouterr().err
+    assert "batch_size=4" in err and "batch_size=2" in err and str(out / "checkpoints" / "2") in err
+
+
+@pytest.mark.parametrize("flag,value,message", [("--max-steps", "0", "max_steps must be a positive integer"),
+                                                ("--batch-size", "5", "fewer than batch size")])
+def test_bad_numbers_are_refused(setup, tmp_path, capsys, flag, value, message):
+    args = _args(setup, tmp_path / "out")
+    args[args.index(flag) + 1] = value
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

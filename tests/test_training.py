@@ -116,3 +116,24 @@ def test_overfits_two_clips(dit_dir, monkeypatch):
             break
     assert losses[-1] <= losses[0] / 10, f"loss {losses[0]:.4f} -> {losses[-1]:.4f} after {len(losses)} steps"
     assert int(state.step) == len(losses)
+
+
+def test_bf16_compute_keeps_fp32_masters(dit_dir):
+    """precision="bf16": the forward runs on bf16 weights (norms/modulation fp32, as the model's policy), the
+    masters, gradients and Adam moments are fp32, and the loss is the fp32 loss to bf16 accuracy."""
+    clips = _clips(seed=1)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        model = TransformerLoader().load(dit_dir, precision=precision)
+        trainer = Trainer(model, FlowMatchObjective(), OptimConfig(learning_rate=1e-3))
+        state = trainer.init_state(seed=0)
+        merged = trainer.model(state)
+        assert all(v.dtype == jnp.float32 for v in state.params.values())
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+        kernel_dtype = merged.blocks.to_q.kernel[...].dtype
+        assert kernel_dtype == (jnp.bfloat16 if precision == "bf16" else jnp.float32)
+        assert merged.blocks.scale_shift_table[...].dtype == jnp.float32
+        state, metrics = trainer.step(state, trainer.place_batch(clips))
+        losses[precision] = float(metrics["loss"])
+        assert all(v.dtype == jnp.float32 for v in state.params.values())
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)

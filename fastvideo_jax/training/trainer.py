@@ -101,7 +101,8 @@ class Trainer:
 
     # ---- data ---------------------------------------------------------------------------------------------
     def place_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Host arrays with ``accum * B`` rows -> (accum, B, ...) on the devices, B over the mesh's batch axes."""
+        """Host arrays with ``accum * B`` rows -> (accum, B, ...) on the devices, B over the mesh's batch axes.
+        With several processes each gives its own rows (``batch_iterator(process_index=...)``)."""
         out = {}
         for key in BATCH_KEYS:
             a = np.asarray(batch[key], np.float32)
@@ -110,6 +111,11 @@ class Trainer:
             a = a.reshape((self.accum, a.shape[0] // self.accum) + a.shape[1:])
             if self.mesh is None:
                 out[key] = jax.device_put(a, self._replicated())
+            elif jax.process_count() > 1:  # each process holds its rows of the global batch
+                global_shape = (a.shape[0], a.shape[1] * jax.process_count()) + a.shape[2:]
+                spec = spec_for(("batch",) + (None,) * (a.ndim - 2), global_shape[1:], self.mesh)
+                sharding = NamedSharding(self.mesh, PartitionSpec(None, *spec))
+                out[key] = jax.make_array_from_process_local_data(sharding, a, global_shape)
             else:
                 spec = spec_for(("batch",) + (None,) * (a.ndim - 2), a.shape[1:], self.mesh)
                 out[key] = jax.device_put(a, NamedSharding(self.mesh, PartitionSpec(None, *spec)))
