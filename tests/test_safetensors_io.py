@@ -64,7 +64,7 @@ def test_duplicate_key_across_files(tmp_path):
 
 
 def test_empty_dir_and_bad_entries(tmp_path):
-    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no weight files \(\*\.safetensors, or PyTorch \*\.bin pickles\)"):
         find_safetensors(tmp_path)
     header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
     (tmp_path / "bad.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)

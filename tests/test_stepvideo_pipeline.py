@@ -211,7 +211,8 @@ def test_bad_inputs(parts):
 def test_release_layout_loads(parts, tmp_path):
     """The release's / FastVideo's layout: model_index.json lists transformer, scheduler and vae only; the text
     encoders and tokenizers sit in step_llm/ and hunyuan_clip/{clip_text_encoder,tokenizer}/. Same latents as
-    our layout; the release's BERT as a PyTorch pickle only is a clear error before any weight is read."""
+    our layout, also with the release's BERT as a PyTorch pickle only (read by the torch-free restricted
+    unpickler); no weights at all is a clear error before any weight is read."""
     import shutil
 
     root = tmp_path / "release"
@@ -237,5 +238,9 @@ def test_release_layout_loads(parts, tmp_path):
     torch.save(parts.bert.state_dict(), bert_dir / "pytorch_model.bin")
     for f in bert_dir.glob("*.safetensors"):
         f.unlink()
-    with pytest.raises(CheckpointError, match=r"no \*\.safetensors files \(only PyTorch pickles: pytorch_model\.bin"):
+    gen = VideoGenerator.from_spec(ModelSpec.open(root, pipeline_config=CONFIG))  # through the safe unpickler
+    got = gen.generate_video(PROMPT, latents=latents, progress=False, **request)["latents"]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    (bert_dir / "pytorch_model.bin").unlink()
+    with pytest.raises(CheckpointError, match=r"clip_text_encoder: no weight files \(\*\.safetensors, or PyTorch"):
         ModelSpec.open(root, pipeline_config=CONFIG)  # checked with the configs, before any weight is read

@@ -5,11 +5,16 @@ calls it once per tensor and cuts every local device shard from that one copy, s
 ``get``/``array`` return a memory-mapped view, so a caller that slices it touches only the pages of that slice.
 bf16 and fp8 come back as ``ml_dtypes`` arrays, never through an fp32 round trip. Every structural problem of a file (short header, bad JSON, offsets past the end
 of the file, sizes that do not match shape and dtype) raises ``CheckpointError`` naming the file and the key.
+
+A component that ships only PyTorch pickles (``pytorch_model.bin``, or shards listed by
+``pytorch_model.bin.index.json``) is read through ``torch_pickle.TorchPickleFile``, which has the same interface
+(``tensors``, ``keys``, ``get``, ``read``) and runs no code from the file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import struct
@@ -21,6 +26,9 @@ import ml_dtypes
 import numpy as np
 
 from fastvideo_jax.errors import CheckpointError  # re-exported: loaders raise it naming the file
+from fastvideo_jax.models.loader.torch_pickle import TorchPickleFile, is_torch_pickle
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointError",
@@ -72,6 +80,10 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int
     end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
 
 
 class SafetensorsFile:
@@ -150,14 +162,19 @@ def _tensor_info(path: Path, key: str, entry: object, base: int, data_size: int)
 class SafetensorsCheckpoint(Mapping[str, TensorInfo]):
     """All tensors of a component directory (one file, or several listed by an index), read lazily.
 
-    Acts as a mapping from tensor name to ``TensorInfo``; ``get(name)`` returns the array view.
+    Acts as a mapping from tensor name to ``TensorInfo`` (``PickledTensorInfo`` for a PyTorch pickle's tensors);
+    ``array(name)`` returns the array view.
     """
 
     def __init__(self, files: list[Path]):
         if not files:
             raise CheckpointError("no safetensors files given")
-        self.files = [SafetensorsFile(p) for p in files]
-        self._where: dict[str, SafetensorsFile] = {}
+        pickles = [Path(p) for p in files if is_torch_pickle(p)]
+        self.files = [TorchPickleFile(p) if is_torch_pickle(p) else SafetensorsFile(p) for p in files]
+        if pickles:
+            logger.info("%s: read %d PyTorch pickle file(s) (%s) with the restricted unpickler: tensors only, no "
+                        "code from the file runs", pickles[0].parent, len(pickles), ", ".join(p.name for p in pickles))
+        self._where: dict[str, SafetensorsFile | TorchPickleFile] = {}
         for f in self.files:
             for key in f.tensors:
                 if key in self._where:
@@ -187,34 +204,38 @@ class SafetensorsCheckpoint(Mapping[str, TensorInfo]):
 
     @property
     def nbytes(self) -> int:
-        return sum(i.end - i.start for i in self.values())
+        return sum(i.nbytes for i in self.values())
 
 
 def find_safetensors(directory: str | os.PathLike) -> list[Path]:
-    """The weight files of a component dir: the shards an ``*.safetensors.index.json`` lists, or every file."""
+    """The weight files of a component dir: the shards an ``*.safetensors.index.json`` lists, or every
+    ``*.safetensors`` file; failing both, PyTorch pickles: the shards a ``*.bin.index.json`` lists, or every
+    ``*.bin`` file."""
     d = Path(directory)
     if not d.is_dir():
         raise CheckpointError(f"{d}: not a directory")
-    indexes = sorted(d.glob("*.safetensors.index.json"))
-    if len(indexes) > 1:
-        raise CheckpointError(f"{d}: more than one safetensors index ({', '.join(p.name for p in indexes)})")
-    if indexes:
-        try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{indexes[0]}: not a valid safetensors index ({e!r})") from None
+    for suffix in (".safetensors", ".bin"):
+        indexes = sorted(d.glob(f"*{suffix}.index.json"))
+        if len(indexes) > 1:
+            raise CheckpointError(f"{d}: more than one {suffix} index ({', '.join(p.name for p in indexes)})")
+        if indexes:
+            return _indexed_shards(d, indexes[0])
+        files = sorted(p for p in d.glob(f"*{suffix}") if p.is_file())
+        if files:
+            return files
+    raise CheckpointError(f"{d}: no weight files (*.safetensors, or PyTorch *.bin pickles)")
+
+
+def _indexed_shards(d: Path, index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
         names = sorted(set(weight_map.values()))
-        missing = [n for n in names if not (d / n).is_file()]
-        if missing:
-            raise CheckpointError(f"{indexes[0]}: lists shard files that do not exist: {missing}")
-        return [d / n for n in names]
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
-        pickled = sorted(p.name for p in d.glob("*.bin"))
-        hint = (f" (only PyTorch pickles: {', '.join(pickled)}; convert them to safetensors, e.g. "
-                "safetensors.torch.save_file(torch.load(path), 'model.safetensors'))") if pickled else ""
-        raise CheckpointError(f"{d}: no *.safetensors files{hint}")
-    return files
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a valid weight index ({e!r})") from None
+    missing = [n for n in names if not (d / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: lists shard files that do not exist: {missing}")
+    return [d / n for n in names]
 
 
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: dict | None = None):
