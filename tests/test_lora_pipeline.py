@@ -91,6 +91,11 @@ def test_generator_lora_kwarg_and_set_lora(tiny_root, loras, bad_lora, count_com
     np.testing.assert_array_equal(_latents(base), plain)  # unmerged + removed: exactly the unloaded model
     with pytest.raises(UserError, match="lora_scale must be finite"):
         base.set_lora(lora_a, float("nan"))
+    with pytest.raises(UserError, match=r"one of \['transformer'\]; got 'transformer_2'"):
+        base.set_lora(lora_a, component="transformer_2")  # a one-expert model
+    with pytest.raises(UserError, match="got 'vae'"):
+        base.set_lora(lora_a, component="vae")
+    assert base.pipeline.loras == {}
 
 
 @pytest.fixture

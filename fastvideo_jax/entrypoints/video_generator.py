@@ -80,15 +80,17 @@ class VideoGenerator:
 
     lora_merge: bool = True  # how set_lora attaches a LoRA unless told (from_pretrained's lora_merge)
 
-    def set_lora(self, path: str | Path | None, scale: float = 1.0, *, merge: bool | None = None) -> None:
+    def set_lora(self, path: str | Path | None, scale: float = 1.0, *, merge: bool | None = None,
+                 component: str = "transformer") -> None:
         """Switch the DiT's LoRA without reloading the model: the file ``path`` at ``scale``, or None for none.
-        ``merge``: into the weights (default: as ``from_pretrained``'s ``lora_merge``). A file that does not fit
-        the DiT is refused (``CheckpointError`` naming its tensors) and the current LoRA stays."""
-        self.pipeline.set_lora(path, scale, merge=self.lora_merge if merge is None else merge)
+        ``merge``: into the weights (default: as ``from_pretrained``'s ``lora_merge``). ``component``:
+        ``"transformer_2"`` for Wan2.2 A14B's low-noise expert (each expert has its own LoRA). A file that does
+        not fit the DiT is refused (``CheckpointError`` naming its tensors) and the current LoRA stays."""
+        self.pipeline.set_lora(path, scale, merge=self.lora_merge if merge is None else merge, component=component)
 
-    def set_lora_scale(self, scale: float) -> None:
+    def set_lora_scale(self, scale: float, *, component: str = "transformer") -> None:
         """The attached LoRA at another scale (its file is not read again)."""
-        self.pipeline.set_lora_scale(scale)
+        self.pipeline.set_lora_scale(scale, component=component)
 
     def sampling_param(self, **overrides: Any) -> SamplingParam:
         """This model's defaults with ``overrides`` (None values keep the default), checked against the model

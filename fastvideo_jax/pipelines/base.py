@@ -102,20 +102,38 @@ class ComposedPipeline:
     @property
     def lora(self) -> LoRASlot:
         """The LoRA attached to ``transformer`` (``path`` None: none)."""
-        return self.__dict__.get("_lora") or LoRASlot()
+        return self.loras.get("transformer", LoRASlot())
 
-    def set_lora(self, path, scale: float = 1.0, *, merge: bool = True) -> None:
-        """Attach the LoRA file ``path`` to ``transformer`` at ``scale`` (None: drop the current one), replacing
-        any other without reloading the model: ``merge`` folds it into the weights (fastest steps), else it is
-        kept separate (another adapter of the same ranks then runs on the compiled steps). The file is checked
-        against the DiT before anything changes."""
-        self._lora = switch_lora(self.transformer, self.lora, path, scale, merge=merge)
+    @property
+    def loras(self) -> dict[str, LoRASlot]:
+        """The LoRA of each DiT component that has one (``transformer``, Wan2.2's ``transformer_2``)."""
+        return dict(self.__dict__.get("_loras", {}))
+
+    def set_lora(self, path, scale: float = 1.0, *, merge: bool = True, component: str = "transformer") -> None:
+        """Attach the LoRA file ``path`` to the DiT ``component`` (``transformer``; ``transformer_2``: Wan2.2
+        A14B's low-noise expert) at ``scale`` (None: drop the current one), replacing any other without reloading
+        the model: ``merge`` folds it into the weights (fastest steps), else it is kept separate (another adapter
+        of the same ranks then runs on the compiled steps). The file is checked against the DiT before anything
+        changes."""
+        dit = self._lora_dit(component)
+        loras = self.loras
+        loras[component] = switch_lora(dit, loras.get(component, LoRASlot()), path, scale, merge=merge)
+        self._loras = loras
         self._refresh_stages()
 
-    def set_lora_scale(self, scale: float) -> None:
+    def set_lora_scale(self, scale: float, *, component: str = "transformer") -> None:
         """The attached LoRA at another scale (its file is not read again)."""
-        self._lora = rescale_lora(self.transformer, self.lora, scale)
+        dit = self._lora_dit(component)
+        loras = self.loras
+        loras[component] = rescale_lora(dit, loras.get(component, LoRASlot()), scale)
+        self._loras = loras
         self._refresh_stages()
+
+    def _lora_dit(self, component: str):
+        dits = [c for c in ("transformer", "transformer_2") if self.components.get(c) is not None]
+        if component not in dits:
+            raise UserError(f"{type(self).__name__}: a LoRA goes on a DiT component, one of {dits}; got {component!r}")
+        return self.components[component]
 
     def _refresh_stages(self) -> None:
         for s in self.stages:
