@@ -89,7 +89,8 @@ def _abstract_batch(trainer, batch: int, latent, text_len: int, text_dim: int):
     out = {}
     for k, s in shapes.items():
         spec = spec_for(("batch",) + (None,) * (len(s.shape) - 2), s.shape[1:], trainer.mesh)
-        out[k] = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(trainer.mesh, PartitionSpec(None, *spec)))
+        sharding = NamedSharding(trainer.mesh, PartitionSpec(None, *spec))
+        out[k] = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
     return out
 
 

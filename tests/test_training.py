@@ -1,4 +1,4 @@
-"""Training: FastVideo's flow-matching tables, the optimizer's schedules, remat, and overfitting two toy clips."""
+"""Training: FastVideo's flow-matching tables, the optimizer's schedules, bf16 compute, overfitting two toy clips."""
 
 from __future__ import annotations
 
@@ -43,7 +43,10 @@ def test_timestep_sampling_schemes():
         assert idx.min() >= 0 and idx.max() <= 999
         assert len(np.unique(idx)) > 500, scheme
     # logit-normal concentrates on the middle of the schedule; uniform does not
-    mid = lambda s: np.mean(np.abs(np.asarray(FlowMatchObjective(weighting_scheme=s).sample_indices(key, 4096)) - 500) < 250)
+    def mid(scheme):
+        idx = np.asarray(FlowMatchObjective(weighting_scheme=scheme).sample_indices(key, 4096))
+        return np.mean(np.abs(idx - 500) < 250)
+
     assert mid("logit_normal") > 0.65 > 0.55 > mid("uniform") > 0.45
     with pytest.raises(UserError, match="weighting_scheme"):
         FlowMatchObjective(weighting_scheme="cosmap")
@@ -74,26 +77,6 @@ def test_lr_schedules_match_diffusers(name):
         assert float(ours(step)) == pytest.approx(ref.get_last_lr()[0], rel=1e-6, abs=1e-12), step
         opt.step()
         ref.step()
-
-
-def test_remat_gives_the_same_gradients(dit_dir):
-    """remat="full" recomputes each block in the backward: same loss and gradients, and the differentiated
-    jaxpr holds a remat (checkpoint) primitive only then."""
-    clips = _clips()
-    grads = {}
-    for remat in ("none", "full"):
-        model = TransformerLoader().load(dit_dir, precision="fp32", remat=remat)
-        trainer = Trainer(model, FlowMatchObjective(), OptimConfig())
-        params = trainer.split.master_params()
-        batch = {k: jnp.asarray(v) for k, v in clips.items()}
-        fn = jax.value_and_grad(trainer.loss_fn)
-        jaxpr = str(jax.make_jaxpr(fn)(params, batch["latents"], batch["prompt_embeds"], jax.random.key(1)))
-        assert ("remat" in jaxpr or "checkpoint" in jaxpr) == (remat == "full")
-        grads[remat] = jax.jit(fn)(params, batch["latents"], batch["prompt_embeds"], jax.random.key(1))
-    (l0, g0), (l1, g1) = grads["none"], grads["full"]
-    assert float(l0) == pytest.approx(float(l1), rel=1e-6)
-    for k in g0:
-        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
 def test_overfits_two_clips(dit_dir, monkeypatch):

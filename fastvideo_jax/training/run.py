@@ -93,7 +93,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict], None] | None = 
     dataset = LatentDataset(config.data)  # UserError: missing, not a dataset, empty
     global_batch = config.batch_size * config.accum
     if len(dataset) < global_batch:
-        raise UserError(f"{config.data}: {len(dataset)} sample(s), fewer than batch size x accumulation = {global_batch}")
+        raise UserError(f"{config.data}: {len(dataset)} sample(s), fewer than batch size x accumulation = "
+                        f"{global_batch}")
     spec = ModelSpec.open(config.model)
     _check_data_fits(dataset, spec.dit_arch, config.data)
     mesh = resolve_mesh(config.mesh, num_heads=spec.dit_arch.num_attention_heads, use_cfg=False)
