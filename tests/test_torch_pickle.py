@@ -178,6 +178,18 @@ def test_bad_files_are_clear_errors(tmp_path):
     _archive(tmp_path / "norecord.bin", payload)  # the storage record is missing
     with pytest.raises(CheckpointError, match="storage record archive/data/0 is missing"):
         TorchPickleFile(tmp_path / "norecord.bin")
+    with zipfile.ZipFile(tmp_path / "w.bin") as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    prefix = pkl.removesuffix("data.pkl")
+    for name, edit, message in [
+            ("big.bin", {prefix + "byteorder": b"big"}, "stored 'big'-endian; only little-endian"),
+            ("past.bin", {pkl: payload.replace(b"K\x04\x85", b"K\x05\x85")},  # size (4,) -> (5,)
+             r"tensor 'w' \(size \(5,\), stride \(1,\), offset 0\) reaches past its storage of 4 elements")]:
+        with zipfile.ZipFile(tmp_path / name, "w", zipfile.ZIP_STORED) as z:
+            for member, data in {**members, **edit}.items():
+                z.writestr(member, data)
+        with pytest.raises(CheckpointError, match=message):
+            TorchPickleFile(tmp_path / name)
     (tmp_path / "cut.bin").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(CheckpointError, match="cut.bin"):
         TorchPickleFile(tmp_path / "cut.bin")

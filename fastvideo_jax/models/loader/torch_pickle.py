@@ -282,28 +282,38 @@ class TorchPickleFile:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         return self._mmap
 
-    def _view(self, key: str, raw: np.ndarray) -> np.ndarray:
+    def _view(self, key: str, raw: np.ndarray, offset: int) -> np.ndarray:
         info = self.tensors[key]
         flat = raw.view(info.dtype)
         if not info.shape:  # as_strided turns shape () into (1,)
-            return flat[info.offset: info.offset + 1].reshape(())
+            return flat[offset: offset + 1].reshape(())
         strides = tuple(s * info.dtype.itemsize for s in info.stride)
-        return np.lib.stride_tricks.as_strided(flat[info.offset:], info.shape, strides, writeable=False)
+        return np.lib.stride_tricks.as_strided(flat[offset:], info.shape, strides, writeable=False)
 
     def get(self, key: str) -> np.ndarray:
         """The tensor as a read-only (possibly strided) view of the memory-mapped file."""
         start, size = self._records[self.tensors[key].record]
-        return self._view(key, self._data()[start: start + size])
+        return self._view(key, self._data()[start: start + size], self.tensors[key].offset)
 
     def read(self, key: str) -> np.ndarray:
-        """The tensor copied into private memory, C-contiguous (only its storage record is read)."""
-        start, size = self._records[self.tensors[key].record]
+        """The tensor copied into private memory, C-contiguous. Only the bytes from its first to its last element
+        are read (not the rest of a storage it shares with other tensors)."""
+        info = self.tensors[key]
+        start, _ = self._records[info.record]
+        span = _span(info) * info.dtype.itemsize
         with open(self.path, "rb") as f:
-            f.seek(start)
-            data = f.read(size)
-        if len(data) != size:
+            f.seek(start + info.offset * info.dtype.itemsize)
+            data = f.read(span)
+        if len(data) != span:
             raise CheckpointError(f"{self.path}: tensor {key!r} is cut short (file changed while reading?)")
-        return np.array(self._view(key, np.frombuffer(data, np.uint8)), order="C")  # a copy; keeps shape ()
+        return np.array(self._view(key, np.frombuffer(data, np.uint8), 0), order="C")  # a copy; keeps shape ()
+
+
+def _span(info: PickledTensorInfo) -> int:
+    """Elements from a tensor's first to its last element in its storage (0 for an empty tensor)."""
+    if math.prod(info.shape) == 0:
+        return 0
+    return 1 + sum((n - 1) * s for n, s in zip(info.shape, info.stride))
 
 
 def _check_bounds(path: Path, key: str, t: _Tensor) -> None:
