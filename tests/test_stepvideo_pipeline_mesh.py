@@ -15,7 +15,9 @@ from fastvideo_jax.configs.models.dits.stepvideo import STEPVIDEO_PRESETS
 from fastvideo_jax.configs.pipelines.stepvideo import StepVideoT2VConfig
 from fastvideo_jax.entrypoints.video_generator import VideoGenerator
 from fastvideo_jax.models.dits.stepvideo import StepVideoModel
+from fastvideo_jax.parallel.memory import params_memory_kind
 from fastvideo_jax.pipelines.stages import DenoisingStage
+from fastvideo_jax.pipelines.stepvideo import StepVideoTextEncodingStage
 from fastvideo_jax.testing.tiny_checkpoints import write_random_component
 from fastvideo_jax.testing.tiny_stepvideo import write_tiny_stepvideo_pipeline
 
@@ -79,6 +81,18 @@ def test_default_mesh_matches_one_device(tiny_stepvideo_8_heads, one_device):
     assert rel <= 1e-5, (err, rel)
     assert np.abs(ref).max() > 0.1  # not a vacuous comparison
     assert _psnr(out["frames"], ref_frames) >= 60.0
+
+    # text_encoder_offload: both encoders back in host memory after encoding, the same conditioning
+    stage = pipe.stage(StepVideoTextEncodingStage)
+    batch = pipe.initial_batch(gen.sampling_param(prompt="a cat", **REQUEST))
+    want = stage(batch).conditioning
+    stage.config = CONFIG.replace(text_encoder_offload=True)
+    for _ in range(2):
+        got = stage(batch).conditioning
+        for name in ("text_encoder", "text_encoder_2"):
+            assert params_memory_kind(pipe.components[name]) == {"pinned_host"}, name
+        for key in want:
+            np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
 
 
 @pytest.mark.parametrize("mesh", ["sequence=8", "fsdp=2,sequence=4"])
