@@ -118,7 +118,7 @@ class ComposedPipeline:
         dit = self._lora_dit(component)
         loras = self.loras
         loras[component] = switch_lora(dit, loras.get(component, LoRASlot()), path, scale, merge=merge)
-        self._loras = loras
+        self._loras = {c: slot for c, slot in loras.items() if slot.path is not None}
         self._refresh_stages()
 
     def set_lora_scale(self, scale: float, *, component: str = "transformer") -> None:
