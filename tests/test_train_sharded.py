@@ -1,5 +1,6 @@
 """Sharded training on 8 fake devices gives the single-device losses (<= 1e-5 relative): FSDP (weights and
-optimizer moments over fsdp=8, the batch over fsdp) and data x FSDP (data=2 x fsdp=4), with accumulation."""
+optimizer moments over fsdp=8, the batch over fsdp) and data x FSDP (data=2 x fsdp=4), with accumulation
+(FSDP x sequence parallel: tests/test_train_sequence.py)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,10 @@ def single(dit_dir):
 
 @pytest.mark.parametrize("config", [MeshConfig(fsdp=8), MeshConfig(data=2, fsdp=4)], ids=["fsdp8", "data2_fsdp4"])
 def test_sharded_losses_equal_one_device(dit_dir, single, config):
-    mesh = make_mesh(config)
+    check_sharded_run(dit_dir, single, make_mesh(config))
+
+
+def check_sharded_run(dit_dir, single, mesh):
     losses, state = _run(dit_dir, mesh)
     np.testing.assert_allclose(losses, single, rtol=1e-5)
     # the run was really sharded: weights and Adam moments split 8 ways, the state kept on the mesh
