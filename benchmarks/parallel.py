@@ -10,8 +10,9 @@ Nothing real is allocated: the DiT's parameters are ``jax.ShapeDtypeStruct``s ca
 (``nnx.eval_shape`` + the DIT rules), and the pipeline's jitted CFG denoise step (batch 2: cond + uncond,
 the scheduler update included: Wan's UniPC, StepVideo's flow-match Euler) is lowered and compiled for each mesh.
 StepVideo's step takes its two texts as the pipeline passes them: Step-LLM states (B, 320, 6144), BERT states
-(B, 77, 1024) and the (B, 397) mask; its latents are the VAE's (64 channels, 16x spatial, 17 frames -> 3). Mesh per row: ``sequence = sp``, ``data = 2``
-(CFG parallel) while devices remain, ``fsdp`` = the rest. Rows whose sp does not divide the heads are skipped.
+(B, 77, 1024) and the (B, 397) mask; its latents are the VAE's (64 channels, 16x spatial, 17 frames -> 3).
+Mesh per row: ``sequence = sp``, ``data = 2`` (CFG parallel) while devices remain, ``fsdp`` = the rest. Rows
+whose sp does not divide the heads are skipped.
 
 How the numbers are counted:
 - bytes/device: ``compiled.memory_analysis()`` of the whole step (all layers under one scan, the memory-safe
