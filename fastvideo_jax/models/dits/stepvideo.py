@@ -41,9 +41,10 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from fastvideo_jax.attention.api import AttentionBackend
 from fastvideo_jax.configs.models.dits.stepvideo import StepVideoConfig
 from fastvideo_jax.dtypes import to_dtype
-from fastvideo_jax.models.dits.base import BaseDiT
+from fastvideo_jax.models.dits.base import DENSE_BACKENDS, BaseDiT
 from fastvideo_jax.models.dits.stepvideo_blocks import F32, StepVideoTransformerBlock
 from fastvideo_jax.models.layers.activations import gelu_tanh
 from fastvideo_jax.models.layers.compiled import compiled_call
@@ -110,6 +111,7 @@ class StepVideoModel(BaseDiT):
     """StepVideo text-to-video DiT; the call and the pipeline facts are in the module docstring."""
 
     config_class = StepVideoConfig
+    _supported_attention_backends = DENSE_BACKENDS | {AttentionBackend.SAGE_ATTN}
     extra_inputs = frozenset({"encoder_hidden_states_2", "encoder_attention_mask"})
 
     def __init__(self, config: StepVideoConfig, *, rngs: nnx.Rngs):

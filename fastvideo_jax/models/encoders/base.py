@@ -18,10 +18,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 import jax
+import jax.numpy as jnp
 from flax import nnx, struct
 
 from fastvideo_jax.attention.api import AttentionBackend
 from fastvideo_jax.configs.models.encoders.base import EncoderConfig
+from fastvideo_jax.errors import UserError
 from fastvideo_jax.models.backends import check_attention_backend as check_backend
 
 __all__ = ["BaseEncoderOutput", "TextEncoder", "ImageEncoder", "check_attention_backend"]
@@ -74,6 +76,18 @@ class TextEncoder(_Encoder):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  output_hidden_states: bool = False) -> BaseEncoderOutput:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")
+
+    def check_tokens(self, input_ids, attention_mask, max_length: int | None = None) -> tuple[int, ...]:
+        """``input_ids``' shape, after a ``UserError`` naming the model unless it is (batch, length) with
+        1 <= length (<= ``max_length``) and ``attention_mask`` is None or of the same shape."""
+        shape, name = tuple(jnp.shape(input_ids)), type(self).__name__
+        if len(shape) != 2 or shape[1] < 1 or (max_length is not None and shape[1] > max_length):
+            limit = "" if max_length is None else f" <= {max_length}"
+            raise UserError(f"{name}: input_ids must be (batch, length{limit}), got {shape}")
+        if attention_mask is not None and tuple(jnp.shape(attention_mask)) != shape:
+            raise UserError(f"{name}: attention_mask {tuple(jnp.shape(attention_mask))} must have input_ids' "
+                            f"shape {shape}")
+        return shape
 
 
 class ImageEncoder(_Encoder):

@@ -22,7 +22,6 @@ from einops import rearrange
 from flax import nnx
 
 from fastvideo_jax.configs.models.encoders.bert import BertArchConfig, BertEncoderConfig
-from fastvideo_jax.errors import UserError
 from fastvideo_jax.models.encoders.base import BaseEncoderOutput, TextEncoder, check_attention_backend
 from fastvideo_jax.models.encoders.clip import ACTIVATIONS, MASKED_BACKENDS, _dtype, _hidden_tuple
 from fastvideo_jax.models.encoders.t5 import Embedding, split
@@ -161,12 +160,7 @@ class BertModel(TextEncoder):
                  output_hidden_states: bool = False) -> BaseEncoderOutput:
         """Token ids (B, L), L <= max_position_embeddings; ``attention_mask`` (B, L), 1 = token, 0 = pad (None:
         every position is a token). ``last_hidden_state`` (B, L, D); ``pooler_output`` None (no pooler)."""
-        shape, limit = tuple(jnp.shape(input_ids)), self.config.arch_config.max_position_embeddings
-        if len(shape) != 2 or not 1 <= shape[1] <= limit:
-            raise UserError(f"{type(self).__name__}: input_ids must be (batch, length <= {limit}), got {shape}")
-        if attention_mask is not None and tuple(jnp.shape(attention_mask)) != shape:
-            raise UserError(f"{type(self).__name__}: attention_mask {tuple(jnp.shape(attention_mask))} must have "
-                            f"input_ids' shape {shape}")
+        self.check_tokens(input_ids, attention_mask, self.config.arch_config.max_position_embeddings)
         return compiled_call(_forward, self, input_ids, attention_mask, output_hidden_states=output_hidden_states)
 
     def forward(self, input_ids: jax.Array, attention_mask: jax.Array | None, output_hidden_states: bool = False

@@ -195,12 +195,7 @@ class CLIPTextModel(TextEncoder):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  output_hidden_states: bool = False) -> BaseEncoderOutput:
         """Token ids (B, L), L <= max_position_embeddings; ``attention_mask`` (B, L), 1 = token, 0 = pad."""
-        shape, limit = tuple(jnp.shape(input_ids)), self.config.arch_config.max_position_embeddings
-        if len(shape) != 2 or shape[1] > limit:
-            raise UserError(f"{type(self).__name__}: input_ids must be (batch, length <= {limit}), got {shape}")
-        if attention_mask is not None and tuple(jnp.shape(attention_mask)) != shape:
-            raise UserError(f"{type(self).__name__}: attention_mask {tuple(jnp.shape(attention_mask))} must have "
-                            f"input_ids' shape {shape}")
+        self.check_tokens(input_ids, attention_mask, self.config.arch_config.max_position_embeddings)
         return compiled_call(_text_forward, self, input_ids, attention_mask, output_hidden_states=output_hidden_states)
 
     def forward(self, input_ids: jax.Array, attention_mask: jax.Array | None, output_hidden_states: bool = False

@@ -25,7 +25,6 @@ from flax import nnx
 from fastvideo_jax.attention.api import AttentionBackend
 from fastvideo_jax.configs.models.encoders.llama import LlamaArchConfig, LlamaEncoderConfig
 from fastvideo_jax.dtypes import to_dtype
-from fastvideo_jax.errors import UserError
 from fastvideo_jax.models.encoders.base import BaseEncoderOutput, TextEncoder, check_attention_backend
 from fastvideo_jax.models.encoders.t5 import ACTIVATIONS, Embedding, T5LayerNorm, split
 from fastvideo_jax.models.layers.compiled import compiled_call
@@ -162,12 +161,7 @@ class LlamaModel(TextEncoder):
         ``last_hidden_state`` (B, L, D), normed. ``hidden_states``: the embeddings, the outputs of layers
         1..N-1, then the final (normed) state. ``attention_mask`` is the mask given.
         """
-        shape = tuple(jnp.shape(input_ids))
-        if len(shape) != 2 or shape[1] < 1:
-            raise UserError(f"{type(self).__name__}: input_ids must be (batch, length), got {shape}")
-        if attention_mask is not None and tuple(jnp.shape(attention_mask)) != shape:
-            raise UserError(f"{type(self).__name__}: attention_mask {tuple(jnp.shape(attention_mask))} must have "
-                            f"input_ids' shape {shape}")
+        self.check_tokens(input_ids, attention_mask)
         return compiled_call(_forward, self, input_ids, attention_mask, output_hidden_states=output_hidden_states)
 
     def forward(self, input_ids: jax.Array, attention_mask: jax.Array | None, output_hidden_states: bool = False

@@ -162,18 +162,12 @@ class Step1Model(TextEncoder):
         """Token ids (B, L); ``attention_mask`` (B, L), 1 = token, 0 = pad, right-padded (it is returned, not
         applied: the original's attention is causal only). ``last_hidden_state`` (B, L, D) is the last layer's
         output (no final norm); ``hidden_states`` the embeddings then every layer's output."""
-        name, shape = type(self).__name__, tuple(jnp.shape(input_ids))
-        if len(shape) != 2 or shape[1] < 1:
-            raise UserError(f"{name}: input_ids must be (batch, length), got {shape}")
-        if attention_mask is not None:
-            if tuple(jnp.shape(attention_mask)) != shape:
-                raise UserError(f"{name}: attention_mask {tuple(jnp.shape(attention_mask))} must have input_ids' "
-                                f"shape {shape}")
-            if not isinstance(attention_mask, jax.core.Tracer):
-                m = np.asarray(attention_mask) > 0
-                if np.any(m[:, 1:] & ~m[:, :-1]):
-                    raise UserError(f"{name}: attention_mask must be right-padded (tokens first, then pads), as "
-                                    "StepVideo's tokenizer pads: the causal encoder cannot skip a pad before a token")
+        self.check_tokens(input_ids, attention_mask)
+        if attention_mask is not None and not isinstance(attention_mask, jax.core.Tracer):
+            m = np.asarray(attention_mask) > 0
+            if np.any(m[:, 1:] & ~m[:, :-1]):
+                raise UserError(f"{type(self).__name__}: attention_mask must be right-padded (tokens first, then "
+                                "pads), as StepVideo's tokenizer pads: the causal encoder cannot skip a pad before a token")
         return compiled_call(_forward, self, input_ids, attention_mask, output_hidden_states=output_hidden_states)
 
     def forward(self, input_ids: jax.Array, attention_mask: jax.Array | None, output_hidden_states: bool = False

@@ -42,18 +42,19 @@ class Conv3d(nnx.Module):
 
 
 class CausalConv3d(nnx.Module):
-    """diffusers' ``HunyuanVideoCausalConv3d``: replicate-pad ``k - 1`` frames in front (the first frame
-    repeated) and ``k // 2`` rows/columns on each side (edges repeated), then a valid conv (cubic kernels)."""
+    """Pad ``k - 1`` frames in front and ``k // 2`` rows/columns on each side, then a valid conv (cubic kernel,
+    stride (t, s, s)). ``pad_mode="edge"`` repeats the first frame and the edges (diffusers'
+    ``HunyuanVideoCausalConv3d``); ``"constant"`` pads zeros (StepVideo's causal convs)."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int = 3, stride: tuple[int, int, int] = (1, 1, 1), *, dtype,
-                 rngs: nnx.Rngs):
-        self.pad = (kernel - 1, kernel // 2)
+                 rngs: nnx.Rngs, pad_mode: str = "edge"):
+        self.pad, self.pad_mode = (kernel - 1, kernel // 2), pad_mode
         self.conv = Conv3d(c_in, c_out, kernel, stride, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         t, s = self.pad
         if t or s:
-            x = jnp.pad(x, ((0, 0), (t, 0), (s, s), (s, s), (0, 0)), mode="edge")
+            x = jnp.pad(x, ((0, 0), (t, 0), (s, s), (s, s), (0, 0)), mode=self.pad_mode)
         return self.conv(x)
 
 

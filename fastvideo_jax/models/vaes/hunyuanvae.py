@@ -22,6 +22,7 @@ from fastvideo_jax.dtypes import to_dtype
 from fastvideo_jax.errors import UserError
 from fastvideo_jax.models.layers.compiled import compiled_call
 from fastvideo_jax.models.vaes.hunyuan_blocks import CausalConv3d, DownBlock, GroupNorm, MidBlock, UpBlock
+from fastvideo_jax.models.vaes.latents import ScaledLatents
 from fastvideo_jax.models.vaes.tiling import temporal_tile_and_blend, tile_and_blend
 from fastvideo_jax.models.vaes.wan_blocks import PointwiseConv
 
@@ -88,7 +89,7 @@ def _decode_traced(model: "AutoencoderKLHunyuanVideo", z: jax.Array) -> jax.Arra
     return rearrange(model.decoder(z), "b f h w c -> b c f h w")
 
 
-class AutoencoderKLHunyuanVideo(nnx.Module):
+class AutoencoderKLHunyuanVideo(ScaledLatents, nnx.Module):
     """HunyuanVideo's video VAE. ``encode``/``decode`` take PyTorch layout (B, C, F, H, W), video in [-1, 1] (the
     decoded video is not clamped, as in diffusers); ``config.arch_config.spatial_compression_ratio`` /
     ``temporal_compression_ratio`` give the latent grid; ``denormalize_latents`` (z / scaling_factor) turns DiT
@@ -192,21 +193,6 @@ class AutoencoderKLHunyuanVideo(nnx.Module):
                 mc.tile_sample_min_num_frames - keep, keep, (frames - 1) * rt + 1, lambda n: (n - 1) * rt + 1,
             )
         return self._decode_spatial(z, tiled)
-
-    # ---- latent scaling ------------------------------------------------------------------------------------
-    def normalize_latents(self, z: jax.Array) -> jax.Array:
-        """z * scaling_factor: VAE latents (the posterior mean) -> DiT latents."""
-        return (z.astype(jnp.float32) * self.config.arch_config.scaling_factor).astype(z.dtype)
-
-    def denormalize_latents(self, z: jax.Array) -> jax.Array:
-        """z / scaling_factor: DiT latents -> VAE latents (before ``decode``), as diffusers' pipeline does."""
-        return (z.astype(jnp.float32) / self.config.arch_config.scaling_factor).astype(z.dtype)
-
-    @staticmethod
-    def sample(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
-        """A draw from the diagonal Gaussian posterior: mean + exp(logvar / 2) * noise."""
-        noise = jax.random.normal(key, mean.shape, jnp.float32)
-        return (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * noise).astype(mean.dtype)
 
 
 EntryClass = AutoencoderKLHunyuanVideo

@@ -17,7 +17,7 @@ from flax import nnx
 
 from fastvideo_jax.configs.models.vaes.stepvideovae import NORM_GROUPS
 from fastvideo_jax.models.layers.linear import make_param
-from fastvideo_jax.models.vaes.hunyuan_blocks import _INIT, Conv3d
+from fastvideo_jax.models.vaes.hunyuan_blocks import _INIT, CausalConv3d, Conv3d
 from fastvideo_jax.models.vaes.parallel_decode import constrain_video  # no-op without a mesh in scope
 
 F32 = jnp.float32
@@ -25,21 +25,12 @@ EPS = 1e-5  # torch.nn.GroupNorm's default, which the original keeps
 _CONV2D = ("NHWC", "HWIO", "NHWC")
 
 
-class CausalConv(nnx.Module):
-    """Zero-pad ``k - 1`` frames in front and ``k // 2`` rows/columns on each side, then a valid conv (cubic
-    kernel, stride (t, s, s)). The original's CausalConv, CausalConvChannelLast and CausalConvAfterNorm (whose
-    norm prepends the two zero frames) all compute this."""
-
-    def __init__(self, c_in: int, c_out: int, kernel: int = 3, stride: tuple[int, int, int] = (1, 1, 1), *, dtype,
-                 rngs: nnx.Rngs):
-        self.pad = (kernel - 1, kernel // 2)
-        self.conv = Conv3d(c_in, c_out, kernel, stride, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        t, s = self.pad
-        if t or s:
-            x = jnp.pad(x, ((0, 0), (t, 0), (s, s), (s, s), (0, 0)))
-        return self.conv(x)
+def causal_conv(c_in: int, c_out: int, kernel: int = 3, stride: tuple[int, int, int] = (1, 1, 1), *, dtype,
+                rngs: nnx.Rngs) -> CausalConv3d:
+    """Zero-pad ``k - 1`` frames in front and ``k // 2`` rows/columns on each side, then a valid conv. The
+    original's CausalConv, CausalConvChannelLast and CausalConvAfterNorm (whose norm prepends the two zero
+    frames) all compute this."""
+    return CausalConv3d(c_in, c_out, kernel, stride, dtype=dtype, rngs=rngs, pad_mode="constant")
 
 
 class Conv2d(nnx.Module):
@@ -79,10 +70,10 @@ class ResnetBlock(nnx.Module):
 
     def __init__(self, in_dim: int, out_dim: int, *, dtype, rngs: nnx.Rngs):
         self.norm1 = FrameGroupNorm(in_dim, rngs=rngs)
-        self.conv1 = CausalConv(in_dim, out_dim, dtype=dtype, rngs=rngs)
+        self.conv1 = causal_conv(in_dim, out_dim, dtype=dtype, rngs=rngs)
         self.norm2 = FrameGroupNorm(out_dim, rngs=rngs)
-        self.conv2 = CausalConv(out_dim, out_dim, dtype=dtype, rngs=rngs)
-        self.nin_shortcut = CausalConv(in_dim, out_dim, 1, dtype=dtype, rngs=rngs) if in_dim != out_dim else None
+        self.conv2 = causal_conv(out_dim, out_dim, dtype=dtype, rngs=rngs)
+        self.nin_shortcut = causal_conv(in_dim, out_dim, 1, dtype=dtype, rngs=rngs) if in_dim != out_dim else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.conv1(jax.nn.silu(self.norm1(x)))
@@ -118,7 +109,7 @@ class AttnBlock(nnx.Module):
     def __init__(self, dim: int, block: int, *, dtype, rngs: nnx.Rngs):
         self.block = block
         self.norm = FrameGroupNorm(dim, rngs=rngs)
-        self.q, self.k, self.v, self.proj_out = (CausalConv(dim, dim, 1, dtype=dtype, rngs=rngs) for _ in range(4))
+        self.q, self.k, self.v, self.proj_out = (causal_conv(dim, dim, 1, dtype=dtype, rngs=rngs) for _ in range(4))
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, F, H, W, C)
         _, T, H, _, _ = x.shape
@@ -154,7 +145,7 @@ class Downsample3D(nnx.Module):
     """Causal 3x3x3 conv with stride 2 in time and space (F -> ceil(F / 2), H -> ceil(H / 2))."""
 
     def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
-        self.conv = CausalConv(dim, dim, 3, (2, 2, 2), dtype=dtype, rngs=rngs)
+        self.conv = causal_conv(dim, dim, 3, (2, 2, 2), dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(x)
@@ -174,9 +165,9 @@ class Res3DBlockUpsample(nnx.Module):
     """conv1 -> norm1 -> SiLU -> conv2 -> norm2, then SiLU(h + x) + x (the original adds the input twice)."""
 
     def __init__(self, dim: int, *, dtype, rngs: nnx.Rngs):
-        self.conv1 = CausalConv(dim, dim, dtype=dtype, rngs=rngs)
+        self.conv1 = causal_conv(dim, dim, dtype=dtype, rngs=rngs)
         self.norm1 = FrameGroupNorm(dim, rngs=rngs)
-        self.conv2 = CausalConv(dim, dim, dtype=dtype, rngs=rngs)
+        self.conv2 = causal_conv(dim, dim, dtype=dtype, rngs=rngs)
         self.norm2 = FrameGroupNorm(dim, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -227,7 +218,7 @@ class ConvPixelUnshuffle(nnx.Module):
 
     def __init__(self, c_in: int, out: int, f: int, *, dtype, rngs: nnx.Rngs):
         self.f = f
-        self.conv = CausalConv(c_in, out // f**3, dtype=dtype, rngs=rngs)
+        self.conv = causal_conv(c_in, out // f**3, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return pixel_unshuffle(self.conv(x), self.f)
@@ -238,7 +229,7 @@ class ConvPixelShuffle(nnx.Module):
 
     def __init__(self, c_in: int, out: int, f: int, *, dtype, rngs: nnx.Rngs):
         self.f = f
-        self.conv = CausalConv(c_in, out * f**3, dtype=dtype, rngs=rngs)
+        self.conv = causal_conv(c_in, out * f**3, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return pixel_shuffle(self.conv(x), self.f)

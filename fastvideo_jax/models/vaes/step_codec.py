@@ -19,7 +19,6 @@ from flax import nnx
 
 from fastvideo_jax.configs.models.vaes.stepvideovae import LEVELS, StepVideoVAEArchConfig
 from fastvideo_jax.models.vaes.step_blocks import (
-    CausalConv,
     ConvPixelShuffle,
     ConvPixelUnshuffle,
     Downsample2D,
@@ -30,6 +29,7 @@ from fastvideo_jax.models.vaes.step_blocks import (
     Upsample2D,
     Upsample3D,
     averaging_shortcut,
+    causal_conv,
     duplicating_shortcut,
 )
 
@@ -59,7 +59,7 @@ class VideoEncoder(nnx.Module):
     def __init__(self, cfg: StepVideoVAEArchConfig, attention_block: int, *, dtype, rngs: nnx.Rngs):
         ch, mult, n = cfg.encoder_ch, cfg.encoder_ch_mult, cfg.num_res_blocks
         widths = [ch * m for m in (1, *mult)]
-        self.conv_in = CausalConv(cfg.in_channels, ch, dtype=dtype, rngs=rngs)
+        self.conv_in = causal_conv(cfg.in_channels, ch, dtype=dtype, rngs=rngs)
         levels = []
         for i in range(LEVELS):
             out = widths[i + 1]
@@ -73,7 +73,7 @@ class VideoEncoder(nnx.Module):
         self.norm_out = FrameGroupNorm(top, rngs=rngs)
         self.patch, self.z2 = cfg.patch_channels, 2 * cfg.z_channels
         self.conv_patchify = ConvPixelUnshuffle(top, cfg.patch_channels, 2, dtype=dtype, rngs=rngs)
-        self.conv_out = CausalConv(cfg.patch_channels, 2 * cfg.z_channels, dtype=dtype, rngs=rngs)
+        self.conv_out = causal_conv(cfg.patch_channels, 2 * cfg.z_channels, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, F, H, W, C) -> (B, T, H/16, W/16, 2z)
         h = self.conv_in(x)
@@ -89,7 +89,7 @@ class VideoDecoder(nnx.Module):
         ch, mult, n = cfg.decoder_ch, cfg.decoder_ch_mult, cfg.num_res_blocks + 1
         top = ch * mult[-1]
         self.patch, self.top = cfg.patch_channels, top
-        self.conv_in = CausalConv(cfg.z_channels, cfg.patch_channels, dtype=dtype, rngs=rngs)
+        self.conv_in = causal_conv(cfg.z_channels, cfg.patch_channels, dtype=dtype, rngs=rngs)
         self.conv_unpatchify = ConvPixelShuffle(cfg.patch_channels, top, 2, dtype=dtype, rngs=rngs)
         self.mid = MidBlock(top, attention_block, dtype=dtype, rngs=rngs)
         levels, block_in = [None] * LEVELS, top
@@ -102,7 +102,7 @@ class VideoDecoder(nnx.Module):
             block_in = out
         self.up = nnx.List(levels)
         self.norm_out = FrameGroupNorm(block_in, rngs=rngs)
-        self.conv_out = CausalConv(block_in, cfg.out_channels, dtype=dtype, rngs=rngs)
+        self.conv_out = causal_conv(block_in, cfg.out_channels, dtype=dtype, rngs=rngs)
 
     def __call__(self, z: jax.Array) -> jax.Array:  # (B, L, h, w, z) -> (B, 8L - 7, 16h, 16w, C)
         h = self.conv_in(z) + duplicating_shortcut(z, 1, self.patch)

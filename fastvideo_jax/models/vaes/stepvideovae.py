@@ -39,6 +39,7 @@ from fastvideo_jax.configs.models.vaes.stepvideovae import StepVideoVAEConfig
 from fastvideo_jax.dtypes import to_dtype
 from fastvideo_jax.errors import UserError
 from fastvideo_jax.models.layers.compiled import compiled_call
+from fastvideo_jax.models.vaes.latents import ScaledLatents
 from fastvideo_jax.models.vaes.step_codec import VideoDecoder, VideoEncoder
 from fastvideo_jax.models.vaes.tiling import masked_tile_average
 
@@ -78,7 +79,7 @@ def _encoded_frames(n: int) -> int | None:
     return (t + 1) // 2 if t % 2 else None
 
 
-class AutoencoderKLStepvideo(nnx.Module):
+class AutoencoderKLStepvideo(ScaledLatents, nnx.Module):
     """StepVideo's video VAE. ``encode``/``decode`` take PyTorch layout (B, C, F, H, W), video in [-1, 1]."""
 
     config_class = StepVideoVAEConfig
@@ -161,21 +162,6 @@ class AutoencoderKLStepvideo(nnx.Module):
         if tiled:  # config.use_tiling is a decode knob (as in diffsynth, whose encode has no tiling)
             raise UserError("AutoencoderKLStepvideo.encode: spatial tiling is not implemented for encoding (only "
                             "decode tiles); encode whole frames (tiled=False)")
-
-    # ---- latent scaling ------------------------------------------------------------------------------------
-    def normalize_latents(self, z: jax.Array) -> jax.Array:
-        """z * scaling_factor (1.0 at the release): VAE latents -> DiT latents."""
-        return (z.astype(jnp.float32) * self.config.arch_config.scaling_factor).astype(z.dtype)
-
-    def denormalize_latents(self, z: jax.Array) -> jax.Array:
-        """z / scaling_factor (1.0 at the release): DiT latents -> decoder input."""
-        return (z.astype(jnp.float32) / self.config.arch_config.scaling_factor).astype(z.dtype)
-
-    @staticmethod
-    def sample(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
-        """A draw from the diagonal Gaussian posterior: mean + exp(logvar / 2) * noise."""
-        noise = jax.random.normal(key, mean.shape, jnp.float32)
-        return (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * noise).astype(mean.dtype)
 
 
 EntryClass = AutoencoderKLStepvideo

@@ -21,6 +21,7 @@ from flax import nnx
 from fastvideo_jax.configs.models.vaes.wanvae import WanVAEArchConfig, WanVAEConfig
 from fastvideo_jax.dtypes import to_dtype
 from fastvideo_jax.models.layers.compiled import compiled_call
+from fastvideo_jax.models.vaes.latents import gaussian_sample
 from fastvideo_jax.models.vaes.tiling import tile_and_blend
 from fastvideo_jax.models.vaes.wan22_blocks import ResidualDownBlock, ResidualUpBlock, patchify, unpatchify
 from fastvideo_jax.models.vaes.wan_blocks import (
@@ -290,11 +291,7 @@ class AutoencoderKLWan(nnx.Module):
         mean, std = self._stats(z)
         return (z.astype(jnp.float32) * std + mean).astype(z.dtype)
 
-    @staticmethod
-    def sample(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
-        """A draw from the diagonal Gaussian posterior: mean + exp(logvar / 2) * noise."""
-        noise = jax.random.normal(key, mean.shape, jnp.float32)
-        return (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * noise).astype(mean.dtype)
+    sample = staticmethod(gaussian_sample)
 
 
 EntryClass = AutoencoderKLWan
