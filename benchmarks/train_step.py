@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --model 1.3b --aot              # Wan2.1-1.3B 480x832x81 finetune step,
                                                                      # lowered on fake 8-device meshes
     python benchmarks/train_step.py --model tiny --aot              # seconds: a smoke run of the AOT path
+    python benchmarks/train_step.py --model 1.3b --aot --lora-rank 32   # LoRA: adapters trained, base frozen
 
 The step is ``Trainer``'s jitted step: flow-matching loss on the DiT at bf16 compute (fp32 masters and AdamW
 moments), gradient clipping, one optax update, the state donated. ``--aot``: nothing is allocated; the DiT's
@@ -11,7 +12,9 @@ parameters are ``jax.ShapeDtypeStruct``s carrying their FSDP shardings (``nnx.ev
 the state and batch likewise, and the step is lowered and compiled for each mesh and remat policy:
 bytes/device = ``compiled.memory_analysis()`` arguments (masters, moments, bf16 weights, batch) + temporaries
 (activations kept for the backward, gradients, workspaces). Meshes: fsdp=8 (batch 8, one sample per device)
-and data=2 x fsdp=4 (batch 8).
+and data=2 x fsdp=4 (batch 8). ``--lora-rank R``: rank-R adapters (``inject_lora``, the kernels' bf16, alpha =
+rank) on the DiT's LoRA targets, as ``fastvideo-jax train --lora-rank`` makes them; only they are in the state,
+the bf16 base is the step's frozen (not donated) argument.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="global batch (default: 8 with --aot, 2 otherwise)")
     p.add_argument("--remat", nargs="+", default=["none", "full", "dots"])
     p.add_argument("--steps", type=int, default=5, help="timed steps (run mode)")
+    p.add_argument("--lora-rank", type=int, default=0, help="train rank-R LoRA adapters only (0: full finetune)")
     args = p.parse_args(argv)
     if args.aot:
         flags = os.environ.get("XLA_FLAGS", "")
@@ -51,7 +55,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _abstract_trainer(preset: str, remat: str, mesh, precision: str = "bf16"):
+def _abstract_trainer(preset: str, remat: str, mesh, precision: str = "bf16", lora_rank: int = 0):
     """A Trainer over an abstract bf16 DiT whose parameters carry their shardings on ``mesh``."""
     import jax
     from flax import nnx
@@ -72,7 +76,20 @@ def _abstract_trainer(preset: str, remat: str, mesh, precision: str = "bf16"):
     flat = [(p, v.replace(jax.ShapeDtypeStruct(var_value(v).shape, var_value(v).dtype, sharding=shardings[p])))
             for p, v in nnx.to_flat_state(abstract)]
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
-    return Trainer(model, FlowMatchObjective(), OptimConfig(), mesh=mesh)
+    return Trainer(model, FlowMatchObjective(), OptimConfig(), mesh=mesh, trainable=_lora(model, lora_rank))
+
+
+def _lora(model, rank: int):
+    """The trainable filter: every parameter, or (rank > 0) fresh adapters (small real arrays, sharded like
+    their kernels) on the abstract model."""
+    from flax import nnx
+
+    if not rank:
+        return nnx.Param
+    from fastvideo_jax.models.layers.lora import LORA_FILTER, inject_lora
+
+    inject_lora(model, rank, rngs=nnx.Rngs(0))
+    return LORA_FILTER
 
 
 def _abstract_batch(trainer, batch: int, latent, text_len: int, text_dim: int):
@@ -98,29 +115,28 @@ def aot(args) -> None:
     import jax
 
     from fastvideo_jax.configs.models.dits.wanvideo import WAN_PRESETS
-    from fastvideo_jax.parallel.activations import mesh_scope
     from fastvideo_jax.parallel.mesh import MeshConfig, make_mesh
 
     preset, latent, text_len, label = MODELS[args.model]
     batch = args.batch or 8
     text_dim = WAN_PRESETS[preset]["text_dim"]
-    print(f"Wan {args.model} {label} finetune step, batch {batch}, bf16 compute / fp32 masters + AdamW; "
+    lora = f", LoRA rank {args.lora_rank} (base frozen)" if args.lora_rank else ""
+    print(f"Wan {args.model} {label} finetune step, batch {batch}, bf16 compute / fp32 masters + AdamW{lora}; "
           f"jax {jax.__version__}")
     print(f"{'mesh':<16} {'remat':<6} {'args GiB':>9} {'temp GiB':>9} {'total GiB':>9} {'compile s':>9}")
     for name, sizes in MESHES.items():
         mesh = make_mesh(MeshConfig(**sizes))
         for remat in args.remat:
             t0 = time.perf_counter()
-            trainer = _abstract_trainer(preset, remat, mesh)
+            trainer = _abstract_trainer(preset, remat, mesh, lora_rank=args.lora_rank)
             state = trainer.abstract_state()
             inputs = _abstract_batch(trainer, batch, latent, text_len, text_dim)
-            step = jax.jit(trainer._step_fn, donate_argnums=0)
-            with mesh_scope(mesh):
-                mem = step.lower(state, inputs).compile().memory_analysis()
+            mem = trainer.lower(state, inputs).compile().memory_analysis()
             seconds = time.perf_counter() - t0
             a, t = mem.argument_size_in_bytes / 2**30, mem.temp_size_in_bytes / 2**30
             print(f"{name:<16} {remat:<6} {a:>9.2f} {t:>9.2f} {a + t:>9.2f} {seconds:>9.1f}", flush=True)
-            _record(f"train_step aot {args.model} {label}", f"{name} remat={remat} batch={batch}",
+            case = f"{name} remat={remat} batch={batch}" + (f" lora={args.lora_rank}" if args.lora_rank else "")
+            _record(f"train_step aot {args.model} {label}", case,
                     argument_gib=round(a, 3), temp_gib=round(t, 3))
 
 
@@ -130,7 +146,6 @@ def run(args) -> None:
     import numpy as np
 
     from fastvideo_jax.configs.models.dits.wanvideo import WAN_PRESETS
-    from fastvideo_jax.parallel.activations import mesh_scope
 
     preset, latent, text_len, label = MODELS[args.model]
     if args.model != "tiny":
@@ -146,16 +161,16 @@ def run(args) -> None:
         state = trainer.init_state(0)
         inputs = trainer.place_batch(host)
         t0 = time.perf_counter()
-        with mesh_scope(None):
-            compiled = jax.jit(trainer._step_fn, donate_argnums=0).lower(state, inputs).compile()
+        compiled = trainer.lower(state, inputs).compile()
         first = time.perf_counter() - t0
         mem = compiled.memory_analysis()
-        state, m = compiled(state, inputs)  # warm-up
+        frozen = trainer.split.frozen
+        state, m = compiled(state, frozen, inputs)  # warm-up
         jax.block_until_ready(m)
         times = []
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            state, m = compiled(state, inputs)
+            state, m = compiled(state, frozen, inputs)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t0)
         best = min(times)

@@ -7,6 +7,11 @@ in the frozen state as it was loaded (a bf16 base under LoRA stays bf16). ``merg
 for a forward with each trainable leaf cast back to the dtype it was loaded in: load the DiT at
 ``precision="bf16"`` for bf16 compute with fp32 master weights and optimizer state (norms, modulation tables and
 the time embedder stay fp32, as the model's precision policy has them), at ``"fp32"`` for fp32 training.
+
+The frozen part is data, not code: the trainer passes ``frozen`` to its jitted step as an argument (not donated,
+keeping its shardings) and ``merge(params, frozen)`` rebuilds the module from those traced arrays. A jitted
+function that closed over ``self.frozen`` would capture the base weights (28 GB for a LoRA on the 14B DiT) as
+constants of the computation.
 """
 
 from __future__ import annotations
@@ -67,9 +72,10 @@ class ParamSplit:
         return jax.jit(lambda d: {k: jnp.array(v, F32, copy=True) for k, v in d.items()},
                        out_shardings=shardings)(initial)
 
-    def merge(self, params: Mapping[str, jax.Array], cast: bool = True) -> nnx.Module:
-        """The module with ``params`` (fp32 masters) cast to their compute dtypes (``cast=False``: as given), the
-        frozen part as loaded."""
+    def merge(self, params: Mapping[str, jax.Array], frozen: nnx.State | None = None,
+              cast: bool = True) -> nnx.Module:
+        """The module with ``params`` (fp32 masters) cast to their compute dtypes (``cast=False``: as given) and
+        ``frozen`` (default: the frozen part as loaded; inside jit pass it as an argument, never close over it)."""
         def value(path):
             a = params[param_key(path)]
             return a.astype(self.compute_dtypes[param_key(path)]) if cast else a
@@ -77,7 +83,7 @@ class ParamSplit:
         flat = [(path, var.replace(value(path))) for path, var in self._templates]
         # fresh Variable objects for the frozen part (same arrays): inside a trace, nnx.scan refuses Variables
         # made outside it (a LoRA run's frozen base weights)
-        frozen = jax.tree.map(lambda a: a, self.frozen)
+        frozen = jax.tree.map(lambda a: a, self.frozen if frozen is None else frozen)
         return nnx.merge(self.graphdef, nnx.from_flat_state(flat), frozen)
 
     def input_dtype(self) -> jnp.dtype:

@@ -3,14 +3,16 @@
 ``Trainer(model, objective, optim, ...)`` splits the DiT once (``ParamSplit``: fp32 masters of what the
 ``trainable`` filter selects, the rest frozen), builds the optimizer and ONE jitted step
 
-    step(state, batch) -> (state, {"loss", "grad_norm", "lr"})
+    step(state, batch) -> (state, {"loss", "grad_norm", "lr"})    # jitted: step_fn(state, frozen, batch)
 
 ``batch`` holds ``accum`` micro-batches stacked on a leading axis (``latents`` (A, B, C, F, H, W),
 ``prompt_embeds`` (A, B, L, E)); their gradients are summed in fp32 under one ``lax.scan`` and averaged, so the
 update sees the mean gradient of A*B samples. The state (``TrainState``: step, master parameters, optimizer
 state, RNG key) is donated and keeps its shardings: parameters and optimizer moments where the loader put the
 weights (FSDP: the model dim over fsdp/sequence/data, ``DIT_RULES``), the batch over data (then fsdp),
-``ACTIVATION_RULES``. The randomness of step ``s`` is ``fold_in(key, s)`` (micro-batch ``i``: a further
+``ACTIVATION_RULES``. The frozen variables (``split.frozen``: the base weights under LoRA) are the jitted
+function's second argument, not donated, with their own shardings: never constants captured by the trace.
+The randomness of step ``s`` is ``fold_in(key, s)`` (micro-batch ``i``: a further
 ``fold_in(i)``), a function of the step alone: a resumed run draws what an uninterrupted one did, and
 jax's partitionable threefry makes the draws independent of the mesh.
 """
@@ -123,14 +125,15 @@ class Trainer:
 
     # ---- the step -----------------------------------------------------------------------------------------
     def loss_fn(self, params: Mapping[str, jax.Array], latents: jax.Array, context: jax.Array,
-                key: jax.Array) -> jax.Array:
-        """The flow-matching loss of one micro-batch (latents as stored, normalised here)."""
+                key: jax.Array, frozen: nnx.State | None = None) -> jax.Array:
+        """The flow-matching loss of one micro-batch (latents as stored, normalised here). ``frozen``: the
+        non-trainable variables (default ``split.frozen``; under jit pass them as an argument)."""
         latents = self.normalize(latents)
         noised = self.objective.noise_batch(key, latents, context)
-        return self.objective.loss(self.predict(params, noised), latents, noised)
+        return self.objective.loss(self.predict(params, noised, frozen), latents, noised)
 
-    def predict(self, params: Mapping[str, jax.Array], noised) -> jax.Array:
-        model = self.split.merge(params)
+    def predict(self, params: Mapping[str, jax.Array], noised, frozen: nnx.State | None = None) -> jax.Array:
+        model = self.split.merge(params, frozen)
         dtype = self.split.input_dtype()
         with matmul_precision_scope(model):
             return model.forward(noised.noisy.astype(dtype), noised.timesteps, noised.context.astype(dtype))
@@ -141,13 +144,14 @@ class Trainer:
         mean, inv_std = self._scale
         return (latents.astype(F32) - mean) * inv_std
 
-    def _step_fn(self, state: TrainState, batch: dict[str, jax.Array]):
+    def step_fn(self, state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array]):
+        """The pure step (what ``step`` jits): ``frozen`` is ``split.frozen``, passed in, not closed over."""
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         grad_fn = jax.value_and_grad(self.loss_fn)
 
         def micro(carry, xs):
             i, latents, context = xs
-            loss, grads = grad_fn(state.params, latents, context, jax.random.fold_in(key, i))
+            loss, grads = grad_fn(state.params, latents, context, jax.random.fold_in(key, i), frozen)
             total, acc = carry
             return (total + loss, jax.tree.map(lambda a, g: a + g.astype(F32), acc, grads)), None
 
@@ -161,13 +165,23 @@ class Trainer:
                    "lr": jnp.asarray(self.schedule(state.step), F32)}
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
-    def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-        """One optimizer update (jitted once; ``state`` is donated)."""
+    def jitted_step(self, state: TrainState):
+        """``jax.jit(step_fn)`` (built once): the state donated and kept on its shardings (those of ``state``,
+        arrays or ``ShapeDtypeStruct``s), the frozen variables an argument on theirs, not donated."""
         if self._step is None:
             shardings = jax.tree.map(lambda a: a.sharding, state)
-            self._step = jax.jit(self._step_fn, donate_argnums=0, out_shardings=(shardings, self._replicated()))
+            self._step = jax.jit(self.step_fn, donate_argnums=0, out_shardings=(shardings, self._replicated()))
+        return self._step
+
+    def lower(self, state: TrainState, batch: dict[str, Any]):
+        """The step lowered for ``state`` and ``batch`` (arrays or ``ShapeDtypeStruct``s): AOT memory, HLO."""
         with mesh_scope(self.mesh):
-            return self._step(state, batch)
+            return self.jitted_step(state).lower(state, self.split.frozen, batch)
+
+    def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimizer update (jitted once; ``state`` is donated)."""
+        with mesh_scope(self.mesh):
+            return self.jitted_step(state)(state, self.split.frozen, batch)
 
     def model(self, state: TrainState) -> nnx.Module:
         """The DiT with the state's parameters in their compute dtypes (for validation and export). fp32 leaves
