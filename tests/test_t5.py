@@ -272,10 +272,10 @@ def test_missing_key_is_a_clear_error(ckpt, tmp_path):
 
 
 def test_unknown_architecture_is_a_clear_error(ckpt, tmp_path):
-    bad = _rewrite(ckpt.dirs["umt5"], tmp_path / "bert", lambda t: t)
+    bad = _rewrite(ckpt.dirs["umt5"], tmp_path / "made_up", lambda t: t)
     raw = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**raw, "architectures": ["BertModel"]}))
-    with pytest.raises((CheckpointError, UnknownModelError), match="BertModel"):
+    (bad / "config.json").write_text(json.dumps({**raw, "architectures": ["MadeUpEncoderModel"]}))
+    with pytest.raises((CheckpointError, UnknownModelError), match="MadeUpEncoderModel"):
         TextEncoderLoader().load(bad)
 
 
