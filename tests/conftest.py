@@ -12,6 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("FASTVIDEO_JAX_COMPILATION_CACHE", "0")  # hermetic: no executables shared between runs
 
 import contextlib  # noqa: E402
+import gc  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -77,3 +78,13 @@ def _fresh_warn_once():
     _common.warn_once.cache_clear()
     yield
     _common.warn_once.cache_clear()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_executables():
+    """Free compiled executables after every test module. Each XLA CPU executable holds memory mappings, and
+    one process running the whole suite compiles enough to pass the kernel's per-process limit
+    (``vm.max_map_count``, 65530), where the next compile dies with a segmentation fault."""
+    yield
+    jax.clear_caches()
+    gc.collect()
